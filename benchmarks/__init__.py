@@ -1,0 +1,1 @@
+"""Judging models: challenge-exact metrics, CPU latency, FLOPs and the leaderboard."""

@@ -1,0 +1,100 @@
+"""Score existing segmentations against ground truth, as the challenge's compute_metrics workflow does.
+
+    python -m benchmarks.evaluate --segs DIR --gts DIR --out metrics.csv
+
+Every `segs` npz in --segs is scored against the `gts` npz of the same name in --gts: per-case DSC and NSD go to
+--out, per-modality and overall means to <out>_summary.csv (and the terminal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from benchmarks.metrics import case_scores
+from zoo.io import CaseError, read_npz
+from zoo.modalities import MODALITIES, modality_from_name
+from zoo.predict import write_csv_atomic
+
+SUMMARY_FIELDS = ["group", "cases", "dsc", "nsd"]
+
+
+def score_file(seg_path: Path, gt_path: Path) -> tuple[float, float]:
+    """(DSC, NSD) of one segs npz against its ground-truth npz; CaseError naming the file on bad input."""
+    gt = read_npz(gt_path)
+    if "gts" not in gt:
+        raise CaseError(gt_path, "missing key 'gts' (no ground truth to score against)")
+    seg = read_npz(seg_path)
+    if "segs" not in seg:
+        raise CaseError(seg_path, f"missing key 'segs' (keys present: {sorted(seg)})")
+    gts, segs = gt["gts"], seg["segs"]
+    if gts.shape != segs.shape:
+        raise CaseError(seg_path, f"segs shape {segs.shape} does not match gts shape {gts.shape} of {gt_path.name}")
+    spacing = gt.get("spacing")
+    if gts.ndim == 3 and (spacing is None or np.asarray(spacing).size != 3):
+        raise CaseError(gt_path, "3D ground truth needs a 'spacing' of 3 numbers (z, y, x)")
+    return case_scores(gts, segs, None if spacing is None else np.asarray(spacing, dtype=float).reshape(-1).tolist())
+
+
+def summarize(rows: list[dict], group_key: str = "modality") -> list[dict]:
+    """Per-group means of dsc/nsd, then 'mean over modalities' (mean of group means) and 'mean over cases'."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[row[group_key]].append(row)
+    order = [m for m in MODALITIES if m in groups] + sorted(g for g in groups if g not in MODALITIES)
+    summary = [{"group": g, "cases": len(groups[g]),
+                "dsc": float(np.mean([r["dsc"] for r in groups[g]])),
+                "nsd": float(np.mean([r["nsd"] for r in groups[g]]))} for g in order]
+    if summary:
+        summary.append({"group": "mean over modalities", "cases": len(rows),
+                        "dsc": float(np.mean([s["dsc"] for s in summary])), "nsd": float(np.mean([s["nsd"] for s in summary]))})
+        summary.append({"group": "mean over cases", "cases": len(rows),
+                        "dsc": float(np.mean([r["dsc"] for r in rows])), "nsd": float(np.mean([r["nsd"] for r in rows]))})
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--segs", required=True, type=Path, help="directory of npz files with 'segs'")
+    parser.add_argument("--gts", required=True, type=Path, help="directory of npz files with 'gts' (and 'spacing' for 3D)")
+    parser.add_argument("--out", required=True, type=Path, help="per-case CSV to write")
+    args = parser.parse_args(argv)
+
+    for folder in (args.segs, args.gts):
+        if not folder.is_dir():
+            raise SystemExit(f"error: {folder}: not a directory")
+    seg_files = sorted(p for p in args.segs.iterdir() if p.suffix == ".npz")
+    if not seg_files:
+        raise SystemExit(f"error: {args.segs}: no .npz files to score")
+    rows, failures = [], 0
+    for seg_path in tqdm(seg_files, desc="scoring", unit="case"):
+        gt_path = args.gts / seg_path.name
+        try:
+            dsc, nsd = score_file(seg_path, gt_path)
+        except CaseError as err:
+            failures += 1
+            tqdm.write(f"error: {err}", file=sys.stderr)
+            continue
+        rows.append({"case": seg_path.name, "modality": modality_from_name(seg_path.name) or "unknown",
+                     "dsc": dsc, "nsd": nsd})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_csv_atomic(args.out, [{**r, "dsc": f"{r['dsc']:.4f}", "nsd": f"{r['nsd']:.4f}"} for r in rows],
+                     ["case", "modality", "dsc", "nsd"])
+    summary = summarize(rows)
+    write_csv_atomic(args.out.with_name(args.out.stem + "_summary.csv"),
+                     [{**s, "dsc": f"{s['dsc']:.4f}", "nsd": f"{s['nsd']:.4f}"} for s in summary], SUMMARY_FIELDS)
+    for s in summary:
+        print(f"{s['group']:>22}  n={s['cases']:<4} DSC {s['dsc']:.4f}  NSD {s['nsd']:.4f}")
+    if failures:
+        print(f"{failures} file(s) could not be scored", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

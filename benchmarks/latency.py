@@ -1,0 +1,42 @@
+"""CPU latency of a model through the shared inference path: each component timed apart, median of repeats."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from zoo.io import Case
+from zoo.predict import ModalityChoice, segment_case
+from zoo.preprocess import IMAGE_SIZE
+
+
+def _median_seconds(fn, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_latency(model, repeats: int = 5, warmup: int = 2, seed: int = 0) -> dict[str, float]:
+    """encoder_ms (one 256² image), decoder_ms_per_box, latency_2d_ms (a 256² image with one box, from the
+    uint8 image through preprocessing, encoder, decoder and postprocessing to the label map)."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    case = Case(path=__import__("pathlib").Path("2DBox_CT_latency.npz"), image=image,
+                boxes=np.array([[60.0, 70.0, 180.0, 200.0]]), gts=None, spacing=np.ones(2), modality="CT")
+    modalities = ModalityChoice(model)
+    tensor = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
+    boxes = torch.tensor([[60.0, 70.0, 180.0, 200.0]])
+    with torch.inference_mode():
+        embedding = model.embed(tensor)
+        encoder = _median_seconds(lambda: model.embed(tensor), repeats, warmup)
+        decoder = _median_seconds(lambda: model.decode(embedding, boxes, 0), repeats, warmup)
+    end_to_end = _median_seconds(lambda: segment_case(model, case, modalities), repeats, warmup)
+    return {"latency_2d_ms": end_to_end * 1e3, "encoder_ms": encoder * 1e3, "decoder_ms_per_box": decoder * 1e3}

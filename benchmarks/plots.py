@@ -1,0 +1,68 @@
+"""Leaderboard plots: per-modality radar charts (raw and min-max normalized per modality, as Fig. 3 of the
+class-prompt TinyViT paper) and latency against mean DSC."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from zoo.modalities import MODALITIES  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _score(row: dict, key: str) -> float:
+    value = row.get(key, "")
+    return float(value) if value not in ("", None) else np.nan
+
+
+def radar_plot(rows: list[dict], path: Path) -> Path:
+    """2×2 radar charts: DSC and NSD per modality, raw and min-max normalized across variants per modality.
+    Only modalities that some variant was scored on are drawn."""
+    modalities = [m for m in MODALITIES if any(np.isfinite(_score(r, f"dsc_{m}")) for r in rows)]
+    angles = np.linspace(0, 2 * np.pi, len(modalities), endpoint=False).tolist()
+    fig, axes = plt.subplots(2, 2, figsize=(12, 12), subplot_kw={"polar": True})
+    for col, metric in enumerate(("dsc", "nsd")):
+        table = np.array([[_score(r, f"{metric}_{m}") for m in modalities] for r in rows])
+        low, high = np.nanmin(table, axis=0), np.nanmax(table, axis=0)
+        span = np.where(high > low, high - low, 1.0)
+        normalized = np.where(high > low, (table - low) / span, 1.0)  # one variant or a tie: all at the rim
+        for row_index, (values, title) in enumerate(((table, metric.upper()), (normalized, f"{metric.upper()}, min-max normalized per modality"))):
+            ax = axes[row_index, col]
+            for r, v in zip(rows, values):
+                closed = np.append(v, v[:1])
+                ax.plot(angles + angles[:1], closed, marker="o", label=r["model"])
+                ax.fill(angles + angles[:1], closed, alpha=0.08)
+            ax.set_xticks(angles)
+            ax.set_xticklabels(modalities)
+            ax.set_ylim(0, 1)
+            ax.set_title(title, pad=18)
+    axes[0, 0].legend(loc="upper right", bbox_to_anchor=(1.35, 1.15), fontsize=8)
+    _save(fig, path)
+    return path
+
+
+def latency_plot(rows: list[dict], path: Path) -> Path:
+    """End-to-end 2D latency (log scale) against DSC averaged over modalities, one point per variant."""
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for r in rows:
+        x, y = _score(r, "latency_2d_ms"), _score(r, "dsc_mean_modalities")
+        ax.scatter([x], [y], s=60)
+        ax.annotate(r["model"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=9)
+    ax.set_xscale("log")
+    ax.set_xlabel("2D latency per 256² image with one box (ms, 2 CPU threads)")
+    ax.set_ylabel("mean DSC over modalities")
+    ax.grid(True, which="both", alpha=0.3)
+    _save(fig, path)
+    return path

@@ -1,0 +1,194 @@
+"""Benchmark model variants on real data: DSC/NSD per case and modality, CPU latency, FLOPs, params, memory.
+
+    python -m benchmarks.run [--data DIR] [--models litemedsam,cp_tinyvit,PATH] [--out DIR] [--all]
+
+Writes OUT/cases.csv (case, modality, model, dsc, nsd, seconds), OUT/leaderboard.csv (one row per variant) and
+plots (OUT/radar.png, OUT/latency_vs_dsc.png). Each variant runs in its own process, through the same inference
+path as zoo.predict, so its peak memory is its own and a crash does not stop the others. Without --all a fixed,
+seeded sample of --cases-per-modality cases per modality is taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import random
+import resource
+import sys
+import time
+import traceback
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from benchmarks.evaluate import summarize
+from benchmarks.latency import measure_latency
+from benchmarks.metrics import case_scores
+from benchmarks.plots import latency_plot, radar_plot
+from zoo.io import CaseError, load_case, save_npz_atomic
+from zoo.modalities import MODALITIES, modality_from_name
+from zoo.predict import ModalityChoice, segment_case, write_csv_atomic
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "medseg-real" / "val"
+REFERENCE_PARAMS_M = 10.99  # the class-prompt TinyViT paper's model
+CASE_FIELDS = ["case", "modality", "model", "dsc", "nsd", "seconds"]
+LEADERBOARD_FIELDS = (
+    ["model", "backend", "precision", "params_M", "params_vs_reference", "encoder_GFLOPs", "decoder_GFLOPs_per_box",
+     "file_MB", "latency_2d_ms", "encoder_ms", "decoder_ms_per_box", "latency_3d_s", "peak_RSS_MB", "cases"]
+    + [f"{metric}_{m}" for m in MODALITIES for metric in ("dsc", "nsd")]
+    + ["dsc_mean_modalities", "nsd_mean_modalities", "dsc_mean_cases", "nsd_mean_cases"]
+)
+
+
+def default_data_dir() -> Path:
+    if os.environ.get("MEDSEG_DATA"):
+        return Path(os.environ["MEDSEG_DATA"])
+    if DEFAULT_DATA.is_dir():
+        return DEFAULT_DATA
+    raise SystemExit(
+        "error: no data to benchmark: pass --data DIR or set MEDSEG_DATA to a directory of challenge npz files "
+        "(2DBox_<Modality>_*.npz / 3DBox_<Modality>_*.npz with imgs, boxes, gts and, for 3D, spacing); "
+        f"the default {DEFAULT_DATA} does not exist"
+    )
+
+
+def select_cases(data_dir: Path, per_modality: int | None, seed: int = 0) -> list[Path]:
+    """Every npz in data_dir (per_modality None), or a seeded sample of per_modality files per modality."""
+    files = sorted(p for p in data_dir.iterdir() if p.suffix == ".npz")
+    if not files:
+        raise SystemExit(f"error: {data_dir}: no .npz files to benchmark")
+    if per_modality is None:
+        return files
+    groups: dict[str, list[Path]] = defaultdict(list)
+    for path in files:
+        groups[modality_from_name(path.name) or "unknown"].append(path)
+    rng = random.Random(seed)
+    chosen = [p for name in sorted(groups) for p in rng.sample(groups[name], min(per_modality, len(groups[name])))]
+    return sorted(chosen)
+
+
+def benchmark_variant(name: str, files: list[Path], threads: int, repeats: int, segs_dir: Path | None) -> dict:
+    """Runs in a child process: every case through zoo's inference path, then latency, FLOPs and size."""
+    from zoo.flops import count_params, decoder_flops_per_box, encoder_flops
+    from zoo.index import load, model_file
+
+    torch.set_num_threads(threads)
+    model = load(name)
+    modalities = ModalityChoice(model)
+    cases, errors, seconds_3d = [], [], []
+    for path in tqdm(files, desc=f"{name}", unit="case", leave=False):
+        try:
+            case = load_case(path)
+            if case.gts is None:
+                raise CaseError(path, "no 'gts' to score against")
+            start = time.perf_counter()
+            result = segment_case(model, case, modalities)
+            seconds = time.perf_counter() - start
+        except CaseError as err:
+            errors.append(str(err))
+            continue
+        if segs_dir is not None:
+            save_npz_atomic(segs_dir / path.name, segs=result.segs)
+        dsc, nsd = case_scores(case.gts, result.segs, case.spacing.tolist())
+        if case.is_3d:
+            seconds_3d.append(seconds)
+        cases.append({"case": path.name, "modality": case.modality or "unknown", "model": name,
+                      "dsc": dsc, "nsd": nsd, "seconds": seconds})
+    latency = measure_latency(model, repeats=repeats)
+    file = model_file(name)
+    row = {
+        "model": name, "backend": model.backend, "precision": model.precision,
+        "params_M": count_params(model) / 1e6 if hasattr(model, "parameters") else float("nan"),
+        "encoder_GFLOPs": encoder_flops(model) / 1e9, "decoder_GFLOPs_per_box": decoder_flops_per_box(model) / 1e9,
+        "file_MB": file.stat().st_size / 1e6 if file.is_file() else float("nan"),
+        **latency,
+        "latency_3d_s": float(np.mean(seconds_3d)) if seconds_3d else float("nan"),
+        "peak_RSS_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    return {"cases": cases, "row": row, "errors": errors}
+
+
+def leaderboard_row(result: dict) -> dict:
+    row = dict(result["row"])
+    row["params_vs_reference"] = row["params_M"] / REFERENCE_PARAMS_M
+    row["cases"] = len(result["cases"])
+    summary = {s["group"]: s for s in summarize(result["cases"])}
+    for m in MODALITIES:
+        row[f"dsc_{m}"] = summary[m]["dsc"] if m in summary else ""
+        row[f"nsd_{m}"] = summary[m]["nsd"] if m in summary else ""
+    for key, group in (("mean_modalities", "mean over modalities"), ("mean_cases", "mean over cases")):
+        row[f"dsc_{key}"] = summary[group]["dsc"] if group in summary else ""
+        row[f"nsd_{key}"] = summary[group]["nsd"] if group in summary else ""
+    return row
+
+
+def _fmt(row: dict) -> dict:
+    return {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from zoo.index import zoo_names
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=None,
+                        help="directory of challenge npz files with gts (default: $MEDSEG_DATA, else ../shared/data/medseg-real/val)")
+    parser.add_argument("--models", default=None, help="comma-separated zoo names or checkpoint paths (default: every zoo variant)")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "benchmark", help="output directory")
+    parser.add_argument("--cases-per-modality", type=int, default=2, help="seeded sample size per modality")
+    parser.add_argument("--all", action="store_true", help="every case instead of a sample")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads for every variant")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per latency measurement (median)")
+    parser.add_argument("--save-segs", action="store_true", help="also write each variant's segs to OUT/segs/<model>/")
+    args = parser.parse_args(argv)
+    if args.repeats < 5:
+        parser.error("--repeats must be at least 5")
+
+    data_dir = args.data or default_data_dir()
+    if not data_dir.is_dir():
+        raise SystemExit(f"error: {data_dir}: not a directory")
+    models = [m.strip() for m in (args.models.split(",") if args.models else zoo_names()) if m.strip()]
+    files = select_cases(data_dir, None if args.all else args.cases_per_modality, args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"benchmarking {', '.join(models)} on {len(files)} cases of {data_dir} with {args.threads} threads")
+
+    results, failed = [], []
+    context = multiprocessing.get_context("spawn")
+    for name in tqdm(models, desc="models", unit="model"):
+        segs_dir = args.out / "segs" / Path(name).stem if args.save_segs else None
+        try:
+            with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+                result = pool.submit(benchmark_variant, name, files, args.threads, args.repeats, segs_dir).result()
+        except Exception as err:  # a broken variant is reported; the others still run
+            failed.append(name)
+            tqdm.write(f"error: variant {name} failed: {type(err).__name__}: {err}", file=sys.stderr)
+            tqdm.write("".join(traceback.format_exception(err)[-3:]), file=sys.stderr)
+            continue
+        for message in result["errors"]:
+            tqdm.write(f"error: {message}", file=sys.stderr)
+        results.append(result)
+
+    if results:
+        write_csv_atomic(args.out / "cases.csv", [_fmt(c) for r in results for c in r["cases"]], CASE_FIELDS)
+        rows = [leaderboard_row(r) for r in results]
+        write_csv_atomic(args.out / "leaderboard.csv", [_fmt(r) for r in rows], LEADERBOARD_FIELDS)
+        radar_plot(rows, args.out / "radar.png")
+        latency_plot(rows, args.out / "latency_vs_dsc.png")
+        for row in rows:
+            print(f"{row['model']:>14}: DSC {row['dsc_mean_modalities']:.4f} NSD {row['nsd_mean_modalities']:.4f} "
+                  f"(mean over modalities), 2D {row['latency_2d_ms']:.0f} ms, encoder {row['encoder_GFLOPs']:.1f} GFLOPs")
+        print(f"wrote {args.out / 'leaderboard.csv'}, cases.csv, radar.png, latency_vs_dsc.png")
+    if failed or any(r["errors"] for r in results):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

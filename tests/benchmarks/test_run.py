@@ -1,0 +1,61 @@
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.run import LEADERBOARD_FIELDS, main, select_cases
+from tests.conftest import write_npz
+from tests.zoo.test_checkpoint import tiny_model
+from zoo.checkpoint import save_checkpoint
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    gts = np.zeros((64, 80), np.uint8)
+    gts[10:30, 20:50] = 1
+    write_npz(data / "2DBox_US_one.npz", imgs=image, gts=gts, boxes=np.array([[20, 10, 49, 29]]), spacing=np.ones(2))
+    volume = rng.integers(0, 255, (6, 32, 32), dtype=np.uint8)
+    gts3 = np.zeros_like(volume)
+    gts3[1:5, 8:20, 8:20] = 1
+    write_npz(data / "3DBox_CT_two.npz", imgs=volume, gts=gts3, boxes=np.array([[8, 8, 1, 19, 19, 4]]),
+              spacing=np.array([2.0, 1.0, 1.0]))
+    write_npz(data / "2DBox_US_bad.npz", imgs=image, boxes=np.array([[20, 10, 49, 29]]))  # no gts
+    return data
+
+
+def test_run_writes_leaderboard_cases_and_plots_and_survives_a_broken_variant(tiny_data, tmp_path, capsys):
+    model_path = save_checkpoint(tmp_path / "tiny.pt", tiny_model())
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"garbage")
+    out = tmp_path / "out"
+    code = main(["--data", str(tiny_data), "--models", f"{broken},{model_path}", "--out", str(out), "--all",
+                 "--save-segs"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "variant" in err and "broken.pt" in err and "2DBox_US_bad.npz: no 'gts'" in err
+    cases = list(csv.DictReader(open(out / "cases.csv")))
+    assert sorted(c["case"] for c in cases) == ["2DBox_US_one.npz", "3DBox_CT_two.npz"]
+    assert all(0 <= float(c["dsc"]) <= 1 and float(c["seconds"]) > 0 for c in cases)
+    (row,) = list(csv.DictReader(open(out / "leaderboard.csv")))
+    assert list(row) == LEADERBOARD_FIELDS
+    assert row["model"] == str(model_path) and row["backend"] == "pytorch" and row["precision"] == "fp32"
+    assert float(row["encoder_GFLOPs"]) > 0 and float(row["latency_2d_ms"]) > 0 and float(row["latency_3d_s"]) > 0
+    assert float(row["params_vs_reference"]) == pytest.approx(float(row["params_M"]) / 10.99, abs=1e-3)
+    assert row["dsc_US"] != "" and row["dsc_Fundus"] == ""
+    assert (out / "radar.png").stat().st_size > 0 and (out / "latency_vs_dsc.png").stat().st_size > 0
+    assert (out / "segs" / "tiny" / "3DBox_CT_two.npz").exists()
+
+
+def test_sample_is_seeded_and_per_modality(tmp_path):
+    for modality in ("US", "CT"):
+        for i in range(5):
+            (tmp_path / f"2DBox_{modality}_{i}.npz").touch()
+    first = select_cases(tmp_path, 2, seed=0)
+    assert first == select_cases(tmp_path, 2, seed=0)
+    assert sum("_US_" in p.name for p in first) == 2 and len(first) == 4
+    assert len(select_cases(tmp_path, None)) == 10

@@ -1,0 +1,73 @@
+"""Shared fixtures: the real val split (read in place from ../shared), LiteMedSAM, and a tiny fake runtime."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+VAL_DIR = Path(os.environ.get("MEDSEG_VAL", SHARED / "data/medseg-real/val"))
+REFERENCE_DIR = SHARED / "reference/litemedsam-official-val"
+
+
+@pytest.fixture(scope="session")
+def val_dir() -> Path:
+    if not VAL_DIR.is_dir():
+        pytest.skip(f"real val data not found at {VAL_DIR}")
+    return VAL_DIR
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    if not REFERENCE_DIR.is_dir():
+        pytest.skip(f"official LiteMedSAM reference not found at {REFERENCE_DIR}")
+    return REFERENCE_DIR
+
+
+@pytest.fixture(scope="session")
+def litemedsam():
+    from zoo.checkpoint import build_litemedsam
+
+    return build_litemedsam()
+
+
+class BrightRuntime:
+    """A stand-in model: the 'embedding' is the image, and a box's mask is the bright (> 0.5) pixels inside it.
+    Lets tests check propagation and bookkeeping exactly and fast. Counts encoder calls."""
+
+    has_modality_head = False
+
+    def __init__(self):
+        self.embed_calls = 0
+
+    def embed(self, image: torch.Tensor) -> torch.Tensor:
+        self.embed_calls += 1
+        return image.clone()
+
+    def predict_modality(self, embedding):
+        return None
+
+    def decode(self, embedding, boxes, modality=None):
+        bright = embedding[0, 0] > 0.5
+        ys, xs = torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij")
+        out = []
+        for x0, y0, x1, y1 in boxes.tolist():
+            inside = (xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)
+            out.append(torch.where(bright & inside, 10.0, -10.0))
+        return torch.stack(out)[:, None]
+
+
+@pytest.fixture
+def bright_runtime() -> BrightRuntime:
+    return BrightRuntime()
+
+
+def write_npz(path: Path, **arrays) -> Path:
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+    return path

