@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads for every variant")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per latency measurement (median)")
-    parser.add_argument("--save-segs", action="store_true", help="also write each variant's segs to OUT/segs/<model>/")
+    parser.add_argument("--save-segs", type=Path, default=None, metavar="DIR",
+                        help="also write each variant's segs npz files to DIR/<model>/")
     args = parser.parse_args(argv)
     if args.repeats < 5:
         parser.error("--repeats must be at least 5")
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     results, failed = [], []
     context = multiprocessing.get_context("spawn")
     for name in tqdm(models, desc="models", unit="model"):
-        segs_dir = args.out / "segs" / Path(name).stem if args.save_segs else None
+        segs_dir = args.save_segs / Path(name).stem if args.save_segs else None
         try:
             with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
                 result = pool.submit(benchmark_variant, name, files, args.threads, args.repeats, segs_dir).result()

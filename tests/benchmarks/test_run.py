@@ -34,7 +34,7 @@ def test_run_writes_leaderboard_cases_and_plots_and_survives_a_broken_variant(ti
     broken.write_bytes(b"garbage")
     out = tmp_path / "out"
     code = main(["--data", str(tiny_data), "--models", f"{broken},{model_path}", "--out", str(out), "--all",
-                 "--save-segs"])
+                 "--save-segs", str(tmp_path / "segs")])
     assert code == 1
     err = capsys.readouterr().err
     assert "variant" in err and "broken.pt" in err and "2DBox_US_bad.npz: no 'gts'" in err
@@ -48,7 +48,7 @@ def test_run_writes_leaderboard_cases_and_plots_and_survives_a_broken_variant(ti
     assert float(row["params_vs_reference"]) == pytest.approx(float(row["params_M"]) / 10.99, abs=1e-3)
     assert row["dsc_US"] != "" and row["dsc_Fundus"] == ""
     assert (out / "radar.png").stat().st_size > 0 and (out / "latency_vs_dsc.png").stat().st_size > 0
-    assert (out / "segs" / "tiny" / "3DBox_CT_two.npz").exists()
+    assert (tmp_path / "segs" / "tiny" / "3DBox_CT_two.npz").exists()
 
 
 def test_sample_is_seeded_and_per_modality(tmp_path):
