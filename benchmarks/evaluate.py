@@ -17,9 +17,8 @@ import numpy as np
 from tqdm import tqdm
 
 from benchmarks.metrics import case_scores
-from zoo.io import CaseError, read_npz
+from zoo.io import CaseError, read_npz, write_csv_atomic
 from zoo.modalities import MODALITIES, modality_from_name
-from zoo.predict import write_csv_atomic
 
 SUMMARY_FIELDS = ["group", "cases", "dsc", "nsd"]
 

@@ -3,7 +3,6 @@ class-prompt TinyViT paper) and latency against mean DSC."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -12,14 +11,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from zoo.io import atomic_path  # noqa: E402
 from zoo.modalities import MODALITIES  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _score(row: dict, key: str) -> float:
@@ -53,7 +52,7 @@ def radar_plot(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def latency_plot(rows: list[dict], path: Path) -> Path:
+def latency_plot(rows: list[dict], path: Path, threads: int) -> Path:
     """End-to-end 2D latency (log scale) against DSC averaged over modalities, one point per variant."""
     fig, ax = plt.subplots(figsize=(7, 5))
     for r in rows:
@@ -61,7 +60,7 @@ def latency_plot(rows: list[dict], path: Path) -> Path:
         ax.scatter([x], [y], s=60)
         ax.annotate(r["model"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=9)
     ax.set_xscale("log")
-    ax.set_xlabel("2D latency per 256² image with one box (ms, 2 CPU threads)")
+    ax.set_xlabel(f"2D latency per 256² image with one box (ms, {threads} CPU threads)")
     ax.set_ylabel("mean DSC over modalities")
     ax.grid(True, which="both", alpha=0.3)
     _save(fig, path)

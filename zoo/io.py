@@ -6,9 +6,13 @@ A challenge npz holds `imgs` (2D: H×W or H×W×3; 3D: D×H×W, uint8), `boxes` 
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,13 +61,15 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
         raise CaseError(path, "file does not exist")
     if not path.is_file():
         raise CaseError(path, "not a regular file (a directory named .npz?)")
+    with open(path, "rb") as handle:
+        magic = handle.read(6)
+    if magic.startswith(b"\x93NUMPY"):
+        raise CaseError(path, "is a single .npy array, not an npz archive")
+    if not magic.startswith(b"PK"):
+        raise CaseError(path, "not a readable npz: no zip signature (empty, truncated at the start, or another format)")
     try:
         with np.load(path, allow_pickle=False) as npz:
-            if not isinstance(npz, np.lib.npyio.NpzFile):
-                raise CaseError(path, "is a single .npy array, not an npz archive")
             return {key: npz[key] for key in npz.files}
-    except CaseError:
-        raise
     except ValueError as err:
         if "allow_pickle" in str(err):
             raise CaseError(path, "contains a pickled object array; refused (npz files are read without pickle)")
@@ -150,17 +156,36 @@ def load_case(path: str | Path) -> Case:
     return Case(path=path, image=image, boxes=boxes, gts=gts, spacing=spacing, modality=modality)
 
 
-def save_npz_atomic(path: str | Path, **arrays: np.ndarray) -> Path:
-    """Write a compressed npz under a temporary name in the same folder, then rename it into place,
-    so that a half-written file never carries the final name."""
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path in `path`'s folder to write to; renamed to `path` when the block succeeds, removed when it
+    fails. Every file the toolkit writes goes through here, so a half-written file never carries its final name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez_compressed(handle, allow_pickle=False, **arrays)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the final file ordinary permissions
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def save_npz_atomic(path: str | Path, **arrays: np.ndarray) -> Path:
+    """A compressed npz (never pickled), written atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez_compressed(handle, allow_pickle=False, **arrays)
+    return Path(path)
+
+
+def write_csv_atomic(path: str | Path, rows: list[dict], fields: list[str]) -> None:
+    """A CSV with a header row, written atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue())

@@ -11,8 +11,6 @@ embedded once and reused for every box. Labels are 1..N in box order; where mask
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import os
 import sys
 import time
@@ -24,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from zoo.io import Case, CaseError, load_case, save_npz_atomic
+from zoo.io import Case, CaseError, load_case, save_npz_atomic, write_csv_atomic
 from zoo.modalities import MODALITIES, canonical_modality, modality_id
 from zoo.preprocess import box_from_mask, postprocess_logits, preprocess_image, scale_boxes
 from zoo.runtime import SegmentationRuntime
@@ -186,16 +184,6 @@ def _check_output_dir(output_dir: Path, inputs: list[Path]) -> None:
         raise SystemExit(f"error: {output_dir}: output directory is not writable ({err.strerror or err})")
     if any((output_dir / p.name).resolve() == p.resolve() for p in inputs):
         raise SystemExit(f"error: {output_dir}: output directory holds the inputs; choose another so inputs are never overwritten")
-
-
-def write_csv_atomic(path: Path, rows: list[dict], fields: list[str]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(buffer.getvalue())
-    os.replace(tmp, path)
 
 
 def predict_files(model: SegmentationRuntime, files: list[Path], output_dir: Path, modality: str = "auto",

@@ -2,7 +2,6 @@ import csv
 
 import numpy as np
 import pytest
-import torch
 
 from benchmarks.run import LEADERBOARD_FIELDS, main, select_cases
 from tests.conftest import write_npz

@@ -1,6 +1,5 @@
 import json
 import os
-import pickle
 
 import pytest
 import torch

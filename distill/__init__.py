@@ -1,0 +1,1 @@
+"""Stage 1 of the pipeline: make a small TinyViT encoder imitate a large one (MedSAM, SAM or LiteMedSAM)."""

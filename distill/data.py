@@ -1,0 +1,115 @@
+"""Training samples from challenge npz directories: 2D images and every n-th slice of 3D volumes.
+
+A sample is (file, slice); its image goes through zoo.preprocess like at inference. Modalities can be
+subsampled (the paper kept 1/50 of CT and 1/10 of the rest) and are balanced by sampling weights.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from zoo.io import Case, load_case
+from zoo.preprocess import preprocess_image, scale_boxes
+
+
+class DataError(ValueError):
+    """Training data that cannot be used; the message names the directory or file."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    z: int | None  # slice of a 3D volume; None for a 2D image
+    modality: str
+
+
+def parse_fractions(text: str | None) -> dict[str, float]:
+    """'CT=0.02,default=0.1' -> {'CT': 0.02, 'default': 0.1}; None/'' keeps everything."""
+    fractions = {"default": 1.0}
+    for part in filter(None, (text or "").split(",")):
+        name, _, value = part.partition("=")
+        fraction = float(value)
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction for {name!r} must be in (0, 1], got {value}")
+        fractions[name.strip()] = fraction
+    return fractions
+
+
+def npz_files(data_dirs: list[Path]) -> list[Path]:
+    files = []
+    for folder in data_dirs:
+        if not Path(folder).is_dir():
+            raise DataError(f"{folder}: data directory does not exist")
+        found = sorted(p for p in Path(folder).iterdir() if p.suffix == ".npz")
+        if not found:
+            raise DataError(f"{folder}: no .npz files in this data directory")
+        files.extend(found)
+    return files
+
+
+@lru_cache(maxsize=32)
+def read_case(path: Path) -> Case:
+    """Validated case, kept for the next samples of the same volume."""
+    return load_case(path)
+
+
+def find_samples(data_dirs: list[Path], slice_step: int = 5, fractions: dict[str, float] | None = None,
+                 seed: int = 0) -> list[Sample]:
+    """Every 2D image and every `slice_step`-th slice of every volume, then a seeded subsample per modality."""
+    by_modality: dict[str, list[Sample]] = defaultdict(list)
+    for path in npz_files(data_dirs):
+        case = read_case(path)  # CaseError names a corrupt file
+        modality = case.modality or "unknown"
+        if case.is_3d:
+            by_modality[modality].extend(Sample(path, z, modality) for z in range(0, case.image.shape[0], slice_step))
+        else:
+            by_modality[modality].append(Sample(path, None, modality))
+    fractions = fractions or {"default": 1.0}
+    rng = random.Random(seed)
+    samples = []
+    for modality in sorted(by_modality):
+        group = by_modality[modality]
+        keep = max(1, round(len(group) * fractions.get(modality, fractions["default"])))
+        samples.extend(sorted(rng.sample(group, keep), key=lambda s: (str(s.path), s.z or 0)))
+    return samples
+
+
+def balanced_weights(samples: list[Sample]) -> torch.Tensor:
+    """Per-sample weights that give every modality the same total probability."""
+    counts = Counter(s.modality for s in samples)
+    return torch.tensor([1.0 / counts[s.modality] for s in samples], dtype=torch.double)
+
+
+def sample_image(sample: Sample) -> np.ndarray:
+    """(H, W, 3) image or (H, W) slice of a sample."""
+    image = read_case(sample.path).image
+    return image if sample.z is None else image[sample.z]
+
+
+def sample_tensor(sample: Sample) -> torch.Tensor:
+    """(3, 256, 256) preprocessed exactly as at inference."""
+    return preprocess_image(sample_image(sample))[0][0]
+
+
+def sample_box(sample: Sample, generator: torch.Generator) -> torch.Tensor | None:
+    """The 256-scale box (4,) of one ground-truth label present in the sample, chosen with `generator`;
+    None where the sample has no ground truth."""
+    case = read_case(sample.path)
+    if case.gts is None:
+        return None
+    gts = case.gts if sample.z is None else case.gts[sample.z]
+    labels = np.unique(gts)
+    labels = labels[labels > 0]
+    if len(labels) == 0:
+        return None
+    label = labels[torch.randint(len(labels), (1,), generator=generator).item()]
+    ys, xs = np.nonzero(gts == label)
+    box = scale_boxes(np.array([[xs.min(), ys.min(), xs.max(), ys.max()]]), gts.shape[:2])[0]
+    return torch.as_tensor(box, dtype=torch.float32)

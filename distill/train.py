@@ -1,0 +1,264 @@
+"""The training loop: AdamW, ReduceLROnPlateau or cosine, bf16 autocast, gradient accumulation, DDP, and
+atomic checkpoints from which `--resume` continues exactly.
+
+Every random choice (the epoch's sample order, flips, boxes) is a function of (seed, epoch, step, rank), so a
+resumed run draws what the uninterrupted run would have drawn; the checkpoint holds the rest of the state
+(weights, optimizer, scheduler, the running epoch loss).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+
+from distill.cache import EmbeddingCache
+from distill.data import Sample, balanced_weights, sample_box, sample_tensor
+from distill.losses import embedding_loss, mask_distillation_loss
+from zoo.checkpoint import CheckpointError, read_weights
+from zoo.io import atomic_path, write_csv_atomic
+
+TRAIN_FORMAT = "cp-tinyvit-train/1"
+LOG_FIELDS = ["step", "epoch", "loss", "lr", "images_per_s"]
+
+
+@dataclass
+class TrainSettings:
+    out_dir: Path
+    epochs: int = 10
+    max_steps: int | None = None  # stop early (counted in optimizer steps)
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    scheduler: str = "plateau"  # 'plateau' (the paper) or 'cosine'
+    accumulate: int = 1
+    amp: str = "auto"  # 'auto' (bf16 where the device supports it fast: CUDA), 'bf16' or 'none'
+    device: str = "cpu"
+    seed: int = 0
+    checkpoint_every: int = 100
+    flip: bool = True
+    balanced: bool = True
+    mask_loss_weight: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values["out_dir"] = str(self.out_dir)
+        return values
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _generator(*parts: int) -> torch.Generator:
+    seed = 0
+    for part in parts:
+        seed = (seed * 1_000_003 + part) % (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
+
+
+def epoch_batches(samples: list[Sample], settings: TrainSettings, epoch: int) -> list[list[int]]:
+    """This rank's micro-batches of an epoch: a seeded order (modality-balanced draws or a permutation), split
+    across ranks by a DistributedSampler, in full batches."""
+    rank, size = world()
+    g = _generator(settings.seed, epoch)
+    if settings.balanced:
+        order = torch.multinomial(balanced_weights(samples), len(samples), replacement=True, generator=g).tolist()
+    else:
+        order = torch.randperm(len(samples), generator=g).tolist()
+    shard = DistributedSampler(order, num_replicas=size, rank=rank, shuffle=False, drop_last=True)
+    mine = [order[i] for i in shard]
+    usable = len(mine) - len(mine) % settings.batch_size
+    return [mine[i : i + settings.batch_size] for i in range(0, usable, settings.batch_size)]
+
+
+def _flip(tensor: torch.Tensor, horizontal: bool, vertical: bool) -> torch.Tensor:
+    dims = [d for d, on in ((-1, horizontal), (-2, vertical)) if on]
+    return torch.flip(tensor, dims) if dims else tensor
+
+
+def _flip_box(box: torch.Tensor, horizontal: bool, vertical: bool, size: int = 256) -> torch.Tensor:
+    x0, y0, x1, y1 = box.tolist()
+    if horizontal:
+        x0, x1 = size - 1 - x1, size - 1 - x0
+    if vertical:
+        y0, y1 = size - 1 - y1, size - 1 - y0
+    return torch.tensor([x0, y0, x1, y1])
+
+
+def _save_atomic(payload: dict, out_dir: Path) -> None:
+    """Write last.pt through a temporary file; the former last.pt becomes previous.pt."""
+    last = out_dir / "last.pt"
+    with atomic_path(last) as tmp:
+        torch.save(payload, tmp)
+        if last.exists():
+            os.replace(last, out_dir / "previous.pt")
+
+
+def load_training_state(out_dir: Path) -> dict:
+    """The newest readable training checkpoint; a corrupt last.pt falls back to previous.pt with a warning."""
+    for name in ("last.pt", "previous.pt"):
+        path = out_dir / name
+        if not path.exists():
+            continue
+        try:
+            state = read_weights(path)
+            if state.get("format") != TRAIN_FORMAT:
+                raise CheckpointError(f"{path}: not a training checkpoint")
+            return state
+        except CheckpointError as err:
+            warnings.warn(f"{err}; trying the previous checkpoint")
+    raise CheckpointError(f"{out_dir}: no usable training checkpoint (last.pt / previous.pt) to resume from")
+
+
+class Trainer:
+    """Distills `student.image_encoder` towards cached teacher embeddings (and, optionally, the frozen decoder's
+    masks). The decoder and prompt encoder are frozen."""
+
+    def __init__(self, student, samples: list[Sample], keys: list[str], cache: EmbeddingCache, settings: TrainSettings):
+        self.student = student.to(settings.device)
+        self.samples, self.keys, self.cache, self.settings = samples, keys, cache, settings
+        for name, p in self.student.named_parameters():
+            p.requires_grad_(name.startswith("image_encoder."))
+        self.encoder = self.student.image_encoder
+        self.rank, self.world_size = world()
+        if self.world_size > 1:
+            device_ids = [torch.device(settings.device).index] if settings.device.startswith("cuda") else None
+            self.encoder = torch.nn.parallel.DistributedDataParallel(self.encoder, device_ids=device_ids)
+        params = [p for p in self.student.image_encoder.parameters()]
+        self.optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        self.steps_per_epoch = len(epoch_batches(samples, settings, 0)) // settings.accumulate
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(samples)} samples give no full step of {settings.batch_size}×{settings.accumulate}"
+                             f" images per rank; lower --batch-size or --accumulate")
+        self.total_steps = settings.epochs * self.steps_per_epoch
+        if settings.max_steps is not None:
+            self.total_steps = min(self.total_steps, settings.max_steps)
+        if settings.scheduler == "cosine":
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, self.total_steps))
+        elif settings.scheduler == "plateau":
+            self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, factor=0.5, patience=2)
+        else:
+            raise ValueError(f"unknown scheduler {settings.scheduler!r}; expected plateau or cosine")
+        device_type = torch.device(settings.device).type
+        use_bf16 = settings.amp == "bf16" or (settings.amp == "auto" and device_type == "cuda" and torch.cuda.is_bf16_supported())
+        self.autocast = dict(device_type=device_type, dtype=torch.bfloat16, enabled=use_bf16)
+        self.step = 0
+        self.epoch_loss = [0.0, 0]  # sum, count over the current epoch (for the plateau scheduler)
+
+    # -- state -------------------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"format": TRAIN_FORMAT, "step": self.step, "model": self.student.state_dict(),
+                "model_config": self.student.config.to_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "epoch_loss": list(self.epoch_loss),
+                "settings": self.settings.to_dict()}
+
+    def restore(self, state: dict) -> None:
+        self.student.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch_loss = list(state["epoch_loss"])
+        self.step = int(state["step"])
+
+    # -- one step ----------------------------------------------------------------------------------------------
+    def _micro_batch_loss(self, indices: list[int], g: torch.Generator) -> torch.Tensor:
+        images, targets, boxes = [], [], []
+        for i in indices:
+            h, v = (torch.rand(2, generator=g) < 0.5).tolist() if self.settings.flip else (False, False)
+            target = self.cache.get(self.keys[i])
+            if target is None:
+                raise RuntimeError(f"teacher embedding of {self.samples[i].path} slice {self.samples[i].z} is not cached")
+            images.append(_flip(sample_tensor(self.samples[i]), h, v))
+            targets.append(_flip(target.float(), h, v))
+            if self.settings.mask_loss_weight:
+                box = sample_box(self.samples[i], g)
+                boxes.append(None if box is None else _flip_box(box, h, v))
+        device = self.settings.device
+        images, targets = torch.stack(images).to(device), torch.stack(targets).to(device)
+        with torch.autocast(**self.autocast):
+            embeddings = self.encoder(images)
+        loss = embedding_loss(embeddings, targets)
+        with_box = [j for j, box in enumerate(boxes) if box is not None]
+        if with_box:
+            box_t = torch.stack([boxes[j] for j in with_box]).to(device)
+            student_logits = torch.cat([self.student.decode(embeddings[j : j + 1].float(), box_t[k : k + 1]) for k, j in enumerate(with_box)])
+            with torch.no_grad():
+                teacher_logits = torch.cat([self.student.decode(targets[j : j + 1], box_t[k : k + 1]) for k, j in enumerate(with_box)])
+            loss = loss + self.settings.mask_loss_weight * mask_distillation_loss(student_logits, teacher_logits)
+        return loss
+
+    def _mean_across_ranks(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.settings.device)
+        dist.all_reduce(t)
+        return t.item() / self.world_size
+
+    # -- loop --------------------------------------------------------------------------------------------------
+    def fit(self, progress: bool = True) -> dict:
+        out_dir = self.settings.out_dir
+        log_path = out_dir / "log.csv"
+        if self.rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self._trim_log(log_path)
+        self.encoder.train()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="distill", unit="step", disable=not progress or self.rank != 0)
+        last_loss = math.nan
+        while self.step < self.total_steps:
+            epoch, position = divmod(self.step, self.steps_per_epoch)
+            batches = epoch_batches(self.samples, self.settings, epoch)
+            for s in range(position, self.steps_per_epoch):
+                if self.step >= self.total_steps:
+                    break
+                start = time.perf_counter()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss_value = 0.0
+                for micro in range(self.settings.accumulate):
+                    g = _generator(self.settings.seed, epoch, self.step, micro, self.rank, 7)
+                    loss = self._micro_batch_loss(batches[s * self.settings.accumulate + micro], g) / self.settings.accumulate
+                    loss.backward()
+                    loss_value += loss.item()
+                self.optimizer.step()
+                if isinstance(self.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+                    self.scheduler.step()
+                self.step += 1
+                last_loss = self._mean_across_ranks(loss_value)
+                self.epoch_loss[0] += last_loss
+                self.epoch_loss[1] += 1
+                if s == self.steps_per_epoch - 1 and isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    self.scheduler.step(self.epoch_loss[0] / self.epoch_loss[1])
+                    self.epoch_loss = [0.0, 0]
+                rate = self.settings.batch_size * self.settings.accumulate * self.world_size / (time.perf_counter() - start)
+                if self.rank == 0:
+                    self._log(log_path, {"step": self.step, "epoch": epoch, "loss": f"{last_loss:.6g}",
+                                         "lr": f"{self.optimizer.param_groups[0]['lr']:.3g}", "images_per_s": f"{rate:.2f}"})
+                    if self.step % self.settings.checkpoint_every == 0 or self.step == self.total_steps:
+                        _save_atomic(self.state(), out_dir)
+                bar.update(1)
+                bar.set_postfix(loss=f"{last_loss:.4g}")
+        bar.close()
+        return {"steps": self.step, "final_loss": last_loss}
+
+    def _trim_log(self, path: Path) -> None:
+        """Keep the log rows up to the resumed step, so a resumed run's log reads as one run."""
+        rows = list(csv.DictReader(open(path))) if path.exists() else []
+        rows = [r for r in rows if int(r["step"]) <= self.step]
+        write_csv_atomic(path, rows, LOG_FIELDS)
+
+    @staticmethod
+    def _log(path: Path, row: dict) -> None:
+        with open(path, "a", newline="") as handle:
+            csv.DictWriter(handle, fieldnames=LOG_FIELDS).writerow(row)

@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+import torch
+
+from distill.data import DataError, balanced_weights, find_samples, parse_fractions, sample_box, sample_tensor
+from tests.conftest import write_npz
+from zoo.io import CaseError
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        gts = np.zeros((40, 50), np.uint8)
+        gts[5:20, 10:30] = 1
+        write_npz(tmp_path / f"2DBox_US_{i}.npz", imgs=rng.integers(0, 255, (40, 50, 3), dtype=np.uint8),
+                  boxes=np.array([[10, 5, 29, 19]]), gts=gts)
+    write_npz(tmp_path / "3DBox_CT_0.npz", imgs=rng.integers(0, 255, (12, 30, 30), dtype=np.uint8),
+              boxes=np.array([[2, 2, 1, 20, 20, 10]]))  # no gts: fine for distillation
+    return tmp_path
+
+
+def test_2d_images_and_every_fifth_slice(data_dir):
+    samples = find_samples([data_dir])
+    assert sorted((s.path.name, s.z) for s in samples if s.z is not None) == [("3DBox_CT_0.npz", z) for z in (0, 5, 10)]
+    assert sum(s.z is None for s in samples) == 4
+    assert sample_tensor(samples[0]).shape == (3, 256, 256)
+
+
+def test_fractions_and_balance(data_dir):
+    assert parse_fractions("CT=0.02,default=0.1") == {"default": 0.1, "CT": 0.02}
+    samples = find_samples([data_dir], fractions=parse_fractions("US=0.5"), seed=1)
+    assert sum(s.modality == "US" for s in samples) == 2 and sum(s.modality == "CT" for s in samples) == 3
+    assert find_samples([data_dir], fractions=parse_fractions("US=0.5"), seed=1) == samples
+    weights = balanced_weights(samples)
+    assert weights[[s.modality == "US" for s in samples]].sum() == pytest.approx(1.0)
+    assert weights[[s.modality == "CT" for s in samples]].sum() == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        parse_fractions("CT=2")
+
+
+def test_gt_box_at_256_scale(data_dir):
+    samples = find_samples([data_dir])
+    us = next(s for s in samples if s.modality == "US")
+    assert sample_box(us, torch.Generator().manual_seed(0)).tolist() == [51.0, 25.0, 148.0, 97.0]
+    ct = next(s for s in samples if s.modality == "CT")
+    assert sample_box(ct, torch.Generator()) is None
+
+
+def test_bad_data_directories(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        find_samples([tmp_path / "absent"])
+    with pytest.raises(DataError, match="no .npz files"):
+        find_samples([tmp_path])
+    (tmp_path / "2DBox_US_broken.npz").write_bytes(b"PK\x03\x04 broken")
+    with pytest.raises(CaseError, match="2DBox_US_broken.npz: not a readable npz"):
+        find_samples([tmp_path])

@@ -1,0 +1,92 @@
+import csv
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from distill.cache import EmbeddingCache
+from distill.data import find_samples
+from distill.train import Trainer, TrainSettings, epoch_batches, load_training_state
+from tests.conftest import write_npz
+from tests.distill.test_cache import CountingTeacher
+from zoo.class_prompt import ClassPromptSAM, ModelConfig
+from zoo.encoders import TinyViTConfig
+
+TINY = ModelConfig(encoder=TinyViTConfig(embed_dims=(8, 16, 16, 16), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
+                                         patch_stride=4))
+
+
+@pytest.fixture
+def setup(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        gts = np.zeros((32, 32), np.uint8)
+        gts[4 + i : 20, 6:25] = 1
+        write_npz(data / f"2DBox_{'US' if i % 2 else 'CT'}_{i}.npz", imgs=rng.integers(0, 255, (32, 32, 3), dtype=np.uint8),
+                  boxes=np.array([[6, 4 + i, 24, 19]]), gts=gts)
+    samples = find_samples([data])
+    cache = EmbeddingCache(tmp_path / "cache", "t")
+    keys = cache.build(samples, CountingTeacher(), progress=False)
+    return samples, keys, cache
+
+
+def make_trainer(setup, out_dir, **overrides):
+    torch.manual_seed(0)
+    samples, keys, cache = setup
+    settings = TrainSettings(out_dir=out_dir, epochs=2, batch_size=2, lr=1e-3, checkpoint_every=2,
+                             mask_loss_weight=0.5, **overrides)
+    return Trainer(ClassPromptSAM(TINY), samples, keys, cache, settings)
+
+
+def losses(out_dir):
+    return [(int(r["step"]), r["loss"]) for r in csv.DictReader(open(out_dir / "log.csv"))]
+
+
+def test_resume_continues_exactly(setup, tmp_path):
+    full = make_trainer(setup, tmp_path / "full")
+    full.fit(progress=False)
+    assert full.step == 6
+
+    first = make_trainer(setup, tmp_path / "split", max_steps=4)
+    first.fit(progress=False)
+    second = make_trainer(setup, tmp_path / "split")
+    second.restore(load_training_state(tmp_path / "split"))
+    assert second.step == 4
+    second.fit(progress=False)
+
+    assert losses(tmp_path / "split") == losses(tmp_path / "full")  # same next-step losses, one log
+    for key, value in full.student.state_dict().items():
+        assert torch.equal(value, second.student.state_dict()[key]), key
+    assert not any(p.name.endswith(".tmp") for p in (tmp_path / "split").iterdir())
+
+
+def test_only_the_encoder_learns(setup, tmp_path):
+    trainer = make_trainer(setup, tmp_path / "run", max_steps=1)
+    decoder_before = {k: v.clone() for k, v in trainer.student.mask_decoder.state_dict().items()}
+    encoder_before = trainer.student.image_encoder.patch_embed.seq[0].conv.weight.clone()
+    trainer.fit(progress=False)
+    for k, v in trainer.student.mask_decoder.state_dict().items():
+        assert torch.equal(v, decoder_before[k])
+    assert not torch.equal(trainer.student.image_encoder.patch_embed.seq[0].conv.weight, encoder_before)
+
+
+def test_corrupt_last_checkpoint_falls_back_to_previous(setup, tmp_path):
+    trainer = make_trainer(setup, tmp_path / "run", max_steps=4)
+    trainer.fit(progress=False)
+    (tmp_path / "run" / "last.pt").write_bytes(b"truncated")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state = load_training_state(tmp_path / "run")
+    assert state["step"] == 2
+    assert any("last.pt" in str(w.message) for w in caught)
+
+
+def test_epoch_batches_are_seeded_and_balanced(setup, tmp_path):
+    samples = setup[0]
+    settings = TrainSettings(out_dir=tmp_path, batch_size=2)
+    assert epoch_batches(samples, settings, 0) == epoch_batches(samples, settings, 0)
+    assert epoch_batches(samples, settings, 0) != epoch_batches(samples, settings, 1)
+    assert all(len(b) == 2 for b in epoch_batches(samples, settings, 3))
