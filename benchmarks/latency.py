@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ def measure_latency(model, repeats: int = 5, warmup: int = 2, seed: int = 0) -> 
     uint8 image through preprocessing, encoder, decoder and postprocessing to the label map)."""
     rng = np.random.default_rng(seed)
     image = rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    case = Case(path=__import__("pathlib").Path("2DBox_CT_latency.npz"), image=image,
+    case = Case(path=Path("2DBox_CT_latency.npz"), image=image,
                 boxes=np.array([[60.0, 70.0, 180.0, 200.0]]), gts=None, spacing=np.ones(2), modality="CT")
     modalities = ModalityChoice(model)
     tensor = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))

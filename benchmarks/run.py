@@ -30,12 +30,12 @@ from benchmarks.evaluate import summarize
 from benchmarks.latency import measure_latency
 from benchmarks.metrics import case_scores
 from benchmarks.plots import latency_plot, radar_plot
-from zoo.io import CaseError, load_case, save_npz_atomic, write_csv_atomic
+from zoo.io import SHARED_DATA, CaseError, load_case, save_npz_atomic, write_csv_atomic
 from zoo.modalities import MODALITIES, modality_from_name
 from zoo.predict import ModalityChoice, segment_case
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "medseg-real" / "val"
+DEFAULT_DATA = SHARED_DATA / "val"
 REFERENCE_PARAMS_M = 10.99  # the class-prompt TinyViT paper's model
 CASE_FIELDS = ["case", "modality", "model", "dsc", "nsd", "seconds"]
 LEADERBOARD_FIELDS = (

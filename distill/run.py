@@ -25,11 +25,11 @@ from distill.train import Trainer, TrainSettings, load_training_state, world
 from zoo.checkpoint import CheckpointError, init_from_litemedsam, save_checkpoint, sha256_file
 from zoo.class_prompt import ClassPromptSAM, ModelConfig
 from zoo.encoders import ENCODER_CONFIGS, TinyViTEncoder
-from zoo.io import CaseError
+from zoo.io import SHARED_DATA, CaseError
 from zoo.teachers import CHECKPOINT_ENV, TEACHERS, build_teacher
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_TRAIN = REPO.parent / "shared" / "data" / "medseg-real" / "train"
+DEFAULT_TRAIN = SHARED_DATA / "train"
 
 
 def teacher_id(kind: str, checkpoint: str | None) -> str:

@@ -20,6 +20,9 @@ import numpy as np
 
 from zoo.modalities import canonical_modality, modality_from_name
 
+# The project's real data, read in place (research-only licenses): ../shared/data/medseg-real/{train,val}.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "medseg-real"
+
 
 class CaseError(ValueError):
     """A challenge file that cannot be used; the message names the file and the problem."""

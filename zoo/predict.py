@@ -47,7 +47,7 @@ class ModalityChoice:
         self.choice = choice
         if choice not in ("auto", "head") and canonical_modality(choice) is None:
             raise ValueError(f"unknown modality {choice!r}; expected auto, head or one of {', '.join(MODALITIES)}")
-        self.uses_modality = getattr(model, "has_modality_head", False)
+        self.uses_modality = model.has_modality_head
 
     def resolve(self, case: Case, embedding: torch.Tensor) -> tuple[str | None, str]:
         if not self.uses_modality:

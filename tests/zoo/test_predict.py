@@ -2,6 +2,7 @@ import csv
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from zoo.predict import ModalityChoice, SliceEmbeddings, main, propagation_plan,
 
 
 def volume_case(volume, boxes, name="3DBox_CT_synthetic.npz"):
-    return Case(path=__import__("pathlib").Path(name), image=volume, boxes=np.asarray(boxes, float), gts=None,
+    return Case(path=Path(name), image=volume, boxes=np.asarray(boxes, float), gts=None,
                 spacing=np.ones(3), modality="CT")
 
 
