@@ -13,7 +13,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -48,7 +48,6 @@ class TrainSettings:
     flip: bool = True
     balanced: bool = True
     mask_loss_weight: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         values = asdict(self)

@@ -162,7 +162,8 @@ def load_case(path: str | Path) -> Case:
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path in `path`'s folder to write to; renamed to `path` when the block succeeds, removed when it
-    fails. Every file the toolkit writes goes through here, so a half-written file never carries its final name."""
+    fails. Every file the toolkit writes whole goes through here (only training logs are appended row by row), so
+    a half-written file never carries its final name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
