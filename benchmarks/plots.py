@@ -65,3 +65,24 @@ def latency_plot(rows: list[dict], path: Path, threads: int) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     _save(fig, path)
     return path
+
+
+def confusion_plot(confusion: np.ndarray, path: Path, title: str) -> Path:
+    """Row-normalized confusion matrix (true modality × predicted modality) with the counts written in."""
+    counts = np.asarray(confusion)
+    shown = [i for i in range(len(MODALITIES)) if counts[i].sum() or counts[:, i].sum()]
+    counts = counts[np.ix_(shown, shown)]
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    names = [MODALITIES[i] for i in shown]
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(shown), 0.8 + 0.55 * len(shown)))
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for (r, c), n in np.ndenumerate(counts):
+        if n:
+            ax.text(c, r, str(n), ha="center", va="center", fontsize=8, color="white" if rates[r, c] > 0.5 else "black")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted modality")
+    ax.set_ylabel("true modality")
+    ax.set_title(title, fontsize=9)
+    _save(fig, path)
+    return path

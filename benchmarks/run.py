@@ -6,6 +6,11 @@ Writes OUT/cases.csv (case, modality, model, dsc, nsd, seconds), OUT/leaderboard
 plots (OUT/radar.png, OUT/latency_vs_dsc.png). Each variant runs in its own process, through the same inference
 path as zoo.predict, so its peak memory is its own and a crash does not stop the others. Without --all a fixed,
 seeded sample of --cases-per-modality cases per modality is taken.
+
+Image embeddings are kept in --cache-dir (float32, keyed by the encoder's weights and the image), so variants that
+share an encoder, and later runs, embed each image once; scores are the same as without the cache. The per-case
+`seconds` then exclude the cached encoder runs: the leaderboard's latencies come from benchmarks.latency, which
+times the model itself on fixed inputs (a 256² image with one box; a 24×256×256 volume with a box over 12 slices).
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -30,6 +34,7 @@ from benchmarks.evaluate import summarize
 from benchmarks.latency import measure_latency
 from benchmarks.metrics import case_scores
 from benchmarks.plots import latency_plot, radar_plot
+from zoo.embedding_cache import ENCODER_CACHE_DIR, CachedEncoder
 from zoo.io import SHARED_DATA, CaseError, load_case, save_npz_atomic, write_csv_atomic
 from zoo.modalities import MODALITIES, modality_from_name
 from zoo.predict import ModalityChoice, segment_case
@@ -73,22 +78,36 @@ def select_cases(data_dir: Path, per_modality: int | None, seed: int = 0) -> lis
     return sorted(chosen)
 
 
-def benchmark_variant(name: str, files: list[Path], threads: int, repeats: int, segs_dir: Path | None) -> dict:
-    """Runs in a child process: every case through zoo's inference path, then latency, FLOPs and size."""
-    from zoo.flops import count_params, decoder_flops_per_box, encoder_flops
-    from zoo.index import load, model_file
+def variant_label(name: str) -> str:
+    """A zoo name as it is; a checkpoint path by its file stem."""
+    path = Path(name)
+    if path.name == "manifest.json":
+        return path.parent.name
+    return path.stem if path.suffix in (".pt", ".pth") else path.name
+
+
+def benchmark_variant(name: str, files: list[Path], threads: int, repeats: int, segs_dir: Path | None,
+                      cache_dir: Path | None) -> dict:
+    """Runs in a child process: every case through zoo's inference path, then latency, FLOPs and size.
+
+    With a cache_dir, image embeddings are looked up there first (float32, keyed by the encoder's weights), so
+    variants sharing an encoder embed each image once; latency is always measured on the model itself."""
+    from zoo.flops import model_size
+    from zoo.index import load, model_bytes
 
     torch.set_num_threads(threads)
     model = load(name)
-    modalities = ModalityChoice(model)
-    cases, errors, seconds_3d = [], [], []
+    scored = CachedEncoder(model, cache_dir) if cache_dir is not None else model
+    modalities = ModalityChoice(scored)
+    label = variant_label(name)
+    cases, errors = [], []
     for path in tqdm(files, desc=f"{name}", unit="case", leave=False):
         try:
             case = load_case(path)
             if case.gts is None:
                 raise CaseError(path, "no 'gts' to score against")
             start = time.perf_counter()
-            result = segment_case(model, case, modalities)
+            result = segment_case(scored, case, modalities)
             seconds = time.perf_counter() - start
         except CaseError as err:
             errors.append(str(err))
@@ -96,19 +115,15 @@ def benchmark_variant(name: str, files: list[Path], threads: int, repeats: int, 
         if segs_dir is not None:
             save_npz_atomic(segs_dir / path.name, segs=result.segs)
         dsc, nsd = case_scores(case.gts, result.segs, case.spacing.tolist())
-        if case.is_3d:
-            seconds_3d.append(seconds)
-        cases.append({"case": path.name, "modality": case.modality or "unknown", "model": name,
+        cases.append({"case": path.name, "modality": case.modality or "unknown", "model": label,
                       "dsc": dsc, "nsd": nsd, "seconds": seconds})
     latency = measure_latency(model, repeats=repeats)
-    file = model_file(name)
+    size = model_size(model)
     row = {
-        "model": name, "backend": model.backend, "precision": model.precision,
-        "params_M": count_params(model) / 1e6 if hasattr(model, "parameters") else float("nan"),
-        "encoder_GFLOPs": encoder_flops(model) / 1e9, "decoder_GFLOPs_per_box": decoder_flops_per_box(model) / 1e9,
-        "file_MB": file.stat().st_size / 1e6 if file.is_file() else float("nan"),
+        "model": label, "backend": model.backend, "precision": model.precision, "params_M": size["params"] / 1e6,
+        "encoder_GFLOPs": size["encoder_flops"] / 1e9, "decoder_GFLOPs_per_box": size["decoder_flops_per_box"] / 1e9,
+        "file_MB": model_bytes(name) / 1e6,
         **latency,
-        "latency_3d_s": float(np.mean(seconds_3d)) if seconds_3d else float("nan"),
         # This child's peak; ru_maxrss also covers the parent's RSS when it spawned the child, which is much smaller.
         "peak_RSS_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -149,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per latency measurement (median)")
     parser.add_argument("--save-segs", type=Path, default=None, metavar="DIR",
                         help="also write each variant's segs npz files to DIR/<model>/")
+    parser.add_argument("--cache-dir", type=Path, default=ENCODER_CACHE_DIR,
+                        help="where image embeddings are kept for variants that share an encoder")
+    parser.add_argument("--no-embedding-cache", action="store_true", help="embed every image anew for every variant")
     args = parser.parse_args(argv)
     if args.repeats < 5:
         parser.error("--repeats must be at least 5")
@@ -164,10 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     results, failed = [], []
     context = multiprocessing.get_context("spawn")
     for name in tqdm(models, desc="models", unit="model"):
-        segs_dir = args.save_segs / Path(name).stem if args.save_segs else None
+        segs_dir = args.save_segs / variant_label(name) if args.save_segs else None
+        cache_dir = None if args.no_embedding_cache else args.cache_dir
         try:
             with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-                result = pool.submit(benchmark_variant, name, files, args.threads, args.repeats, segs_dir).result()
+                result = pool.submit(benchmark_variant, name, files, args.threads, args.repeats, segs_dir, cache_dir).result()
         except Exception as err:  # a broken variant is reported; the others still run
             failed.append(name)
             tqdm.write(f"error: variant {name} failed: {type(err).__name__}: {err}", file=sys.stderr)

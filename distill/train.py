@@ -124,21 +124,24 @@ def load_training_state(out_dir: Path) -> dict:
 
 
 class Trainer:
-    """Distills `student.image_encoder` towards cached teacher embeddings (and, optionally, the frozen decoder's
-    masks). The decoder and prompt encoder are frozen."""
+    """The training loop with distillation as its task: `student.image_encoder` learns the cached teacher
+    embeddings (and, optionally, the frozen decoder's masks); the decoder and prompt encoder are frozen.
+
+    Other stages subclass it and override `is_trainable`, `param_groups`, `_micro_batch_loss` and the
+    `end_of_epoch` / `extra_state` hooks (see distill.finetune)."""
+
+    stage = "distill"
 
     def __init__(self, student, samples: list[Sample], keys: list[str], cache: EmbeddingCache, settings: TrainSettings):
         self.student = student.to(settings.device)
         self.samples, self.keys, self.cache, self.settings = samples, keys, cache, settings
         for name, p in self.student.named_parameters():
-            p.requires_grad_(name.startswith("image_encoder."))
+            p.requires_grad_(self.is_trainable(name))
         self.encoder = self.student.image_encoder
         self.rank, self.world_size = world()
         if self.world_size > 1:
-            device_ids = [torch.device(settings.device).index] if settings.device.startswith("cuda") else None
-            self.encoder = torch.nn.parallel.DistributedDataParallel(self.encoder, device_ids=device_ids)
-        params = [p for p in self.student.image_encoder.parameters()]
-        self.optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+            self.wrap_distributed()
+        self.optimizer = torch.optim.AdamW(self.param_groups(), lr=settings.lr, weight_decay=settings.weight_decay)
         self.steps_per_epoch = len(epoch_batches(samples, settings, 0)) // settings.accumulate
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(samples)} samples give no full step of {settings.batch_size}×{settings.accumulate}"
@@ -158,12 +161,31 @@ class Trainer:
         self.step = 0
         self.epoch_loss = [0.0, 0]  # sum, count over the current epoch (for the plateau scheduler)
 
+    def is_trainable(self, name: str) -> bool:
+        return name.startswith("image_encoder.")
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": [p for p in self.student.parameters() if p.requires_grad]}]
+
+    def wrap_distributed(self) -> None:
+        device_ids = [torch.device(self.settings.device).index] if self.settings.device.startswith("cuda") else None
+        self.encoder = torch.nn.parallel.DistributedDataParallel(self.encoder, device_ids=device_ids)
+
+    def end_of_epoch(self, epoch: int) -> None:
+        """Called after the last step of each epoch (before the checkpoint of that step is written)."""
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def restore_extra(self, state: dict) -> None:
+        pass
+
     # -- state -------------------------------------------------------------------------------------------------
     def state(self) -> dict:
         return {"format": TRAIN_FORMAT, "step": self.step, "model": self.student.state_dict(),
                 "model_config": self.student.config.to_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "epoch_loss": list(self.epoch_loss),
-                "settings": self.settings.to_dict()}
+                "settings": self.settings.to_dict(), "extra": self.extra_state()}
 
     def restore(self, state: dict) -> None:
         self.student.load_state_dict(state["model"])
@@ -171,6 +193,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch_loss = list(state["epoch_loss"])
         self.step = int(state["step"])
+        self.restore_extra(state.get("extra", {}))
 
     # -- one step ----------------------------------------------------------------------------------------------
     def _micro_batch_loss(self, indices: list[int], g: torch.Generator) -> torch.Tensor:
@@ -214,7 +237,7 @@ class Trainer:
             out_dir.mkdir(parents=True, exist_ok=True)
             self._trim_log(log_path)
         self.encoder.train()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="distill", unit="step", disable=not progress or self.rank != 0)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.stage, unit="step", disable=not progress or self.rank != 0)
         last_loss = math.nan
         while self.step < self.total_steps:
             epoch, position = divmod(self.step, self.steps_per_epoch)
@@ -240,6 +263,8 @@ class Trainer:
                 if s == self.steps_per_epoch - 1 and isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                     self.scheduler.step(self.epoch_loss[0] / self.epoch_loss[1])
                     self.epoch_loss = [0.0, 0]
+                if s == self.steps_per_epoch - 1:
+                    self.end_of_epoch(epoch)
                 rate = self.settings.batch_size * self.settings.accumulate * self.world_size / (time.perf_counter() - start)
                 if self.rank == 0:
                     self._log(log_path, {"step": self.step, "epoch": epoch, "loss": f"{last_loss:.6g}",

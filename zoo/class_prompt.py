@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 
+from zoo.embedding_cache import module_fingerprint
 from zoo.encoders import ENCODER_CONFIGS, TinyViTConfig, TinyViTEncoder
 from zoo.modalities import MODALITIES
 from zoo.preprocess import IMAGE_SIZE
@@ -55,6 +56,7 @@ class ClassPromptSAM(nn.Module):
 
     The interface every model variant answers (see zoo.runtime):
       embed(image)                      (1, 3, 256, 256) -> (1, 256, 64, 64)
+      encoder_fingerprint()             a hash that is equal exactly when embed() gives equal outputs
       predict_modality(embedding)       (1, 256, 64, 64) -> (1, 11) logits, or None without a head
       decode(embedding, boxes, modality) boxes (N, 4) at 256 scale -> (N, 1, 256, 256) mask logits
     """
@@ -93,6 +95,9 @@ class ClassPromptSAM(nn.Module):
 
     def embed(self, image: torch.Tensor) -> torch.Tensor:
         return self.image_encoder(image)
+
+    def encoder_fingerprint(self) -> str:
+        return module_fingerprint(self.image_encoder)
 
     def predict_modality(self, embedding: torch.Tensor) -> torch.Tensor | None:
         return None if self.modality_head is None else self.modality_head(embedding)

@@ -37,3 +37,12 @@ def decoder_flops_per_box(model) -> int:
     size = model.config.encoder.embedding_size
     embedding = torch.rand(1, 256, size, size)
     return _flops(model, model.decode, embedding, torch.tensor([[40.0, 50.0, 180.0, 200.0]]), 0)
+
+
+def model_size(model) -> dict[str, float]:
+    """params, encoder_flops and decoder_flops_per_box of any variant: measured on a PyTorch model; an exported
+    variant carries its PyTorch parent's, measured when it was exported (quantization keeps every operation)."""
+    if isinstance(model, torch.nn.Module):
+        return {"params": count_params(model), "encoder_flops": encoder_flops(model),
+                "decoder_flops_per_box": decoder_flops_per_box(model)}
+    return dict(model.size)

@@ -60,7 +60,7 @@ class ModalityChoice:
         return MODALITIES[int(logits.argmax())], "head"
 
 
-def _decode_masks(model, embedding, boxes256: np.ndarray, modality: str | None, resized, original) -> np.ndarray:
+def decode_masks(model, embedding, boxes256: np.ndarray, modality: str | None, resized, original) -> np.ndarray:
     """Boxes (N, 4) at 256 scale -> boolean masks (N, H, W) at the original size."""
     ids = None if modality is None else modality_id(modality)
     masks = []
@@ -75,7 +75,7 @@ def segment_2d(model: SegmentationRuntime, case: Case, modalities: ModalityChoic
     image, resized = preprocess_image(case.image)
     embedding = model.embed(image)
     modality, source = modalities.resolve(case, embedding)
-    masks = _decode_masks(model, embedding, scale_boxes(case.boxes, (height, width)), modality, resized, (height, width))
+    masks = decode_masks(model, embedding, scale_boxes(case.boxes, (height, width)), modality, resized, (height, width))
     segs = np.zeros((height, width), dtype=np.uint8)
     for label, mask in enumerate(masks, start=1):
         segs[mask] = label
@@ -140,7 +140,7 @@ def segment_3d(model: SegmentationRuntime, case: Case, modalities: ModalityChoic
             for b in active:
                 carried = box_from_mask(previous[b]) if b in previous else None
                 prompts.append(start_boxes[b] if carried is None else carried)
-            masks = _decode_masks(model, embeddings[z], np.stack(prompts), modality, embeddings.resized, (height, width))
+            masks = decode_masks(model, embeddings[z], np.stack(prompts), modality, embeddings.resized, (height, width))
             for b, mask in zip(active, masks):
                 label = b + 1
                 # The official script carries the box from its label map (values = label), and INTER_AREA's

@@ -1,7 +1,7 @@
 """The one interface every model variant answers, so that inference and benchmarks never special-case a backend.
 
 `zoo.class_prompt.ClassPromptSAM` (PyTorch, pruned or not) implements it; exported runtimes (ONNX Runtime,
-OpenVINO) implement the same three methods on their own sessions.
+OpenVINO) implement the same methods on their own sessions.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ class SegmentationRuntime(Protocol):
 
     def embed(self, image: torch.Tensor) -> torch.Tensor:
         """(1, 3, 256, 256) float32 in [0, 1] -> (1, 256, 64, 64) image embedding."""
+
+    def encoder_fingerprint(self) -> str:
+        """A hash of the encoder that is equal exactly when embed() gives equal outputs (keys cached embeddings)."""
 
     def predict_modality(self, embedding: torch.Tensor) -> torch.Tensor | None:
         """(1, 256, 64, 64) -> (1, 11) modality logits, or None for a model without a modality head."""

@@ -33,7 +33,7 @@ def test_run_writes_leaderboard_cases_and_plots_and_survives_a_broken_variant(ti
     broken.write_bytes(b"garbage")
     out = tmp_path / "out"
     code = main(["--data", str(tiny_data), "--models", f"{broken},{model_path}", "--out", str(out), "--all",
-                 "--save-segs", str(tmp_path / "segs")])
+                 "--save-segs", str(tmp_path / "segs"), "--cache-dir", str(tmp_path / "cache")])
     assert code == 1
     err = capsys.readouterr().err
     assert "variant" in err and "broken.pt" in err and "2DBox_US_bad.npz: no 'gts'" in err
@@ -42,7 +42,7 @@ def test_run_writes_leaderboard_cases_and_plots_and_survives_a_broken_variant(ti
     assert all(0 <= float(c["dsc"]) <= 1 and float(c["seconds"]) > 0 for c in cases)
     (row,) = list(csv.DictReader(open(out / "leaderboard.csv")))
     assert list(row) == LEADERBOARD_FIELDS
-    assert row["model"] == str(model_path) and row["backend"] == "pytorch" and row["precision"] == "fp32"
+    assert row["model"] == "tiny" and row["backend"] == "pytorch" and row["precision"] == "fp32"
     assert float(row["encoder_GFLOPs"]) > 0 and float(row["latency_2d_ms"]) > 0 and float(row["latency_3d_s"]) > 0
     assert float(row["params_vs_reference"]) == pytest.approx(float(row["params_M"]) / 10.99, abs=1e-3)
     assert row["dsc_US"] != "" and row["dsc_Fundus"] == ""
@@ -58,3 +58,4 @@ def test_sample_is_seeded_and_per_modality(tmp_path):
     assert first == select_cases(tmp_path, 2, seed=0)
     assert sum("_US_" in p.name for p in first) == 2 and len(first) == 4
     assert len(select_cases(tmp_path, None)) == 10
+

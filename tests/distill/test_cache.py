@@ -1,7 +1,8 @@
 import numpy as np
 import torch
 
-from distill.cache import EmbeddingCache, image_key
+from distill.cache import EmbeddingCache
+from zoo.embedding_cache import image_key
 from distill.data import find_samples
 from tests.conftest import write_npz
 

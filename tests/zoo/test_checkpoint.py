@@ -114,3 +114,36 @@ def test_fast_student_takes_every_litemedsam_weight():
         table, source = student.state_dict()[key], litemedsam_weights()[key]
         assert table.shape == shape and table.mean() == pytest.approx(source.mean().item(), abs=0.1)
     assert torch.equal(student.mask_decoder.state_dict()["iou_token.weight"], lite.mask_decoder.state_dict()["iou_token.weight"])
+
+
+def test_encoder_from_litemedsam_leaves_the_encoder_out_and_brings_it_back(tmp_path, litemedsam):
+    model = build_litemedsam(class_prompt=True)
+    torch.nn.init.normal_(model.class_prompt.weight)
+    path = save_checkpoint(tmp_path / "cp.pt", model, half=True, encoder_from="litemedsam")
+    assert path.stat().st_size < 12e6  # decoder, head and prompt in float16; no encoder
+    loaded, _ = load_checkpoint(path)
+    for name, tensor in litemedsam.image_encoder.state_dict().items():
+        assert torch.equal(loaded.image_encoder.state_dict()[name], tensor), name
+    assert torch.equal(loaded.class_prompt.weight, model.class_prompt.weight.half().float())
+    model.image_encoder.neck[0].weight.data += 1  # no longer LiteMedSAM's encoder: refused, nothing written
+    with pytest.raises(ValueError, match="LiteMedSAM's, unchanged"):
+        save_checkpoint(tmp_path / "wrong.pt", model, encoder_from="litemedsam")
+    assert not (tmp_path / "wrong.pt").exists()
+
+
+def test_index_add_ships_a_checkpoint_and_lists_it(tmp_path, monkeypatch, capsys):
+    index = tmp_path / "index.json"
+    index.write_text(json.dumps({"models": []}))
+    monkeypatch.setattr(zoo.index, "INDEX_PATH", index)
+    monkeypatch.setattr(zoo.index, "ZOO_DIR", tmp_path)
+    source = save_checkpoint(tmp_path / "runs_best.pt", tiny_model(), {"stage": "finetune"})
+    before = source.read_bytes()
+    assert zoo.index.main(["add", "tiny_cp", str(source), "--half"]) == 0
+    (entry,) = zoo.index.read_index()
+    assert entry["name"] == "tiny_cp" and entry["precision_in_file"] == "fp16" and entry["params_M"] > 0
+    assert entry["sha256"] == sha256_file(tmp_path / "tiny_cp.pt") and source.read_bytes() == before
+    assert zoo.index.load("tiny_cp").config == TINY
+    assert zoo.index.main(["add", "tiny_cp", str(source)]) == 2
+    assert "exists already" in capsys.readouterr().err
+    assert zoo.index.main(["add", "tiny_cp", str(tmp_path / "missing.pt"), "--replace"]) == 2
+    assert "missing.pt: model file not found" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import pytest
 
 from tests.conftest import REPO, write_npz
 from zoo.io import Case, load_case
+from zoo.modalities import MODALITIES
 from zoo.predict import ModalityChoice, SliceEmbeddings, main, propagation_plan, segment_case
 
 
@@ -121,3 +122,23 @@ def test_large_volume_stays_under_the_memory_limit(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
     peak_mb = int(out.stdout.split()[-1]) / 1024
     assert peak_mb < 2500, f"peak RSS {peak_mb:.0f} MB"
+
+
+def test_class_prompt_model_says_which_modality_it_used(tmp_path):
+    from tests.zoo.test_checkpoint import tiny_model
+    from zoo.checkpoint import save_checkpoint
+
+    model_path = save_checkpoint(tmp_path / "cp.pt", tiny_model())
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    image = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    for name in ("no_modality_here.npz", "2DBox_OCT_unseen.npz", "2DBox_US_x.npz"):
+        write_npz(inputs / name, imgs=image, boxes=np.array([[5, 5, 30, 30]]))
+    assert main(["-i", str(inputs), "-o", str(tmp_path / "out"), "--model", str(model_path), "--threads", "1"]) == 0
+    rows = {r["case"]: r for r in csv.DictReader(open(tmp_path / "out" / "timing.csv"))}
+    assert rows["no_modality_here.npz"]["modality_source"] == "head"
+    assert rows["no_modality_here.npz"]["modality"] in MODALITIES
+    assert (rows["2DBox_OCT_unseen.npz"]["modality"], rows["2DBox_OCT_unseen.npz"]["modality_source"]) == ("OCT", "file")
+    assert main(["-i", str(inputs), "-o", str(tmp_path / "out2"), "--model", str(model_path), "--modality", "head"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "out2" / "timing.csv")))
+    assert {r["modality_source"] for r in rows} == {"head"}

@@ -1,0 +1,1 @@
+"""Compression of zoo models: export to ONNX Runtime / OpenVINO, calibrated INT8 quantization."""

@@ -1,0 +1,299 @@
+"""Stage 2: fine-tune the mask decoder with a class prompt and a modality head (the class-prompt TinyViT paper).
+
+    python -m distill.finetune --init litemedsam --out runs/finetune/cp_tinyvit
+    python -m distill.finetune --init litemedsam --no-class-prompt --out runs/finetune/ablation
+    python -m distill.finetune --init runs/distill/fast/student.pt --train-encoder --out runs/finetune/fast
+
+Trains the mask decoder (Dice + focal loss on one ground-truth object per sample, prompted by its box with each
+side moved out by 0..--box-jitter px), the modality head (cross-entropy) and the class-prompt table. The encoder is
+frozen and its embeddings come from the same content-keyed cache as distillation, so a fine-tuning epoch only runs
+the decoder; --train-encoder trains it too (images then go through the encoder). Flips (p=0.5 each way) apply to
+the image, or with a frozen encoder to its cached embedding, and to the mask and box alike.
+
+After every epoch the model is scored on the validation samples (every 2D image and every --slice-step-th slice
+with ground truth, each object prompted by its tight box, masks at the original resolution, official DSC/NSD); the
+checkpoint with the best mean over modalities of (DSC + NSD) / 2 is kept as OUT/best.pt (zoo format, with its
+validation metrics), with OUT/val.csv (one row per validation) and OUT/confusion.png (the modality head's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from benchmarks.metrics import case_scores
+from benchmarks.plots import confusion_plot
+from distill.cache import EmbeddingCache
+from distill.data import DataError, Sample, find_samples, parse_fractions, sample_labels, sample_target, sample_tensor
+from distill.losses import dice_loss, focal_loss
+from distill.run import teacher_id
+from distill.train import Trainer, TrainSettings, _flip, _flip_box, load_training_state
+from zoo.checkpoint import CheckpointError, build_litemedsam, load_checkpoint, save_checkpoint, sha256_file
+from zoo.class_prompt import ClassPromptSAM, ModelConfig
+from zoo.embedding_cache import DEFAULT_CACHE_DIR, ENCODER_CACHE_DIR, CachedEncoder
+from zoo.io import SHARED_DATA, CaseError, write_csv_atomic
+from zoo.modalities import MODALITIES, modality_id
+from zoo.predict import decode_masks
+from zoo.preprocess import resized_shape, scale_boxes
+
+REPO = Path(__file__).resolve().parents[1]
+NEW_PARTS = ("modality_head.", "class_prompt.")
+
+
+@dataclass
+class FinetuneSettings(TrainSettings):
+    lr: float = 1e-4
+    box_jitter: int = 5
+    focal_weight: float = 20.0  # SAM's 20:1 focal to Dice
+    head_weight: float = 1.0
+    new_parts_lr_scale: float = 10.0  # the zero-initialized class prompt and the fresh head learn faster
+    train_encoder: bool = False
+
+
+def build_model(init: str, class_prompt: bool) -> ClassPromptSAM:
+    """LiteMedSAM ('litemedsam') or a zoo checkpoint (a path), with a fresh head and zero class prompt if asked
+    and the checkpoint has none."""
+    if init == "litemedsam":
+        return build_litemedsam(class_prompt=class_prompt)
+    source, _ = load_checkpoint(init)
+    model = ClassPromptSAM(ModelConfig(encoder=source.config.encoder, class_prompt=class_prompt))
+    weights = {k: v for k, v in source.state_dict().items() if not k.startswith(NEW_PARTS) or class_prompt}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or any(not k.startswith(NEW_PARTS) for k in missing):
+        raise CheckpointError(f"{init}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model
+
+
+class EmbeddingSource:
+    """Image embeddings of samples: a frozen encoder's from a cache (the fp16 training cache by key, or a
+    CachedEncoder), a trained encoder's computed anew."""
+
+    def __init__(self, samples: list[Sample], encoder, keys: list[str] | None = None, cache: EmbeddingCache | None = None):
+        self.samples, self.encoder, self.keys, self.cache = samples, encoder, keys, cache
+
+    def __call__(self, i: int) -> torch.Tensor:
+        if self.keys is None:
+            return self.encoder.embed(sample_tensor(self.samples[i])[None])
+        embedding = self.cache.get(self.keys[i])
+        if embedding is None:
+            raise RuntimeError(f"embedding of {self.samples[i].path} slice {self.samples[i].z} is not cached")
+        return embedding[None].float()
+
+
+@torch.inference_mode()
+def evaluate(model: ClassPromptSAM, samples: list[Sample], embeddings: EmbeddingSource, progress: bool = True) -> dict:
+    """Official DSC/NSD of every validation sample (each object prompted by its tight box, masks at the original
+    size), per modality and as means over modalities, and the modality head's accuracy and confusion matrix."""
+    model.eval()
+    scores: dict[str, list[tuple[float, float]]] = {}
+    confusion = np.zeros((len(MODALITIES), len(MODALITIES)), dtype=np.int64)
+    for i, sample in enumerate(tqdm(samples, desc="validate", unit="img", leave=False, disable=not progress)):
+        gts = sample_labels(sample)
+        labels = np.unique(gts)
+        labels = labels[labels > 0]
+        lookup = np.zeros(int(gts.max()) + 1, dtype=np.uint8)
+        lookup[labels] = np.arange(1, len(labels) + 1)  # a slice's labels renumbered 1..k, as a case of its own
+        gts = lookup[gts]
+        boxes = []
+        for label in range(1, len(labels) + 1):
+            ys, xs = np.nonzero(gts == label)
+            boxes.append([xs.min(), ys.min(), xs.max(), ys.max()])
+        embedding = embeddings(i)
+        true = modality_id(sample.modality)
+        if model.has_modality_head:
+            confusion[true, int(model.predict_modality(embedding).argmax())] += 1
+        masks = decode_masks(model, embedding, scale_boxes(np.array(boxes), gts.shape), sample.modality if model.has_modality_head else None,
+                             resized_shape(*gts.shape), gts.shape)
+        segs = np.zeros(gts.shape, dtype=np.uint8)
+        for label, mask in enumerate(masks, start=1):
+            segs[mask] = label
+        scores.setdefault(sample.modality, []).append(case_scores(gts, segs))
+    result = {"per_modality": {m: (float(np.mean([d for d, _ in v])), float(np.mean([n for _, n in v]))) for m, v in scores.items()}}
+    result["dsc"] = float(np.mean([d for d, _ in result["per_modality"].values()]))
+    result["nsd"] = float(np.mean([n for _, n in result["per_modality"].values()]))
+    result["score"] = (result["dsc"] + result["nsd"]) / 2
+    result["head_accuracy"] = float(np.trace(confusion) / confusion.sum()) if confusion.sum() else math.nan
+    result["confusion"] = confusion
+    return result
+
+
+VAL_FIELDS = ["step", "epoch", "score", "dsc", "nsd", "head_accuracy"] + [f"{k}_{m}" for m in MODALITIES for k in ("dsc", "nsd")]
+
+
+class FineTuner(Trainer):
+    stage = "finetune"
+
+    def __init__(self, model, samples, keys, cache, settings: FinetuneSettings, val_samples, metadata: dict,
+                 encoder_cache_dir: Path = ENCODER_CACHE_DIR):
+        super().__init__(model, samples, keys, cache, settings)
+        self.val_samples, self.metadata = val_samples, metadata
+        self.train_embeddings = EmbeddingSource(samples, self.student, keys, cache)
+        # Validation embeddings of a frozen encoder are float32 and shared with benchmarks.run's cache.
+        val_encoder = self.student if settings.train_encoder else CachedEncoder(self.student, encoder_cache_dir)
+        self.val_embeddings = EmbeddingSource(val_samples, val_encoder)
+        self.val_rows: list[dict] = []
+        self.best = {"score": -math.inf, "step": 0}
+
+    def is_trainable(self, name: str) -> bool:
+        return name.startswith(("mask_decoder.",) + NEW_PARTS) or (self.settings.train_encoder and name.startswith("image_encoder."))
+
+    def param_groups(self) -> list[dict]:
+        new = [p for n, p in self.student.named_parameters() if p.requires_grad and n.startswith(NEW_PARTS)]
+        rest = [p for n, p in self.student.named_parameters() if p.requires_grad and not n.startswith(NEW_PARTS)]
+        groups = [{"params": rest}]
+        if new:
+            groups.append({"params": new, "lr": self.settings.lr * self.settings.new_parts_lr_scale})
+        return groups
+
+    def wrap_distributed(self) -> None:
+        raise ValueError("fine-tuning runs in one process; start it without torchrun")
+
+    def _micro_batch_loss(self, indices: list[int], g: torch.Generator) -> torch.Tensor:
+        settings, device = self.settings, self.settings.device
+        seg_losses, embeddings, modalities = [], [], []
+        for i in indices:
+            h, v = (torch.rand(2, generator=g) < 0.5).tolist() if settings.flip else (False, False)
+            mask, box = sample_target(self.samples[i], g, settings.box_jitter)
+            if settings.train_encoder:  # flip the image itself
+                embedding = self.student.embed(_flip(sample_tensor(self.samples[i]), h, v)[None].to(device))
+            else:
+                embedding = _flip(self.train_embeddings(i), h, v).to(device)
+            mask, box = _flip(mask, h, v).to(device), _flip_box(box, h, v).to(device)
+            modality = modality_id(self.samples[i].modality)
+            with torch.autocast(**self.autocast):
+                logits = self.student.decode(embedding, box[None], modality if self.student.has_modality_head else None)
+            seg_losses.append(dice_loss(logits, mask[None]) + settings.focal_weight * focal_loss(logits, mask[None]))
+            embeddings.append(embedding)
+            modalities.append(modality)
+        loss = torch.stack(seg_losses).mean()
+        if self.student.has_modality_head:
+            head_logits = self.student.predict_modality(torch.cat(embeddings).float())
+            loss = loss + settings.head_weight * F.cross_entropy(head_logits, torch.tensor(modalities, device=device))
+        return loss
+
+    def end_of_epoch(self, epoch: int) -> None:
+        self.validate(epoch)
+
+    def validate(self, epoch: int) -> None:
+        result = evaluate(self.student, self.val_samples, self.val_embeddings)
+        self.student.train()
+        row = {"step": self.step, "epoch": epoch, **{k: f"{result[k]:.4f}" for k in ("score", "dsc", "nsd", "head_accuracy")}}
+        for m, (dsc, nsd) in result["per_modality"].items():
+            row[f"dsc_{m}"], row[f"nsd_{m}"] = f"{dsc:.4f}", f"{nsd:.4f}"
+        self.val_rows.append(row)
+        write_csv_atomic(self.settings.out_dir / "val.csv", self.val_rows, VAL_FIELDS)
+        tqdm.write(f"step {self.step} (epoch {epoch}): val DSC {result['dsc']:.4f} NSD {result['nsd']:.4f} "
+                   f"head accuracy {result['head_accuracy']:.3f}")
+        if result["score"] > self.best["score"]:
+            self.best = {"score": result["score"], "step": self.step}
+            metrics = {k: result[k] for k in ("score", "dsc", "nsd", "head_accuracy")}
+            metrics["per_modality"] = {m: {"dsc": d, "nsd": n} for m, (d, n) in result["per_modality"].items()}
+            metrics["confusion"] = result["confusion"].tolist()
+            save_checkpoint(self.settings.out_dir / "best.pt", self.student.eval(), {
+                **self.metadata, "steps": self.step, "epoch": epoch, "val": metrics})
+            self.student.train()
+            if self.student.has_modality_head:
+                confusion_plot(result["confusion"], self.settings.out_dir / "confusion.png",
+                               f"modality head on val samples (step {self.step}): accuracy {result['head_accuracy']:.3f}")
+
+    def extra_state(self) -> dict:
+        return {"best": dict(self.best), "val_rows": list(self.val_rows)}
+
+    def restore_extra(self, state: dict) -> None:
+        self.best = dict(state.get("best", self.best))
+        self.val_rows = list(state.get("val_rows", []))
+
+    def fit(self, progress: bool = True) -> dict:
+        result = super().fit(progress)
+        if self.best["step"] != self.step and not any(int(r["step"]) == self.step for r in self.val_rows):
+            self.validate(self.step // self.steps_per_epoch)  # stopped mid-epoch (--max-steps): score the last weights too
+        return {**result, "best_step": self.best["step"], "best_score": self.best["score"]}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m distill.finetune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init", default="litemedsam", help="'litemedsam' or a zoo checkpoint (e.g. a distilled student)")
+    p.add_argument("--no-class-prompt", action="store_true", help="the ablation: the same fine-tuning without head and class prompt")
+    p.add_argument("--train-encoder", action="store_true", help="train the encoder too (no embedding cache)")
+    p.add_argument("--data", type=Path, nargs="+", default=[SHARED_DATA / "train"])
+    p.add_argument("--val", type=Path, nargs="+", default=[SHARED_DATA / "val"], help="model selection data")
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "finetune")
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
+    p.add_argument("--slice-step", type=int, default=5)
+    p.add_argument("--fractions", default=None, help="per-modality fraction of training samples kept, e.g. CT=0.5")
+    p.add_argument("--no-balance", action="store_true")
+    p.add_argument("--no-flip", action="store_true")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--accumulate", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--scheduler", choices=("plateau", "cosine"), default="cosine")
+    p.add_argument("--box-jitter", type=int, default=5)
+    p.add_argument("--focal-weight", type=float, default=20.0)
+    p.add_argument("--head-weight", type=float, default=1.0)
+    p.add_argument("--amp", choices=("auto", "bf16", "none"), default="auto")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--threads", type=int, default=None)
+    return p.parse_args(argv)
+
+
+def run(args) -> Path:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model = build_model(args.init, class_prompt=not args.no_class_prompt)
+    samples = find_samples(args.data, args.slice_step, parse_fractions(args.fractions), args.seed, foreground_only=True)
+    val_samples = find_samples(args.val, args.slice_step, None, args.seed, foreground_only=True)
+    for sample in samples + val_samples:
+        modality_id(sample.modality)  # every sample needs a known modality for the head and the class prompt
+    init_id = (teacher_id("litemedsam", None) if args.init == "litemedsam"
+               else f"student-{sha256_file(args.init)[:16]}")
+    cache = EmbeddingCache(args.cache_dir, init_id)
+    keys = None
+    if not args.train_encoder:  # the frozen encoder's embeddings, computed once
+        keys = cache.build(samples, model.to(args.device).eval(), args.device)
+    settings = FinetuneSettings(
+        out_dir=args.out, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, scheduler=args.scheduler, accumulate=args.accumulate, amp=args.amp,
+        device=args.device, seed=args.seed, checkpoint_every=args.checkpoint_every, flip=not args.no_flip,
+        balanced=not args.no_balance, box_jitter=args.box_jitter, focal_weight=args.focal_weight,
+        head_weight=args.head_weight, train_encoder=args.train_encoder,
+    )
+    metadata = {"stage": "finetune", "init": args.init, "class_prompt": not args.no_class_prompt,
+                "data": [str(d) for d in args.data], "val": [str(d) for d in args.val], "samples": len(samples),
+                "val_samples": len(val_samples), "slice_step": args.slice_step, "settings": settings.to_dict()}
+    trainer = FineTuner(model, samples, keys, cache, settings, val_samples, metadata, args.cache_dir / "encoders")
+    if args.resume:
+        trainer.restore(load_training_state(args.out))
+    result = trainer.fit()
+    best = args.out / "best.pt"
+    print(f"wrote {best}: step {result['best_step']} of {result['steps']}, val (DSC + NSD) / 2 = {result['best_score']:.4f}")
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (CheckpointError, CaseError, DataError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import zoo.index
+from compress.export import export_variant, write_variant
+from tests.conftest import write_npz
+from tests.zoo.test_checkpoint import tiny_model
+from zoo.checkpoint import CheckpointError
+from zoo.exported import ExportedModel
+from zoo.flops import model_size
+from zoo.io import load_case
+from zoo.predict import ModalityChoice, segment_case
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_exported_variant_answers_like_the_pytorch_model(model, backend, tmp_path):
+    out = export_variant(model, tmp_path / backend, backend, {"parent": "tiny"})
+    exported = zoo.index.load(out)
+    assert isinstance(exported, ExportedModel) and exported.backend == backend and exported.precision == "fp32"
+    assert exported.size == model_size(model)
+    image = torch.rand(1, 3, 256, 256)
+    boxes = torch.tensor([[10.0, 10.0, 100.0, 100.0], [50.0, 60.0, 200.0, 220.0], [0.0, 0.0, 255.0, 255.0]])
+    with torch.inference_mode():
+        embedding = model.embed(image)
+        assert torch.allclose(exported.embed(image), embedding, atol=1e-4)
+        assert torch.allclose(exported.predict_modality(embedding), model.predict_modality(embedding), atol=1e-4)
+        for modality in (None, 4, torch.tensor([1, 2, 3])):
+            assert torch.allclose(exported.decode(embedding, boxes, modality), model.decode(embedding, boxes, modality), atol=1e-3)
+        assert exported.decode(embedding, boxes[:1], 2).shape == (1, 1, 256, 256)
+    path = write_npz(tmp_path / "2DBox_US_x.npz", imgs=np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8),
+                     boxes=np.array([[5, 5, 30, 30], [10, 20, 45, 38]]))
+    case = load_case(path)
+    ours = segment_case(exported, case, ModalityChoice(exported)).segs
+    theirs = segment_case(model, case, ModalityChoice(model)).segs
+    assert (ours == theirs).mean() > 0.99
+
+
+def test_a_changed_graph_file_is_refused(model, tmp_path):
+    out = export_variant(model, tmp_path / "v", "onnxruntime", {})
+    graph = out / "decoder.onnx"
+    graph.write_bytes(graph.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="decoder.onnx: sha256 does not match"):
+        ExportedModel(out)
+    (out / "manifest.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not a readable manifest"):
+        ExportedModel(out)
+    with pytest.raises(CheckpointError, match="no manifest.json"):
+        ExportedModel(tmp_path)
+
+
+def test_nothing_is_overwritten_and_a_failed_export_leaves_nothing(model, tmp_path):
+    out = export_variant(model, tmp_path / "v", "onnxruntime", {})
+    before = json.loads((out / "manifest.json").read_text())
+    with pytest.raises(FileExistsError):
+        export_variant(model, out, "onnxruntime", {})
+    assert json.loads((out / "manifest.json").read_text()) == before
+
+    def failing(folder):
+        (folder / "half-written.onnx").write_bytes(b"x")
+        raise RuntimeError("converter crashed")
+
+    with pytest.raises(RuntimeError):
+        write_variant(tmp_path / "w", model, failing, "onnxruntime", "fp32", {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v"]
+
+
+def test_index_add_ships_an_exported_folder(model, tmp_path, monkeypatch):
+    index = tmp_path / "zoo" / "index.json"
+    index.parent.mkdir()
+    index.write_text(json.dumps({"models": []}))
+    monkeypatch.setattr(zoo.index, "INDEX_PATH", index)
+    monkeypatch.setattr(zoo.index, "ZOO_DIR", index.parent)
+    out = export_variant(model, tmp_path / "v", "onnxruntime", {})
+    assert zoo.index.main(["add", "tiny_ort", str(out)]) == 0
+    (entry,) = zoo.index.read_index()
+    assert entry["file"] == "tiny_ort/manifest.json" and entry["backend"] == "onnxruntime"
+    assert entry["params_M"] == pytest.approx(model_size(model)["params"] / 1e6, abs=1e-3)
+    assert isinstance(zoo.index.load("tiny_ort"), ExportedModel)
+    assert zoo.index.model_bytes("tiny_ort") > (out / "encoder.onnx").stat().st_size

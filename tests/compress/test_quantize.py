@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+import torch
+
+import zoo.index
+from compress.quantize import main
+from tests.conftest import write_npz
+from tests.zoo.test_checkpoint import tiny_model
+from zoo.checkpoint import save_checkpoint
+from zoo.exported import ExportedModel
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quantize")
+    calib = root / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(0)
+    for i, modality in enumerate(["US", "CT", "Dermoscopy", "US"]):
+        write_npz(calib / f"2DBox_{modality}_{i}.npz", imgs=rng.integers(0, 255, (48, 40, 3), dtype=np.uint8),
+                  boxes=np.array([[2, 2, 20, 20]]))
+    model_path = save_checkpoint(root / "tiny.pt", tiny_model())
+    return root, calib, model_path
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+def test_int8_variant_is_calibrated_loaded_and_close_to_fp32(setup, backend):
+    root, calib, model_path = setup
+    before = model_path.read_bytes()
+    out = root / f"int8_{backend}"
+    assert main([str(model_path), "--backend", backend, "--calib", str(calib), "--n-calib", "3", "--out", str(out)]) == 0
+    variant = zoo.index.load(out)
+    assert isinstance(variant, ExportedModel) and variant.precision == "int8" and variant.backend == backend
+    assert variant.manifest["metadata"]["calibration_images"] == 3
+    assert model_path.read_bytes() == before
+    model = zoo.index.load(model_path)
+    image = torch.rand(1, 3, 256, 256)
+    with torch.inference_mode():
+        fp32, int8 = model.embed(image), variant.embed(image)
+        assert not torch.equal(fp32, int8)  # quantized for real
+        assert ((int8 - fp32).norm() / fp32.norm()).item() < 0.5
+        boxes = torch.tensor([[10.0, 10.0, 100.0, 100.0]])
+        assert torch.allclose(variant.decode(fp32, boxes, 1), model.decode(fp32, boxes, 1), atol=1e-3)  # FP32 decoder
+
+
+def test_clear_errors_and_nothing_written(setup, tmp_path, capsys):
+    root, calib, model_path = setup
+    common = ["--calib", str(calib), "--n-calib", "2"]
+    assert main([str(tmp_path / "missing.pt"), "--out", str(tmp_path / "a")] + common) == 2
+    assert "missing.pt: model file not found" in capsys.readouterr().err
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(model_path.read_bytes()[:1000])
+    assert main([str(corrupt), "--out", str(tmp_path / "b")] + common) == 2
+    assert "corrupt.pt: not a readable PyTorch checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(model_path), "--backend", "tensorrt"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([str(model_path), "--calib", str(empty), "--out", str(tmp_path / "c")]) == 2
+    assert "no .npz files" in capsys.readouterr().err
+    constant = tmp_path / "constant"
+    constant.mkdir()
+    write_npz(constant / "2DBox_US_flat.npz", imgs=np.full((20, 20, 3), 7, np.uint8), boxes=np.array([[1, 1, 5, 5]]))
+    assert main([str(model_path), "--calib", str(constant), "--out", str(tmp_path / "d")]) == 2
+    assert "no usable calibration images" in capsys.readouterr().err
+    assert main([str(model_path), "--keep-fp32", "([", "--out", str(tmp_path / "e")] + common) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["constant", "corrupt.pt", "empty"]

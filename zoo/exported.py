@@ -1,0 +1,127 @@
+"""Exported model variants (ONNX Runtime, OpenVINO) behind the same interface as ClassPromptSAM.
+
+A variant is a folder: manifest.json plus one graph per part — `encoder` (image -> embedding), `decoder`
+(embedding, boxes[, modality] -> mask logits) and, for class-prompt models, `head` (embedding -> modality logits).
+The manifest records each file's sha256, checked before a graph is read. compress.quantize writes these folders.
+
+Graph inputs and outputs (N boxes):
+  encoder  image (1, 3, 256, 256) float32                       -> embedding (1, 256, 64, 64)
+  decoder  embedding (1, 256, 64, 64), boxes (N, 4) float32,
+           modality (N,) int64 (class-prompt models only)         -> logits (N, 1, 256, 256)
+  head     embedding (1, 256, 64, 64)                            -> modality_logits (1, 11)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from zoo.checkpoint import CheckpointError, sha256_file
+
+FORMAT = "cp-tinyvit-exported/1"
+MANIFEST = "manifest.json"
+BACKENDS = ("onnxruntime", "openvino")
+PARTS = ("encoder", "decoder", "head")
+
+
+def read_manifest(folder: Path) -> dict:
+    """The manifest of an exported variant, with every listed file present and matching its sha256."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: not an exported model (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not a readable manifest ({err})") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a cp-tinyvit exported-model manifest (expected format {FORMAT!r})")
+    if manifest.get("backend") not in BACKENDS:
+        raise CheckpointError(f"{path}: unknown backend {manifest.get('backend')!r}; expected one of {', '.join(BACKENDS)}")
+    files = manifest.get("files", {})
+    if not isinstance(manifest.get("size"), dict) or not isinstance(files, dict):
+        raise CheckpointError(f"{path}: the manifest has no size or no files")
+    if not {"encoder", "decoder"} <= set(files):
+        raise CheckpointError(f"{path}: the manifest lists no encoder or no decoder graph")
+    for part, entry in files.items():
+        for name, digest in entry["sha256"].items():
+            file = folder / name
+            if not file.is_file():
+                raise CheckpointError(f"{file}: {part} graph file listed in {MANIFEST} is missing")
+            if sha256_file(file) != digest:
+                raise CheckpointError(f"{file}: sha256 does not match {MANIFEST}; refusing a changed or truncated file")
+    return manifest
+
+
+class _OnnxRuntimeGraph:
+    def __init__(self, path: Path, threads: int):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own exception types for unreadable graphs
+            raise CheckpointError(f"{path}: ONNX Runtime cannot load this graph ({err})") from err
+
+    def __call__(self, **inputs: np.ndarray) -> np.ndarray:
+        return self.session.run(None, inputs)[0]
+
+
+class _OpenVINOGraph:
+    def __init__(self, path: Path, threads: int):
+        import openvino
+
+        try:
+            self.compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads})
+        except Exception as err:  # openvino raises RuntimeError subclasses of its own
+            raise CheckpointError(f"{path}: OpenVINO cannot load this model ({err})") from err
+        self.request = self.compiled.create_infer_request()
+
+    def __call__(self, **inputs: np.ndarray) -> np.ndarray:
+        return self.request.infer(inputs)[self.compiled.output(0)].copy()
+
+
+class ExportedModel:
+    """An exported variant: embed / predict_modality / decode as zoo.runtime describes, on ONNX Runtime or OpenVINO,
+    with torch.get_num_threads() threads (so `--threads` applies to every backend alike)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        manifest = read_manifest(self.folder)
+        self.manifest = manifest
+        self.backend = manifest["backend"]
+        self.precision = manifest["precision"]
+        self.class_prompt = bool(manifest.get("class_prompt"))
+        self.size = manifest["size"]  # the PyTorch parent's params and FLOPs (zoo.flops.model_size)
+        graph = _OnnxRuntimeGraph if self.backend == "onnxruntime" else _OpenVINOGraph
+        threads = torch.get_num_threads()
+        self.graphs = {part: graph(self.folder / entry["path"], threads) for part, entry in manifest["files"].items()}
+
+    @property
+    def has_modality_head(self) -> bool:
+        return "head" in self.graphs
+
+    def encoder_fingerprint(self) -> str:
+        return f"{self.backend}-" + "-".join(sorted(self.manifest["files"]["encoder"]["sha256"].values()))[:40]
+
+    def embed(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.graphs["encoder"](image=image.numpy().astype(np.float32)))
+
+    def predict_modality(self, embedding: torch.Tensor) -> torch.Tensor | None:
+        if "head" not in self.graphs:
+            return None
+        return torch.from_numpy(self.graphs["head"](embedding=embedding.numpy().astype(np.float32)))
+
+    def decode(self, embedding: torch.Tensor, boxes: torch.Tensor, modality: torch.Tensor | int | None = None) -> torch.Tensor:
+        inputs = {"embedding": embedding.numpy().astype(np.float32), "boxes": boxes.reshape(-1, 4).numpy().astype(np.float32)}
+        if self.class_prompt:
+            if modality is None:
+                modality = self.predict_modality(embedding).argmax(dim=1)
+            ids = torch.as_tensor(modality).reshape(-1).expand(len(inputs["boxes"]))
+            inputs["modality"] = ids.numpy().astype(np.int64)
+        return torch.from_numpy(self.graphs["decoder"](**inputs))
