@@ -3,7 +3,8 @@
     python -m benchmarks.run [--data DIR] [--models litemedsam,cp_tinyvit,PATH] [--out DIR] [--all]
 
 Writes OUT/cases.csv (case, modality, model, dsc, nsd, seconds), OUT/leaderboard.csv (one row per variant) and
-plots (OUT/radar.png, OUT/latency_vs_dsc.png). Each variant runs in its own process, through the same inference
+plots (OUT/radar.png, OUT/latency_vs_dsc.png, and OUT/confusion_<model>.png for models with a modality head, whose
+accuracy over the cases is the leaderboard's head_accuracy). Each variant runs in its own process, through the same inference
 path as zoo.predict, so its peak memory is its own and a crash does not stop the others. Without --all a fixed,
 seeded sample of --cases-per-modality cases per modality is taken.
 
@@ -27,17 +28,19 @@ from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from benchmarks.evaluate import summarize
 from benchmarks.latency import measure_latency
 from benchmarks.metrics import case_scores
-from benchmarks.plots import latency_plot, radar_plot
+from benchmarks.plots import confusion_plot, latency_plot, radar_plot
 from zoo.embedding_cache import ENCODER_CACHE_DIR, CachedEncoder
 from zoo.io import SHARED_DATA, CaseError, load_case, save_npz_atomic, write_csv_atomic
-from zoo.modalities import MODALITIES, modality_from_name
-from zoo.predict import ModalityChoice, segment_case
+from zoo.modalities import MODALITIES, modality_from_name, modality_id
+from zoo.predict import ModalityChoice, propagation_plan, segment_case
+from zoo.preprocess import preprocess_image
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = SHARED_DATA / "val"
@@ -45,7 +48,8 @@ REFERENCE_PARAMS_M = 10.99  # the class-prompt TinyViT paper's model
 CASE_FIELDS = ["case", "modality", "model", "dsc", "nsd", "seconds"]
 LEADERBOARD_FIELDS = (
     ["model", "backend", "precision", "params_M", "params_vs_reference", "encoder_GFLOPs", "decoder_GFLOPs_per_box",
-     "file_MB", "latency_2d_ms", "encoder_ms", "decoder_ms_per_box", "latency_3d_s", "peak_RSS_MB", "cases"]
+     "file_MB", "latency_2d_ms", "encoder_ms", "decoder_ms_per_box", "latency_3d_s", "peak_RSS_MB", "cases",
+     "head_accuracy"]
     + [f"{metric}_{m}" for m in MODALITIES for metric in ("dsc", "nsd")]
     + ["dsc_mean_modalities", "nsd_mean_modalities", "dsc_mean_cases", "nsd_mean_cases"]
 )
@@ -101,6 +105,7 @@ def benchmark_variant(name: str, files: list[Path], threads: int, repeats: int, 
     modalities = ModalityChoice(scored)
     label = variant_label(name)
     cases, errors = [], []
+    confusion = np.zeros((len(MODALITIES), len(MODALITIES)), dtype=np.int64)
     for path in tqdm(files, desc=f"{name}", unit="case", leave=False):
         try:
             case = load_case(path)
@@ -115,6 +120,8 @@ def benchmark_variant(name: str, files: list[Path], threads: int, repeats: int, 
         if segs_dir is not None:
             save_npz_atomic(segs_dir / path.name, segs=result.segs)
         dsc, nsd = case_scores(case.gts, result.segs, case.spacing.tolist())
+        if model.has_modality_head and case.modality is not None:
+            confusion[modality_id(case.modality), head_prediction(scored, case)] += 1
         cases.append({"case": path.name, "modality": case.modality or "unknown", "model": label,
                       "dsc": dsc, "nsd": nsd, "seconds": seconds})
     latency = measure_latency(model, repeats=repeats)
@@ -126,8 +133,17 @@ def benchmark_variant(name: str, files: list[Path], threads: int, repeats: int, 
         **latency,
         # This child's peak; ru_maxrss also covers the parent's RSS when it spawned the child, which is much smaller.
         "peak_RSS_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "head_accuracy": float(np.trace(confusion) / confusion.sum()) if confusion.sum() else "",
     }
-    return {"cases": cases, "row": row, "errors": errors}
+    return {"cases": cases, "row": row, "errors": errors, "confusion": confusion if confusion.sum() else None}
+
+
+def head_prediction(model, case) -> int:
+    """The modality head's prediction for a case, from the image its segmentation embeds first (a 2D image, or a
+    volume's first box's middle slice)."""
+    image = case.image if not case.is_3d else case.image[propagation_plan(case.boxes, case.image.shape[0])[0][0]]
+    with torch.inference_mode():
+        return int(model.predict_modality(model.embed(preprocess_image(image)[0])).argmax())
 
 
 def leaderboard_row(result: dict) -> dict:
@@ -202,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
         write_csv_atomic(args.out / "leaderboard.csv", [_fmt(r) for r in rows], LEADERBOARD_FIELDS)
         radar_plot(rows, args.out / "radar.png")
         latency_plot(rows, args.out / "latency_vs_dsc.png", args.threads)
+        for result, row in zip(results, rows):
+            if result["confusion"] is not None:
+                confusion_plot(result["confusion"], args.out / f"confusion_{row['model']}.png",
+                               f"{row['model']}: modality head on {int(result['confusion'].sum())} cases, "
+                               f"accuracy {row['head_accuracy']:.3f}")
         for row in rows:
             print(f"{row['model']:>14}: DSC {row['dsc_mean_modalities']:.4f} NSD {row['nsd_mean_modalities']:.4f} "
                   f"(mean over modalities), 2D {row['latency_2d_ms']:.0f} ms, encoder {row['encoder_GFLOPs']:.1f} GFLOPs")

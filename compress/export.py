@@ -120,7 +120,7 @@ def write_variant(out: Path, model: ClassPromptSAM, build, backend: str, precisi
     return out
 
 
-def export_variant(model: ClassPromptSAM, out: Path, backend: str, metadata: dict) -> Path:
+def export_variant(model: ClassPromptSAM, metadata: dict, out: Path, backend: str) -> Path:
     """An FP32 variant of `model` on `backend`."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
@@ -134,9 +134,17 @@ def export_variant(model: ClassPromptSAM, out: Path, backend: str, metadata: dic
     return write_variant(out, model, build, backend, "fp32", metadata)
 
 
-def main(argv: list[str] | None = None) -> int:
+def load_parent(name: str) -> tuple[ClassPromptSAM, dict]:
+    """The PyTorch model to export or quantize (a zoo name or checkpoint path) and the metadata naming it."""
     from zoo.index import load, model_file
 
+    model = load(name)
+    if not isinstance(model, ClassPromptSAM):
+        raise ValueError(f"{name}: export and quantization need a PyTorch model, not an exported one")
+    return model, {"parent": name, "parent_sha256": sha256_file(model_file(name))}
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m compress.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="zoo name or checkpoint path")
@@ -145,10 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = args.out or REPO / "runs" / "compress" / f"{Path(args.model).stem}_{args.backend}_fp32"
     try:
-        model = load(args.model)
-        if not isinstance(model, ClassPromptSAM):
-            raise ValueError(f"{args.model}: export needs a PyTorch model, not an exported one")
-        export_variant(model, out, args.backend, {"parent": args.model, "parent_sha256": sha256_file(model_file(args.model))})
+        export_variant(*load_parent(args.model), out=out, backend=args.backend)
     except (CheckpointError, ValueError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

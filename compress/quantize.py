@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from compress.export import export_onnx, onnx_to_openvino, write_variant
+from compress.export import export_onnx, load_parent, onnx_to_openvino, write_variant
 from distill.data import DataError, find_samples, sample_tensor
-from zoo.checkpoint import CheckpointError, sha256_file
+from zoo.checkpoint import CheckpointError
 from zoo.class_prompt import ClassPromptSAM
 from zoo.exported import BACKENDS
 from zoo.io import SHARED_DATA, CaseError
@@ -111,8 +111,6 @@ def quantize_variant(model: ClassPromptSAM, out: Path, backend: str, images: lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    from zoo.index import load, model_file
-
     parser = argparse.ArgumentParser(prog="python -m compress.quantize", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="zoo name or checkpoint path")
@@ -128,12 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--n-calib must be at least 1")
     out = args.out or REPO / "runs" / "compress" / f"{Path(args.model).stem}_{args.backend}_int8"
     try:
-        model = load(args.model)
-        if not isinstance(model, ClassPromptSAM):
-            raise ValueError(f"{args.model}: quantization needs a PyTorch model, not an exported one")
+        model, metadata = load_parent(args.model)
         images = calibration_images(args.calib, args.n_calib, args.seed)
-        metadata = {"parent": args.model, "parent_sha256": sha256_file(model_file(args.model)),
-                    "calibration_data": [str(d) for d in args.calib], "seed": args.seed}
+        metadata.update(calibration_data=[str(d) for d in args.calib], seed=args.seed)
         quantize_variant(model, out, args.backend, images, args.keep_fp32, metadata)
     except (CheckpointError, CaseError, DataError, ValueError, FileExistsError, re.error) as err:
         print(f"error: {err}", file=sys.stderr)

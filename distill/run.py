@@ -134,14 +134,18 @@ def run(args) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_cli(run_fn, args) -> int:
+    """Exit code 0, or 2 with one line naming the file and the problem for bad input (data, checkpoints, settings)."""
     try:
-        run(args)
+        run_fn(args)
     except (CheckpointError, CaseError, DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ def test_run_writes_leaderboard_cases_and_plots_and_survives_a_broken_variant(ti
     assert row["dsc_US"] != "" and row["dsc_Fundus"] == ""
     assert (out / "radar.png").stat().st_size > 0 and (out / "latency_vs_dsc.png").stat().st_size > 0
     assert (tmp_path / "segs" / "tiny" / "3DBox_CT_two.npz").exists()
+    assert float(row["head_accuracy"]) in (0.0, 0.5, 1.0) and (out / "confusion_tiny.png").stat().st_size > 0
 
 
 def test_sample_is_seeded_and_per_modality(tmp_path):

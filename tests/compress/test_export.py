@@ -22,7 +22,7 @@ def model():
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_exported_variant_answers_like_the_pytorch_model(model, backend, tmp_path):
-    out = export_variant(model, tmp_path / backend, backend, {"parent": "tiny"})
+    out = export_variant(model, {"parent": "tiny"}, tmp_path / backend, backend)
     exported = zoo.index.load(out)
     assert isinstance(exported, ExportedModel) and exported.backend == backend and exported.precision == "fp32"
     assert exported.size == model_size(model)
@@ -44,7 +44,7 @@ def test_exported_variant_answers_like_the_pytorch_model(model, backend, tmp_pat
 
 
 def test_a_changed_graph_file_is_refused(model, tmp_path):
-    out = export_variant(model, tmp_path / "v", "onnxruntime", {})
+    out = export_variant(model, {}, tmp_path / "v", "onnxruntime")
     graph = out / "decoder.onnx"
     graph.write_bytes(graph.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match="decoder.onnx: sha256 does not match"):
@@ -57,10 +57,10 @@ def test_a_changed_graph_file_is_refused(model, tmp_path):
 
 
 def test_nothing_is_overwritten_and_a_failed_export_leaves_nothing(model, tmp_path):
-    out = export_variant(model, tmp_path / "v", "onnxruntime", {})
+    out = export_variant(model, {}, tmp_path / "v", "onnxruntime")
     before = json.loads((out / "manifest.json").read_text())
     with pytest.raises(FileExistsError):
-        export_variant(model, out, "onnxruntime", {})
+        export_variant(model, {}, out, "onnxruntime")
     assert json.loads((out / "manifest.json").read_text()) == before
 
     def failing(folder):
@@ -78,7 +78,7 @@ def test_index_add_ships_an_exported_folder(model, tmp_path, monkeypatch):
     index.write_text(json.dumps({"models": []}))
     monkeypatch.setattr(zoo.index, "INDEX_PATH", index)
     monkeypatch.setattr(zoo.index, "ZOO_DIR", index.parent)
-    out = export_variant(model, tmp_path / "v", "onnxruntime", {})
+    out = export_variant(model, {}, tmp_path / "v", "onnxruntime")
     assert zoo.index.main(["add", "tiny_ort", str(out)]) == 0
     (entry,) = zoo.index.read_index()
     assert entry["file"] == "tiny_ort/manifest.json" and entry["backend"] == "onnxruntime"

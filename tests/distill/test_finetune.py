@@ -107,3 +107,17 @@ def test_clear_errors(data, capsys):
     write_npz(no_gts / "2DBox_US_x.npz", imgs=np.zeros((8, 8, 3), np.uint8), boxes=np.array([[1, 1, 5, 5]]))
     assert main(_args(data, data / "o2", "--data", str(no_gts))) == 2
     assert "2DBox_US_x.npz: no 'gts'" in capsys.readouterr().err
+
+
+def test_fit_modality_head_learns_separable_modalities():
+    from distill.finetune import fit_modality_head
+    from zoo.class_prompt import ModalityHead
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 256, generator=g) * 0.05  # pooled embeddings are small and close together
+    labels = torch.arange(3).repeat_interleave(20)
+    features = centers[labels] + 0.01 * torch.randn(60, 256, generator=g)
+    head = ModalityHead()
+    fit_modality_head(head, features, labels)
+    with torch.inference_mode():
+        assert (head.mlp(features).argmax(dim=1) == labels).float().mean() == 1.0
