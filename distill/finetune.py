@@ -226,13 +226,17 @@ def pooled_embeddings(source: EmbeddingSource, count: int, desc: str) -> torch.T
         return torch.cat([source(i).mean(dim=(2, 3)) for i in tqdm(range(count), desc=desc, unit="img", leave=False)])
 
 
-def fit_modality_head(head: ModalityHead, features: torch.Tensor, labels: torch.Tensor, epochs: int = 300,
+def fit_modality_head(head: ModalityHead, features: torch.Tensor, labels: torch.Tensor, epochs: int = 3000,
                       lr: float = 3e-3, seed: int = 0) -> None:
     """Train the head on pooled embeddings, full batch, cross-entropy weighted so every modality counts alike.
 
     With a frozen encoder the head's input never changes, so it is fitted here to convergence in seconds; during
-    decoder fine-tuning it sees each image only a few times and stays far from it (42% on val after an epoch)."""
+    decoder fine-tuning it sees each image only a few times and stays far from it (42% on val after an epoch).
+    Epochs and learning rate were chosen on val samples (300/1000/3000 × 1e-3/3e-3/1e-2: 92.8-95.0%)."""
     torch.manual_seed(seed)
+    for layer in head.mlp:
+        if isinstance(layer, torch.nn.Linear):
+            layer.reset_parameters()  # a fresh, seeded start: the result depends on the features only
     counts = torch.bincount(labels, minlength=len(MODALITIES)).float()
     weights = torch.where(counts > 0, counts.sum() / counts.clamp(min=1), torch.zeros_like(counts))
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)

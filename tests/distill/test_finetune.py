@@ -76,12 +76,15 @@ def test_resume_continues_exactly(data):
     assert main(_args(data, full)) == 0
     cut.mkdir()
     shutil.copy(full / "previous.pt", cut / "last.pt")  # the state after step 3 of 4, as a run killed there left it
+    shutil.copy(full / "best.pt", cut / "best.pt")  # (and the best checkpoint it had written)
     assert main(_args(data, cut, "--resume")) == 0
     a, b = torch.load(full / "last.pt", weights_only=True), torch.load(cut / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == 4
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
     assert list(csv.DictReader(open(full / "val.csv"))) == list(csv.DictReader(open(cut / "val.csv")))
+    a, b = load_checkpoint(full / "best.pt"), load_checkpoint(cut / "best.pt")  # the head refit is seeded too
+    assert torch.equal(a[0].modality_head.mlp[0].weight, b[0].modality_head.mlp[0].weight)
 
 
 def test_ablation_has_no_class_prompt(data):

@@ -140,7 +140,7 @@ def test_index_add_ships_a_checkpoint_and_lists_it(tmp_path, monkeypatch, capsys
     before = source.read_bytes()
     assert zoo.index.main(["add", "tiny_cp", str(source), "--half"]) == 0
     (entry,) = zoo.index.read_index()
-    assert entry["name"] == "tiny_cp" and entry["precision_in_file"] == "fp16" and entry["params_M"] > 0
+    assert entry["name"] == "tiny_cp" and entry["stored_as"] == "fp16" and entry["precision"] == "fp32" and entry["params_M"] > 0
     assert entry["sha256"] == sha256_file(tmp_path / "tiny_cp.pt") and source.read_bytes() == before
     assert zoo.index.load("tiny_cp").config == TINY
     assert zoo.index.main(["add", "tiny_cp", str(source)]) == 2
