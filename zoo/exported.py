@@ -13,6 +13,7 @@ Graph inputs and outputs (N boxes):
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -107,7 +108,9 @@ class ExportedModel:
         return "head" in self.graphs
 
     def encoder_fingerprint(self) -> str:
-        return f"{self.backend}-" + "-".join(sorted(self.manifest["files"]["encoder"]["sha256"].values()))[:40]
+        """Hash of the encoder graph's files (graph and weights): equal exactly when the graphs are."""
+        digests = sorted(self.manifest["files"]["encoder"]["sha256"].values())
+        return f"{self.backend}-" + hashlib.sha256("".join(digests).encode()).hexdigest()
 
     def embed(self, image: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.graphs["encoder"](image=image.numpy().astype(np.float32)))
