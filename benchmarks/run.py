@@ -17,6 +17,7 @@ times the model itself on fixed inputs (a 256² image with one box; a 24×256×2
 from __future__ import annotations
 
 import argparse
+import csv
 import multiprocessing
 import os
 import random
@@ -39,8 +40,7 @@ from benchmarks.plots import confusion_plot, latency_plot, radar_plot
 from zoo.embedding_cache import ENCODER_CACHE_DIR, CachedEncoder
 from zoo.io import SHARED_DATA, CaseError, load_case, save_npz_atomic, write_csv_atomic
 from zoo.modalities import MODALITIES, modality_from_name, modality_id
-from zoo.predict import ModalityChoice, propagation_plan, segment_case
-from zoo.preprocess import preprocess_image
+from zoo.predict import ModalityChoice, segment_case
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = SHARED_DATA / "val"
@@ -120,8 +120,8 @@ def benchmark_variant(name: str, files: list[Path], threads: int, repeats: int, 
         if segs_dir is not None:
             save_npz_atomic(segs_dir / path.name, segs=result.segs)
         dsc, nsd = case_scores(case.gts, result.segs, case.spacing.tolist())
-        if model.has_modality_head and case.modality is not None:
-            confusion[modality_id(case.modality), head_prediction(scored, case)] += 1
+        if result.head_modality is not None and case.modality is not None:
+            confusion[modality_id(case.modality), modality_id(result.head_modality)] += 1
         cases.append({"case": path.name, "modality": case.modality or "unknown", "model": label,
                       "dsc": dsc, "nsd": nsd, "seconds": seconds})
     latency = measure_latency(model, repeats=repeats)
@@ -136,14 +136,6 @@ def benchmark_variant(name: str, files: list[Path], threads: int, repeats: int, 
         "head_accuracy": float(np.trace(confusion) / confusion.sum()) if confusion.sum() else "",
     }
     return {"cases": cases, "row": row, "errors": errors, "confusion": confusion if confusion.sum() else None}
-
-
-def head_prediction(model, case) -> int:
-    """The modality head's prediction for a case, from the image its segmentation embeds first (a 2D image, or a
-    volume's first box's middle slice)."""
-    image = case.image if not case.is_3d else case.image[propagation_plan(case.boxes, case.image.shape[0])[0][0]]
-    with torch.inference_mode():
-        return int(model.predict_modality(model.embed(preprocess_image(image)[0])).argmax())
 
 
 def leaderboard_row(result: dict) -> dict:
@@ -162,6 +154,35 @@ def leaderboard_row(result: dict) -> dict:
 
 def _fmt(row: dict) -> dict:
     return {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()}
+
+
+def _number(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def merge_previous(out: Path, cases: list[dict], rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """This run's cases and rows added to OUT's earlier leaderboard, replacing the rows of models benchmarked again;
+    refused unless the earlier run scored the same cases (rows of different case sets do not compare)."""
+    if not (out / "leaderboard.csv").exists():
+        return cases, rows
+    old_rows = [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(open(out / "leaderboard.csv"))]
+    this_run = {r["model"] for r in rows}
+    kept = [c for c in csv.DictReader(open(out / "cases.csv")) if c["model"] not in this_run]
+    return kept + [_fmt(c) for c in cases], [r for r in old_rows if r["model"] not in this_run] + rows
+
+
+def check_mergeable(out: Path, files: list[Path]) -> None:
+    """Before any work: --merge needs OUT's earlier cases to be among this run's (rows of other case sets do not
+    compare)."""
+    if not (out / "cases.csv").exists():
+        return
+    earlier = {c["case"] for c in csv.DictReader(open(out / "cases.csv"))}
+    if not earlier <= {f.name for f in files}:
+        raise SystemExit(f"error: --merge: {out / 'cases.csv'} was scored on other cases than this run's; "
+                         "benchmark into another --out or with the same --data and --all / --cases-per-modality")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path, default=ENCODER_CACHE_DIR,
                         help="where image embeddings are kept for variants that share an encoder")
     parser.add_argument("--no-embedding-cache", action="store_true", help="embed every image anew for every variant")
+    parser.add_argument("--merge", action="store_true",
+                        help="add this run's models to OUT's leaderboard (same cases), replacing their earlier rows")
     args = parser.parse_args(argv)
     if args.repeats < 5:
         parser.error("--repeats must be at least 5")
@@ -192,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {data_dir}: not a directory")
     models = [m.strip() for m in (args.models.split(",") if args.models else zoo_names()) if m.strip()]
     files = select_cases(data_dir, None if args.all else args.cases_per_modality, args.seed)
+    if args.merge:
+        check_mergeable(args.out, files)
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"benchmarking {', '.join(models)} on {len(files)} cases of {data_dir} with {args.threads} threads")
 
@@ -213,11 +238,13 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result)
 
     if results:
-        write_csv_atomic(args.out / "cases.csv", [_fmt(c) for r in results for c in r["cases"]], CASE_FIELDS)
+        cases = [c for r in results for c in r["cases"]]
         rows = [leaderboard_row(r) for r in results]
-        write_csv_atomic(args.out / "leaderboard.csv", [_fmt(r) for r in rows], LEADERBOARD_FIELDS)
-        radar_plot(rows, args.out / "radar.png")
-        latency_plot(rows, args.out / "latency_vs_dsc.png", args.threads)
+        all_cases, all_rows = merge_previous(args.out, cases, rows) if args.merge else ([_fmt(c) for c in cases], rows)
+        write_csv_atomic(args.out / "cases.csv", all_cases, CASE_FIELDS)
+        write_csv_atomic(args.out / "leaderboard.csv", [_fmt(r) for r in all_rows], LEADERBOARD_FIELDS)
+        radar_plot(all_rows, args.out / "radar.png")
+        latency_plot(all_rows, args.out / "latency_vs_dsc.png", args.threads)
         for result, row in zip(results, rows):
             if result["confusion"] is not None:
                 confusion_plot(result["confusion"], args.out / f"confusion_{row['model']}.png",

@@ -26,17 +26,18 @@ import numpy as np
 
 from compress.export import export_onnx, load_parent, onnx_to_openvino, write_variant
 from distill.data import DataError, find_samples, sample_tensor
-from zoo.checkpoint import CheckpointError
+from distill.run import run_cli
 from zoo.class_prompt import ClassPromptSAM
 from zoo.exported import BACKENDS
-from zoo.io import SHARED_DATA, CaseError
+from zoo.io import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def calibration_images(data_dirs: list[Path], count: int, seed: int = 0) -> list[np.ndarray]:
-    """`count` preprocessed images (1, 3, 256, 256) float32, taken round-robin over modalities in a seeded order."""
-    samples = find_samples(data_dirs, slice_step=5, seed=seed)
+def calibration_images(data_dirs: list[Path], count: int, seed: int = 0, skipped: list[str] | None = None) -> list[np.ndarray]:
+    """`count` preprocessed images (1, 3, 256, 256) float32, taken round-robin over modalities in a seeded order
+    (unusable files reported and left out when a `skipped` list is given, see distill.data.find_samples)."""
+    samples = find_samples(data_dirs, slice_step=5, seed=seed, skipped=skipped)
     by_modality = defaultdict(list)
     for sample in samples:
         by_modality[sample.modality].append(sample)
@@ -94,7 +95,10 @@ def quantize_variant(model: ClassPromptSAM, out: Path, backend: str, images: lis
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     for pattern in keep_fp32:
-        re.compile(pattern)  # a bad expression fails here, before any work
+        try:
+            re.compile(pattern)  # a bad expression fails here, before any work
+        except re.error as err:
+            raise ValueError(f"--keep-fp32 {pattern!r} is not a regular expression ({err})") from err
 
     def build(folder: Path) -> dict[str, Path]:
         paths = export_onnx(model, folder)
@@ -110,7 +114,7 @@ def quantize_variant(model: ClassPromptSAM, out: Path, backend: str, images: lis
                          {**metadata, "calibration_images": len(images), "keep_fp32": keep_fp32})
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m compress.quantize", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="zoo name or checkpoint path")
@@ -124,17 +128,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.n_calib < 1:
         parser.error("--n-calib must be at least 1")
+    return args
+
+
+def run(args) -> Path:
     out = args.out or REPO / "runs" / "compress" / f"{Path(args.model).stem}_{args.backend}_int8"
-    try:
-        model, metadata = load_parent(args.model)
-        images = calibration_images(args.calib, args.n_calib, args.seed)
-        metadata.update(calibration_data=[str(d) for d in args.calib], seed=args.seed)
-        quantize_variant(model, out, args.backend, images, args.keep_fp32, metadata)
-    except (CheckpointError, CaseError, DataError, ValueError, FileExistsError, re.error) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    model, metadata = load_parent(args.model)
+    images = calibration_images(args.calib, args.n_calib, args.seed, skipped=getattr(args, "skipped", None))
+    metadata.update(calibration_data=[str(d) for d in args.calib], seed=args.seed)
+    quantize_variant(model, out, args.backend, images, args.keep_fp32, metadata)
     print(f"wrote {out}: {args.backend} INT8 encoder calibrated on {len(images)} images, FP32 decoder")
-    return 0
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, parse_args(argv))
 
 
 if __name__ == "__main__":

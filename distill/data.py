@@ -7,6 +7,7 @@ subsampled (the paper kept 1/50 of CT and 1/10 of the rest) and are balanced by 
 from __future__ import annotations
 
 import random
+import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from functools import lru_cache
@@ -16,7 +17,7 @@ import cv2
 import numpy as np
 import torch
 
-from zoo.io import Case, load_case
+from zoo.io import Case, CaseError, load_case
 from zoo.preprocess import IMAGE_SIZE, pad_to_square, preprocess_image, resized_shape, scale_boxes
 
 
@@ -62,14 +63,24 @@ def read_case(path: Path) -> Case:
 
 
 def find_samples(data_dirs: list[Path], slice_step: int = 5, fractions: dict[str, float] | None = None,
-                 seed: int = 0, foreground_only: bool = False) -> list[Sample]:
+                 seed: int = 0, foreground_only: bool = False, skipped: list[str] | None = None) -> list[Sample]:
     """Every 2D image and every `slice_step`-th slice of every volume, then a seeded subsample per modality.
-    `foreground_only` keeps only samples with a ground-truth label (what box-prompted fine-tuning can use)."""
+    `foreground_only` keeps only samples with a ground-truth label (what box-prompted fine-tuning can use).
+
+    A file that cannot be used raises CaseError / DataError naming it; with a `skipped` list it is reported on
+    stderr (one line), appended there and left out instead, so one bad file does not stop a long run."""
     by_modality: dict[str, list[Sample]] = defaultdict(list)
     for path in npz_files(data_dirs):
-        case = read_case(path)  # CaseError names a corrupt file
-        if foreground_only and case.gts is None:
-            raise DataError(f"{path}: no 'gts' in this npz; fine-tuning needs ground truth")
+        try:
+            case = read_case(path)  # CaseError names a corrupt file
+            if foreground_only and case.gts is None:
+                raise DataError(f"{path}: no 'gts' in this npz; fine-tuning needs ground truth")
+        except (CaseError, DataError) as err:
+            if skipped is None:
+                raise
+            skipped.append(str(err))
+            print(f"error: {err}; file skipped", file=sys.stderr)
+            continue
         modality = case.modality or "unknown"
         if case.is_3d:
             slices = range(0, case.image.shape[0], slice_step)
@@ -78,6 +89,9 @@ def find_samples(data_dirs: list[Path], slice_step: int = 5, fractions: dict[str
             by_modality[modality].extend(Sample(path, z, modality) for z in slices)
         elif not foreground_only or case.gts.any():
             by_modality[modality].append(Sample(path, None, modality))
+    if not by_modality:
+        raise DataError(f"{', '.join(map(str, data_dirs))}: no usable samples"
+                        + (f" ({len(skipped)} file(s) skipped)" if skipped else ""))
     fractions = fractions or {"default": 1.0}
     rng = random.Random(seed)
     samples = []

@@ -34,11 +34,11 @@ from benchmarks.plots import confusion_plot
 from distill.cache import EmbeddingCache
 from distill.data import Sample, find_samples, parse_fractions, sample_labels, sample_target, sample_tensor
 from distill.losses import dice_loss, focal_loss
-from distill.run import run_cli, teacher_id
-from distill.train import Trainer, TrainSettings, _flip, _flip_box, load_training_state
-from zoo.checkpoint import CheckpointError, build_litemedsam, load_checkpoint, save_checkpoint, sha256_file
+from distill.run import run_cli
+from distill.train import Trainer, TrainSettings, _flip, _flip_box
+from zoo.checkpoint import CheckpointError, build_litemedsam, load_checkpoint, save_checkpoint
 from zoo.class_prompt import ClassPromptSAM, ModalityHead, ModelConfig
-from zoo.embedding_cache import DEFAULT_CACHE_DIR, ENCODER_CACHE_DIR, CachedEncoder
+from zoo.embedding_cache import DEFAULT_CACHE_DIR, ENCODER_CACHE_DIR, CachedEncoder, encoder_cache_id
 from zoo.io import SHARED_DATA, write_csv_atomic
 from zoo.modalities import MODALITIES, modality_id
 from zoo.predict import decode_masks
@@ -308,13 +308,13 @@ def run(args) -> Path:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model = build_model(args.init, class_prompt=not args.no_class_prompt)
-    samples = find_samples(args.data, args.slice_step, parse_fractions(args.fractions), args.seed, foreground_only=True)
-    val_samples = find_samples(args.val, args.slice_step, None, args.seed, foreground_only=True)
+    skipped = getattr(args, "skipped", None)
+    samples = find_samples(args.data, args.slice_step, parse_fractions(args.fractions), args.seed, foreground_only=True,
+                           skipped=skipped)
+    val_samples = find_samples(args.val, args.slice_step, None, args.seed, foreground_only=True, skipped=skipped)
     for sample in samples + val_samples:
         modality_id(sample.modality)  # every sample needs a known modality for the head and the class prompt
-    init_id = (teacher_id("litemedsam", None) if args.init == "litemedsam"
-               else f"student-{sha256_file(args.init)[:16]}")
-    cache = EmbeddingCache(args.cache_dir, init_id)
+    cache = EmbeddingCache(args.cache_dir, encoder_cache_id(model))
     keys = None
     if not args.train_encoder:  # the frozen encoder's embeddings, computed once
         keys = cache.build(samples, model.to(args.device).eval(), args.device)
@@ -332,7 +332,7 @@ def run(args) -> Path:
     best = args.out / "best.pt"
     if not args.head_only:
         if args.resume:
-            trainer.restore(load_training_state(args.out))
+            trainer.resume()
         result = trainer.fit()
         print(f"wrote {best}: step {result['best_step']} of {result['steps']}, val (DSC + NSD) / 2 = {result['best_score']:.4f}")
     if trainer.student.has_modality_head and not args.train_encoder:

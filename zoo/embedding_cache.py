@@ -39,6 +39,11 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def encoder_cache_id(model) -> str:
+    """The cache folder of a model's encoder: LiteMedSAM and every model fine-tuned on its frozen encoder share it."""
+    return f"encoder-{model.encoder_fingerprint()[:16]}"
+
+
 class EmbeddingCache:
     """Embeddings of one encoder (`encoder_id` names its folder) stored as `dtype`."""
 
@@ -74,7 +79,7 @@ class CachedEncoder:
 
     def __init__(self, model, root: Path):
         self.model = model
-        self.cache = EmbeddingCache(root, f"encoder-{model.encoder_fingerprint()[:16]}", torch.float32)
+        self.cache = EmbeddingCache(root, encoder_cache_id(model), torch.float32)
 
     def __getattr__(self, name):
         return getattr(self.model, name)

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from segment_anything.modeling.common import LayerNorm2d
 from timm.models.tiny_vit import ConvLayer, ConvNorm, TinyVitStage
 
+from zoo.pruning import narrow_encoder
+
 
 @dataclass(frozen=True)
 class TinyViTConfig:
@@ -34,13 +36,19 @@ class TinyViTConfig:
     img_size: int = 256
     out_chans: int = 256
     embedding_size: int = 64
+    # Hidden widths left by structured pruning (zoo.pruning): (unit name, kept channels / hidden units / heads).
+    widths: tuple[tuple[str, int], ...] = ()
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        values = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        values["widths"] = dict(self.widths)
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> "TinyViTConfig":
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        values = dict(values)
+        widths = tuple(sorted((str(k), int(v)) for k, v in values.pop("widths", {}).items()))
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}, widths=widths)
 
 
 ENCODER_CONFIGS: dict[str, TinyViTConfig] = {
@@ -101,6 +109,7 @@ class TinyViTEncoder(nn.Module):
                 downsample=partial(PatchMerging, stride=config.merge_strides[i - 1]), act_layer=nn.GELU,
             ))
         self.stages = nn.Sequential(*stages)
+        narrow_encoder(self, dict(config.widths))
         self.neck = nn.Sequential(
             nn.Conv2d(dims[-1], config.out_chans, kernel_size=1, bias=False),
             LayerNorm2d(config.out_chans),

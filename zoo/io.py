@@ -72,13 +72,17 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
         raise CaseError(path, "not a readable npz: no zip signature (empty, truncated at the start, or another format)")
     try:
         with np.load(path, allow_pickle=False) as npz:
-            return {key: npz[key] for key in npz.files}
+            arrays = {key: npz[key] for key in npz.files}
     except ValueError as err:
         if "allow_pickle" in str(err):
             raise CaseError(path, "contains a pickled object array; refused (npz files are read without pickle)")
         raise CaseError(path, f"not a readable npz ({err})")
     except (zipfile.BadZipFile, OSError, EOFError, KeyError) as err:
         raise CaseError(path, f"not a readable npz, truncated or corrupt ({type(err).__name__}: {err})")
+    foreign = [key for key, value in arrays.items() if not isinstance(value, np.ndarray)]
+    if foreign:  # np.load hands back the raw bytes of zip members that are not .npy arrays
+        raise CaseError(path, f"a zip archive but not an npz: member {foreign[0]!r} is not a .npy array")
+    return arrays
 
 
 def _check_image(path: Path, imgs: np.ndarray, is_3d: bool) -> np.ndarray:

@@ -36,6 +36,7 @@ class Segmentation:
     segs: np.ndarray  # (H, W) or (D, H, W) uint8 labels
     modality: str | None  # the modality given to the class prompt; None for a model without one
     modality_source: str  # 'given', 'file', 'head' or 'unused'
+    head_modality: str | None = None  # the modality head's prediction on the first embedded image, if it has one
 
 
 class ModalityChoice:
@@ -49,15 +50,17 @@ class ModalityChoice:
             raise ValueError(f"unknown modality {choice!r}; expected auto, head or one of {', '.join(MODALITIES)}")
         self.uses_modality = model.has_modality_head
 
-    def resolve(self, case: Case, embedding: torch.Tensor) -> tuple[str | None, str]:
+    def resolve(self, case: Case, embedding: torch.Tensor) -> tuple[str | None, str, str | None]:
+        """(modality for the class prompt, where it came from, the head's prediction). The head is always asked
+        when there is one (a 256→11 MLP on the pooled embedding), so its accuracy can be reported per case."""
         if not self.uses_modality:
-            return None, "unused"
+            return None, "unused", None
+        predicted = MODALITIES[int(self.model.predict_modality(embedding).argmax())]
         if self.choice not in ("auto", "head"):
-            return canonical_modality(self.choice), "given"
+            return canonical_modality(self.choice), "given", predicted
         if self.choice == "auto" and case.modality is not None:
-            return case.modality, "file"
-        logits = self.model.predict_modality(embedding)
-        return MODALITIES[int(logits.argmax())], "head"
+            return case.modality, "file", predicted
+        return predicted, "head", predicted
 
 
 def decode_masks(model, embedding, boxes256: np.ndarray, modality: str | None, resized, original) -> np.ndarray:
@@ -74,12 +77,12 @@ def segment_2d(model: SegmentationRuntime, case: Case, modalities: ModalityChoic
     height, width = case.image.shape[:2]
     image, resized = preprocess_image(case.image)
     embedding = model.embed(image)
-    modality, source = modalities.resolve(case, embedding)
+    modality, source, predicted = modalities.resolve(case, embedding)
     masks = decode_masks(model, embedding, scale_boxes(case.boxes, (height, width)), modality, resized, (height, width))
     segs = np.zeros((height, width), dtype=np.uint8)
     for label, mask in enumerate(masks, start=1):
         segs[mask] = label
-    return Segmentation(segs, modality, source)
+    return Segmentation(segs, modality, source, predicted)
 
 
 class SliceEmbeddings:
@@ -127,7 +130,7 @@ def segment_3d(model: SegmentationRuntime, case: Case, modalities: ModalityChoic
     plan = propagation_plan(case.boxes, depth)
     start_boxes = scale_boxes(case.boxes[:, [0, 1, 3, 4]], (height, width))
     segs = np.zeros(volume.shape, dtype=np.uint8)
-    modality, source = modalities.resolve(case, embeddings[plan[0][0]])
+    modality, source, predicted = modalities.resolve(case, embeddings[plan[0][0]])
 
     def sweep(slices_of_box: list[range], previous: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
         """Walk the slices in order; at each, decode every box whose pass includes it, prompted by the box of
@@ -152,7 +155,7 @@ def segment_3d(model: SegmentationRuntime, case: Case, modalities: ModalityChoic
 
     middle_masks = sweep([up for _, up, _ in plan], {})
     sweep([down for _, _, down in plan], dict(middle_masks))
-    return Segmentation(segs, modality, source)
+    return Segmentation(segs, modality, source, predicted)
 
 
 def segment_case(model: SegmentationRuntime, case: Case, modalities: ModalityChoice) -> Segmentation:
@@ -160,7 +163,7 @@ def segment_case(model: SegmentationRuntime, case: Case, modalities: ModalityCho
         return segment_3d(model, case, modalities) if case.is_3d else segment_2d(model, case, modalities)
 
 
-TIMING_FIELDS = ["case", "modality", "modality_source", "n_boxes", "seconds", "status", "error"]
+TIMING_FIELDS = ["case", "modality", "modality_source", "head_modality", "n_boxes", "seconds", "status", "error"]
 
 
 def _input_files(input_path: Path) -> list[Path]:
@@ -193,7 +196,8 @@ def predict_files(model: SegmentationRuntime, files: list[Path], output_dir: Pat
     modalities = ModalityChoice(model, modality)
     rows = []
     for path in tqdm(files, desc="segmenting", unit="case", disable=not progress):
-        row = {"case": path.name, "modality": "", "modality_source": "", "n_boxes": "", "seconds": "", "status": "ok", "error": ""}
+        row = {"case": path.name, "modality": "", "modality_source": "", "head_modality": "", "n_boxes": "", "seconds": "",
+               "status": "ok", "error": ""}
         try:
             case = load_case(path)
             start = time.perf_counter()
@@ -201,7 +205,7 @@ def predict_files(model: SegmentationRuntime, files: list[Path], output_dir: Pat
             row["seconds"] = f"{time.perf_counter() - start:.3f}"
             save_npz_atomic(output_dir / path.name, segs=result.segs)
             row.update(modality=result.modality or case.modality or "", modality_source=result.modality_source,
-                       n_boxes=len(case.boxes))
+                       head_modality=result.head_modality or "", n_boxes=len(case.boxes))
         except CaseError as err:
             row.update(status="failed", error=err.problem)
             tqdm.write(f"error: {err}", file=sys.stderr)

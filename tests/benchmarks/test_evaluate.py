@@ -47,3 +47,24 @@ def test_summary_means():
     assert [s for s in summary][:2] == ["CT", "US"]  # modality order of the challenge
     assert summary["mean over modalities"]["dsc"] == pytest.approx(0.5)
     assert summary["mean over cases"]["nsd"] == pytest.approx(1.25 / 3)
+
+
+def test_bad_input_corpus(tmp_path, capsys):
+    from tests.corpus import assert_reported, write_file_problems, write_good
+
+    segs, gts = tmp_path / "segs", tmp_path / "gts"
+    bad = write_file_problems(segs)
+    good = write_good(gts)
+    for name in good + list(bad):
+        if name in good:
+            write_npz(segs / name, segs=np.load(gts / name)["gts"])
+        write_npz(gts / name, **{k: v for k, v in np.load(gts / name).items()} if name in good else
+                  dict(gts=np.ones((4, 4), np.uint8), spacing=np.ones(2)))
+    assert main(["--segs", str(segs), "--gts", str(gts), "--out", str(tmp_path / "m.csv")]) == 1
+    assert_reported(capsys.readouterr().err, bad)
+    rows = {r["case"]: r["dsc"] for r in csv.DictReader(open(tmp_path / "m.csv"))}
+    assert rows == {name: "1.0000" for name in good}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gts", "m.csv", "m_summary.csv", "segs"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no .npz files"):
+        main(["--segs", str(tmp_path / "empty"), "--gts", str(gts), "--out", str(tmp_path / "n.csv")])

@@ -3,7 +3,7 @@ import csv
 import numpy as np
 import pytest
 
-from benchmarks.run import LEADERBOARD_FIELDS, main, select_cases
+from benchmarks.run import LEADERBOARD_FIELDS, main, merge_previous, select_cases
 from tests.conftest import write_npz
 from tests.zoo.test_checkpoint import tiny_model
 from zoo.checkpoint import save_checkpoint
@@ -60,3 +60,41 @@ def test_sample_is_seeded_and_per_modality(tmp_path):
     assert sum("_US_" in p.name for p in first) == 2 and len(first) == 4
     assert len(select_cases(tmp_path, None)) == 10
 
+
+
+def test_bad_input_corpus(tmp_path, capsys):
+    from tests.corpus import assert_reported, write_corpus
+
+    bad, good = write_corpus(tmp_path / "data")
+    model_path = save_checkpoint(tmp_path / "tiny.pt", tiny_model())
+    out = tmp_path / "out"
+    code = main(["--data", str(tmp_path / "data"), "--models", str(model_path), "--out", str(out), "--all",
+                 "--threads", "1", "--cache-dir", str(tmp_path / "cache")])
+    assert code == 1
+    assert_reported(capsys.readouterr().err, bad)
+    assert sorted(c["case"] for c in csv.DictReader(open(out / "cases.csv"))) == sorted(good)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_merge_adds_and_replaces_rows_of_the_same_cases(tiny_data, tmp_path, capsys):
+    (tiny_data / "2DBox_US_bad.npz").unlink()
+    first = save_checkpoint(tmp_path / "first.pt", tiny_model(0))
+    second = save_checkpoint(tmp_path / "second.pt", tiny_model(1))
+    out = tmp_path / "out"
+    common = ["--data", str(tiny_data), "--out", str(out), "--all", "--cache-dir", str(tmp_path / "cache")]
+    assert main(common + ["--models", str(first)]) == 0
+    assert main(common + ["--models", str(second), "--merge"]) == 0
+    rows = list(csv.DictReader(open(out / "leaderboard.csv")))
+    assert [r["model"] for r in rows] == ["first", "second"]
+    again = {"model": "first", "dsc_mean_modalities": 0.5}  # benchmarked again: its row and cases are replaced
+    merged_cases, merged_rows = merge_previous(out, [{"case": "2DBox_US_one.npz", "model": "first"}], [again])
+    assert [r["model"] for r in merged_rows] == ["second", "first"] and merged_rows[1] is again
+    assert sorted(c["model"] for c in merged_cases) == ["first", "second", "second"]
+    cases = list(csv.DictReader(open(out / "cases.csv")))
+    assert sorted((c["model"], c["case"]) for c in cases) == [(m, c) for m in ("first", "second")
+                                                              for c in ("2DBox_US_one.npz", "3DBox_CT_two.npz")]
+    other = tmp_path / "other"
+    other.mkdir()
+    (tiny_data / "2DBox_US_one.npz").rename(other / "2DBox_US_one.npz")
+    with pytest.raises(SystemExit, match="other cases"):
+        main(["--data", str(other), "--out", str(out), "--all", "--models", str(first), "--merge"])

@@ -65,3 +65,14 @@ def test_clear_errors_and_nothing_written(setup, tmp_path, capsys):
     assert "no usable calibration images" in capsys.readouterr().err
     assert main([str(model_path), "--keep-fp32", "([", "--out", str(tmp_path / "e")] + common) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["constant", "corrupt.pt", "empty"]
+
+
+def test_bad_input_corpus(setup, tmp_path, capsys):
+    from tests.corpus import assert_reported, write_corpus
+
+    _, _, model_path = setup
+    bad, _ = write_corpus(tmp_path / "calib")
+    out = tmp_path / "int8"
+    assert main([str(model_path), "--calib", str(tmp_path / "calib"), "--n-calib", "8", "--out", str(out)]) == 1
+    assert_reported(capsys.readouterr().err, bad)
+    assert zoo.index.load(out).manifest["metadata"]["calibration_images"] == 5  # of 7 usable, the constant and the 1×1 image say nothing of ranges

@@ -67,3 +67,52 @@ def test_ddp_two_cpu_processes(small_data, tmp_path):
     assert meta["steps"] == 1  # 4 samples over 2 ranks in batches of 2: one step, 4 images
     log = (tmp_path / "ddp" / "log.csv").read_text().splitlines()
     assert len(log) == 2
+
+
+def test_bad_input_corpus(tmp_path, capsys):
+    from tests.corpus import assert_reported, write_corpus
+
+    bad, good = write_corpus(tmp_path / "data")
+    small_sam_checkpoint(tmp_path / "medsam_small.pth")
+    code = main(["--teacher", "medsam", "--teacher-checkpoint", str(tmp_path / "medsam_small.pth"), "--student", "fast",
+                 "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
+                 "--max-steps", "1", "--batch-size", "2", "--threads", "1"])
+    assert code == 1  # trained on the usable files, and says that some were not
+    assert_reported(capsys.readouterr().err, bad)
+    _, meta = load_checkpoint(tmp_path / "out" / "student.pt")
+    assert meta["samples"] == 4 + 3  # four 2D images and slices 0, 5, 10 of the volume
+
+
+def test_sigkill_at_a_random_step_then_resume_matches_an_uninterrupted_run(small_data, tmp_path):
+    import csv
+    import os
+    import random
+    import signal
+    import time
+
+    import torch
+
+    small_sam_checkpoint(tmp_path / "medsam_small.pth")
+    command = [sys.executable, "-m", "distill.run", "--teacher", "medsam", "--teacher-checkpoint",
+               str(tmp_path / "medsam_small.pth"), "--student", "fast", "--data", str(small_data), "--cache-dir",
+               str(tmp_path / "cache"), "--epochs", "3", "--batch-size", "2", "--checkpoint-every", "1", "--threads", "1"]
+    subprocess.run(command + ["--out", str(tmp_path / "whole")], cwd=REPO, check=True, capture_output=True)
+
+    kill_after = random.Random(os.getpid()).randint(1, 4)  # a random step of the 6, seeded per test run
+    log = tmp_path / "killed" / "log.csv"
+    process = subprocess.Popen(command + ["--out", str(tmp_path / "killed")], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while process.poll() is None and not (log.exists() and len(log.read_text().splitlines()) > kill_after):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "killed" / "student.pt").exists(), "the run finished before it could be killed"
+    subprocess.run(command + ["--out", str(tmp_path / "killed"), "--resume"], cwd=REPO, check=True, capture_output=True)
+
+    def losses(folder):
+        return [(row["step"], float(row["loss"])) for row in csv.DictReader(open(folder / "log.csv"))]
+
+    assert losses(tmp_path / "killed") == losses(tmp_path / "whole")  # same steps, same loss at each (incl. the next)
+    whole = torch.load(tmp_path / "whole" / "student.pt", weights_only=True)["state_dict"]
+    resumed = torch.load(tmp_path / "killed" / "student.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)

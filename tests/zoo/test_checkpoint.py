@@ -147,3 +147,38 @@ def test_index_add_ships_a_checkpoint_and_lists_it(tmp_path, monkeypatch, capsys
     assert "exists already" in capsys.readouterr().err
     assert zoo.index.main(["add", "tiny_cp", str(tmp_path / "missing.pt"), "--replace"]) == 2
     assert "missing.pt: model file not found" in capsys.readouterr().err
+
+
+COMMANDS_TAKING_A_MODEL = {
+    "zoo.predict": lambda evil, tmp: ["-i", str(tmp / "in"), "-o", str(tmp / "out"), "--model", str(evil)],
+    "benchmarks.run": lambda evil, tmp: ["--data", str(tmp / "in"), "--models", str(evil), "--out", str(tmp / "out"),
+                                         "--cache-dir", str(tmp / "cache")],
+    "distill.run": lambda evil, tmp: ["--teacher", "medsam", "--teacher-checkpoint", str(evil), "--data", str(tmp / "in"),
+                                      "--out", str(tmp / "out"), "--cache-dir", str(tmp / "cache")],
+    "distill.finetune": lambda evil, tmp: ["--init", str(evil), "--data", str(tmp / "in"), "--val", str(tmp / "in"),
+                                           "--out", str(tmp / "out"), "--cache-dir", str(tmp / "cache")],
+    "compress.export": lambda evil, tmp: [str(evil), "--out", str(tmp / "out")],
+    "compress.quantize": lambda evil, tmp: [str(evil), "--calib", str(tmp / "in"), "--out", str(tmp / "out")],
+    "compress.prune": lambda evil, tmp: [str(evil), "--data", str(tmp / "in"), "--out", str(tmp / "out.pt")],
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS_TAKING_A_MODEL)
+def test_every_command_refuses_a_code_running_checkpoint(command, tmp_path, capsys):
+    import importlib
+
+    from tests.corpus import write_good, write_malicious_checkpoint
+
+    write_good(tmp_path / "in")
+    marker = tmp_path / "code_ran"
+    evil = write_malicious_checkpoint(tmp_path / "evil.pt", marker)
+    main = importlib.import_module(command).main
+    try:
+        code = main(COMMANDS_TAKING_A_MODEL[command](evil, tmp_path))
+        message = capsys.readouterr().err
+    except SystemExit as exit:
+        code, message = 2, str(exit.code)
+    assert code in (1, 2)
+    assert "evil.pt: refused: its pickle would import and call code" in message
+    assert not marker.exists()
+    assert not (tmp_path / "out.pt").exists() and not list((tmp_path / "out").glob("**/*"))  # nothing written

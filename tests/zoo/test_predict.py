@@ -140,5 +140,30 @@ def test_class_prompt_model_says_which_modality_it_used(tmp_path):
     assert rows["no_modality_here.npz"]["modality"] in MODALITIES
     assert (rows["2DBox_OCT_unseen.npz"]["modality"], rows["2DBox_OCT_unseen.npz"]["modality_source"]) == ("OCT", "file")
     assert main(["-i", str(inputs), "-o", str(tmp_path / "out2"), "--model", str(model_path), "--modality", "head"]) == 0
-    rows = list(csv.DictReader(open(tmp_path / "out2" / "timing.csv")))
-    assert {r["modality_source"] for r in rows} == {"head"}
+    head_rows = {r["case"]: r for r in csv.DictReader(open(tmp_path / "out2" / "timing.csv"))}
+    assert {r["modality_source"] for r in head_rows.values()} == {"head"}
+    # the head's own guess is reported even where the file named the modality
+    assert rows["2DBox_OCT_unseen.npz"]["head_modality"] == head_rows["2DBox_OCT_unseen.npz"]["modality"] in MODALITIES
+
+
+def test_bad_input_corpus(tmp_path, capsys):
+    from tests.corpus import assert_reported, write_corpus
+    from tests.zoo.test_checkpoint import tiny_model
+    from zoo.checkpoint import save_checkpoint
+
+    bad, good = write_corpus(tmp_path / "in")
+    model = str(save_checkpoint(tmp_path / "tiny.pt", tiny_model()))
+    out = tmp_path / "out"
+    assert main(["-i", str(tmp_path / "in"), "-o", str(out), "--model", model, "--threads", "1"]) == 1
+    assert_reported(capsys.readouterr().err, bad)
+    assert sorted(p.name for p in out.iterdir()) == sorted(good + ["timing.csv"])  # no partial or temporary file
+    rows = {r["case"]: r["status"] for r in csv.DictReader(open(out / "timing.csv"))}
+    assert rows == {**{name: "failed" for name in bad}, **{name: "ok" for name in good}}
+    assert np.load(out / "2DBox_US_one_pixel.npz")["segs"].shape == (1, 1)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(SystemExit, match="output directory is not writable"):
+        main(["-i", str(tmp_path / "in"), "-o", str(blocker / "out"), "--model", model])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no .npz files"):
+        main(["-i", str(tmp_path / "empty"), "-o", str(tmp_path / "out2"), "--model", model])

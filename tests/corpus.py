@@ -1,0 +1,125 @@
+"""The bad-input corpus every command is tested with (built by the tests, never committed as files).
+
+`write_corpus(folder)` writes challenge npz files that must be refused, each with the fragment of the one line
+that must name it, beside valid but unusual files (a constant image, a 1×1 image, float boxes, a small volume)
+that must still be processed. `assert_reported` checks a command's stderr: one line per bad file, naming the
+file and its problem.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from tests.conftest import write_npz
+
+
+def _image(h=40, w=60, dtype=np.uint8):
+    return np.random.default_rng(0).integers(0, 255, (h, w, 3)).astype(dtype)
+
+
+def _gts(h=40, w=60):
+    gts = np.zeros((h, w), np.uint8)
+    gts[5:20, 10:40] = 1
+    return gts
+
+
+BOX = np.array([[10, 5, 39, 19]])
+
+# name -> (arrays, the fragment of the message that must name the problem)
+BAD_ARRAYS: dict[str, tuple[dict, str]] = {
+    "2DBox_CT_no_imgs.npz": (dict(boxes=BOX, gts=_gts()), "missing key 'imgs'"),
+    "2DBox_CT_no_boxes.npz": (dict(imgs=_image(), gts=_gts()), "missing key 'boxes'"),
+    "2DBox_CT_4d.npz": (dict(imgs=np.zeros((2, 40, 60, 3), np.uint8), boxes=BOX), "H×W or H×W×3"),
+    "2DBox_CT_float64.npz": (dict(imgs=_image(dtype=np.float64), boxes=BOX, gts=_gts()), "dtype float64"),
+    "2DBox_CT_int32.npz": (dict(imgs=_image(dtype=np.int32), boxes=BOX, gts=_gts()), "dtype int32"),
+    "2DBox_CT_bool.npz": (dict(imgs=_image() > 100, boxes=BOX, gts=_gts()), "dtype bool"),
+    "2DBox_CT_uint16.npz": (dict(imgs=_image(dtype=np.uint16), boxes=BOX, gts=_gts()), "dtype uint16"),
+    "2DBox_CT_nan.npz": (dict(imgs=np.where(_gts()[..., None] > 0, np.nan, 1.0).repeat(3, -1).astype(np.float32),
+                              boxes=BOX, gts=_gts()), "NaN or Inf"),
+    "2DBox_CT_inf.npz": (dict(imgs=np.full((40, 60, 3), np.inf, np.float32), boxes=BOX, gts=_gts()), "NaN or Inf"),
+    "2DBox_CT_zero_boxes.npz": (dict(imgs=_image(), boxes=np.zeros((0, 4)), gts=np.zeros((40, 60), np.uint8)), "at least one box"),
+    "2DBox_CT_negative_box.npz": (dict(imgs=_image(), boxes=np.array([[-4, 5, 39, 19]]), gts=_gts()), "outside the image"),
+    "2DBox_CT_box_beyond.npz": (dict(imgs=_image(), boxes=np.array([[10, 5, 70, 19]]), gts=_gts()), "outside the image"),
+    "2DBox_CT_x0_after_x1.npz": (dict(imgs=_image(), boxes=np.array([[39, 5, 10, 19]]), gts=_gts()), "x0 >= x1"),
+    "3DBox_CT_z0_after_z1.npz": (dict(imgs=np.zeros((6, 20, 30), np.uint8), boxes=np.array([[4, 3, 4, 9, 8, 2]]),
+                                      spacing=np.ones(3)), "z0 >= z1"),
+}
+FILE_PROBLEMS = {  # name -> fragment; written by write_corpus below
+    "2DBox_CT_pickled.npz": "pickled object array",
+    "2DBox_CT_truncated.npz": "not a readable npz",
+    "2DBox_CT_plain_zip.npz": "not an npz",
+    "2DBox_CT_directory.npz": "not a regular file",
+}
+GOOD_NAMES = ["2DBox_US_valid.npz", "2DBox_US_constant.npz", "2DBox_US_one_pixel.npz", "2DBox_US_float_boxes.npz",
+              "3DBox_MR_volume.npz"]
+
+
+def write_file_problems(folder: Path) -> dict[str, str]:
+    """The files that are not readable npz at all (what every command that reads npz files meets first)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / "2DBox_CT_pickled.npz", imgs=_image(), boxes=BOX, gts=_gts(),
+             extra=np.array([{"run": "code"}], dtype=object))
+    valid = write_npz(folder / ".valid.tmp", imgs=_image(), boxes=BOX, gts=_gts())
+    (folder / "2DBox_CT_truncated.npz").write_bytes(valid.read_bytes()[:300])
+    valid.unlink()
+    with zipfile.ZipFile(folder / "2DBox_CT_plain_zip.npz", "w") as archive:
+        archive.writestr("readme.txt", "a zip, not an npz")
+    (folder / "2DBox_CT_directory.npz").mkdir()
+    return dict(FILE_PROBLEMS)
+
+
+def write_good(folder: Path) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_npz(folder / "2DBox_US_valid.npz", imgs=_image(), boxes=BOX, gts=_gts())
+    write_npz(folder / "2DBox_US_constant.npz", imgs=np.full((40, 60, 3), 9, np.uint8), boxes=BOX, gts=_gts())
+    write_npz(folder / "2DBox_US_one_pixel.npz", imgs=np.full((1, 1, 3), 200, np.uint8), boxes=np.array([[0, 0, 1, 1]]),
+              gts=np.ones((1, 1), np.uint8))
+    write_npz(folder / "2DBox_US_float_boxes.npz", imgs=_image(), boxes=np.array([[10.4, 5.6, 38.7, 19.2]]), gts=_gts())
+    volume = np.random.default_rng(1).integers(0, 255, (11, 24, 32), dtype=np.uint8)
+    gts = np.zeros_like(volume)
+    gts[2:9, 5:15, 6:20] = 1
+    write_npz(folder / "3DBox_MR_volume.npz", imgs=volume, gts=gts, boxes=np.array([[6, 5, 2, 19, 14, 8]]),
+              spacing=np.array([2.0, 0.8, 0.8]))
+    return list(GOOD_NAMES)
+
+
+def write_corpus(folder: Path) -> tuple[dict[str, str], list[str]]:
+    """({bad file name: message fragment}, [good file names]) written into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (arrays, _) in BAD_ARRAYS.items():
+        write_npz(folder / name, **arrays)
+    bad = {name: fragment for name, (_, fragment) in BAD_ARRAYS.items()}
+    bad.update(write_file_problems(folder))
+    return bad, write_good(folder)
+
+
+def assert_reported(stderr: str, bad: dict[str, str]) -> None:
+    """Each bad file is named on exactly one line of stderr, and that line says its problem."""
+    lines = stderr.splitlines()
+    for name, fragment in bad.items():
+        naming = [line for line in lines if f"/{name}" in line]
+        assert len(naming) == 1, f"{name}: expected one line naming it, got {naming}"
+        assert fragment in naming[0], f"{name}: {naming[0]!r} does not say {fragment!r}"
+
+
+class _RunsCode:
+    """Pickles into a call of os.system: what a booby-trapped model file from a stranger does on torch.load."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def write_malicious_checkpoint(path: Path, marker: Path) -> Path:
+    """A .pt file whose unpickling would create `marker` (it must never exist after a command read the file)."""
+    import torch
+
+    torch.save({"format": "cp-tinyvit/1", "state_dict": _RunsCode(marker)}, path)
+    return path
