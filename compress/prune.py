@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import replace
 import sys
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from distill.data import find_samples
 from distill.run import run_cli
 from distill.train import Trainer, TrainSettings
 from zoo.checkpoint import load_checkpoint, save_checkpoint
-from zoo.class_prompt import ClassPromptSAM, ModelConfig
+from zoo.class_prompt import ClassPromptSAM
 from zoo.embedding_cache import DEFAULT_CACHE_DIR, encoder_cache_id
 from zoo.flops import count_params, encoder_flops
 from zoo.io import SHARED_DATA
@@ -106,10 +107,8 @@ def pruned_model(parent: ClassPromptSAM, ratio: float) -> ClassPromptSAM:
     model = ClassPromptSAM(parent.config)
     model.load_state_dict(parent.state_dict())
     widths = prune_encoder(model.image_encoder, ratio)
-    encoder_config = parent.config.encoder.__class__(**{**parent.config.encoder.__dict__, "widths": tuple(sorted(widths.items()))})
-    config = ModelConfig(encoder=encoder_config, class_prompt=parent.config.class_prompt)
-    model.config = config
-    model.image_encoder.config = encoder_config
+    model.image_encoder.config = replace(parent.config.encoder, widths=tuple(sorted(widths.items())))
+    model.config = replace(parent.config, encoder=model.image_encoder.config)
     return model.eval()
 
 
