@@ -164,8 +164,8 @@ def _number(text: str):
 
 
 def merge_previous(out: Path, cases: list[dict], rows: list[dict]) -> tuple[list[dict], list[dict]]:
-    """This run's cases and rows added to OUT's earlier leaderboard, replacing the rows of models benchmarked again;
-    refused unless the earlier run scored the same cases (rows of different case sets do not compare)."""
+    """This run's cases and rows added to OUT's earlier leaderboard, replacing the rows and cases of models
+    benchmarked again (check_mergeable has made sure, before the run, that the earlier cases are this run's)."""
     if not (out / "leaderboard.csv").exists():
         return cases, rows
     old_rows = [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(open(out / "leaderboard.csv"))]

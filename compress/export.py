@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from zoo.checkpoint import CheckpointError, sha256_file
+from distill.run import run_cli
+from zoo.checkpoint import sha256_file
 from zoo.class_prompt import ClassPromptSAM, EMBED_DIM
 from zoo.exported import BACKENDS, FORMAT, MANIFEST
 from zoo.flops import model_size
@@ -144,21 +145,24 @@ def load_parent(name: str) -> tuple[ClassPromptSAM, dict]:
     return model, {"parent": name, "parent_sha256": sha256_file(model_file(name))}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m compress.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="zoo name or checkpoint path")
     parser.add_argument("--backend", choices=BACKENDS, default="openvino")
     parser.add_argument("--out", type=Path, default=None, help="variant folder (default runs/compress/<model>_<backend>_fp32)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def run(args) -> Path:
     out = args.out or REPO / "runs" / "compress" / f"{Path(args.model).stem}_{args.backend}_fp32"
-    try:
-        export_variant(*load_parent(args.model), out=out, backend=args.backend)
-    except (CheckpointError, ValueError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    export_variant(*load_parent(args.model), out=out, backend=args.backend)
     print(f"wrote {out}")
-    return 0
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from distill.cache import EmbeddingCache
 from distill.data import DataError, find_samples, parse_fractions
 from distill.train import Trainer, TrainSettings, world
-from zoo.checkpoint import CheckpointError, build_litemedsam, init_from_litemedsam, save_checkpoint, sha256_file
+from zoo.checkpoint import CheckpointError, init_from_litemedsam, save_checkpoint, sha256_file
 from zoo.class_prompt import ClassPromptSAM, ModelConfig
 from zoo.encoders import ENCODER_CONFIGS, TinyViTEncoder
 from zoo.embedding_cache import DEFAULT_CACHE_DIR, encoder_cache_id
@@ -32,11 +32,11 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TRAIN = SHARED_DATA / "train"
 
 
-def teacher_id(kind: str, checkpoint: str | None) -> str:
+def teacher_id(kind: str, checkpoint: str | None, teacher) -> str:
     """Names the cache folder: the teacher kind and its weights' hash, so different weights never share entries.
     LiteMedSAM's is its encoder's, shared with fine-tuning and pruning (zoo.embedding_cache.encoder_cache_id)."""
     if kind == "litemedsam":
-        return encoder_cache_id(build_litemedsam())
+        return encoder_cache_id(teacher)
     return f"{kind}-{sha256_file(checkpoint)[:16]}"
 
 
@@ -97,7 +97,7 @@ def run(args) -> Path:
     torch.manual_seed(args.seed)
 
     teacher = build_teacher(args.teacher, args.teacher_checkpoint)  # a missing checkpoint fails here, first
-    ident = teacher_id(args.teacher, args.teacher_checkpoint or os.environ.get(CHECKPOINT_ENV))
+    ident = teacher_id(args.teacher, args.teacher_checkpoint or os.environ.get(CHECKPOINT_ENV), teacher)
     samples = find_samples(args.data, args.slice_step, parse_fractions(args.fractions), args.seed,
                            skipped=getattr(args, "skipped", None))
     cache = EmbeddingCache(args.cache_dir, ident)

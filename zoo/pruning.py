@@ -55,7 +55,8 @@ def narrow_unit(unit: nn.Module, keep: Iterable[int]) -> None:
     width = unit_width(unit)
     if not keep or keep[0] < 0 or keep[-1] >= width:
         raise ValueError(f"cannot keep {keep[:8]}... of a unit of width {width}")
-    drop = [i for i in range(width) if i not in set(keep)]
+    kept = set(keep)
+    drop = [i for i in range(width) if i not in kept]
     if not drop:
         return
     if isinstance(unit, NormMlp):
