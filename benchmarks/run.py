@@ -52,6 +52,7 @@ LEADERBOARD_FIELDS = (
      "head_accuracy"]
     + [f"{metric}_{m}" for m in MODALITIES for metric in ("dsc", "nsd")]
     + ["dsc_mean_modalities", "nsd_mean_modalities", "dsc_mean_cases", "nsd_mean_cases"]
+    + ["parent", "dsc_vs_parent", "nsd_vs_parent", "encoder_speedup_vs_parent"]
 )
 
 
@@ -97,7 +98,7 @@ def benchmark_variant(name: str, files: list[Path], threads: int, repeats: int, 
     With a cache_dir, image embeddings are looked up there first (float32, keyed by the encoder's weights), so
     variants sharing an encoder embed each image once; latency is always measured on the model itself."""
     from zoo.flops import model_size
-    from zoo.index import load, model_bytes
+    from zoo.index import load, model_bytes, model_parent
 
     torch.set_num_threads(threads)
     model = load(name)
@@ -134,6 +135,7 @@ def benchmark_variant(name: str, files: list[Path], threads: int, repeats: int, 
         # This child's peak; ru_maxrss also covers the parent's RSS when it spawned the child, which is much smaller.
         "peak_RSS_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "head_accuracy": float(np.trace(confusion) / confusion.sum()) if confusion.sum() else "",
+        "parent": variant_label(model_parent(name) or ""),
     }
     return {"cases": cases, "row": row, "errors": errors, "confusion": confusion if confusion.sum() else None}
 
@@ -150,6 +152,24 @@ def leaderboard_row(result: dict) -> dict:
         row[f"dsc_{key}"] = summary[group]["dsc"] if group in summary else ""
         row[f"nsd_{key}"] = summary[group]["nsd"] if group in summary else ""
     return row
+
+
+def compare_with_parents(rows: list[dict], timed_together: set[str]) -> None:
+    """Each variant's change against its parent (the model it was exported, quantized or pruned from) where the
+    parent is on the same leaderboard: mean DSC/NSD over modalities, and encoder speed-up when both were timed in
+    this run (timings of different runs do not compare)."""
+    by_name = {r["model"]: r for r in rows}
+    for row in rows:
+        parent = by_name.get(row.get("parent"))
+        if parent is None or parent is row:
+            continue
+        for metric in ("dsc", "nsd"):
+            if row[f"{metric}_mean_modalities"] != "" and parent[f"{metric}_mean_modalities"] != "":
+                row[f"{metric}_vs_parent"] = row[f"{metric}_mean_modalities"] - parent[f"{metric}_mean_modalities"]
+        if {row["model"], parent["model"]} <= timed_together:
+            row["encoder_speedup_vs_parent"] = parent["encoder_ms"] / row["encoder_ms"]
+        elif {row["model"], parent["model"]} & timed_together:
+            row["encoder_speedup_vs_parent"] = ""  # one of them was re-timed: an earlier ratio no longer holds
 
 
 def _fmt(row: dict) -> dict:
@@ -241,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         cases = [c for r in results for c in r["cases"]]
         rows = [leaderboard_row(r) for r in results]
         all_cases, all_rows = merge_previous(args.out, cases, rows) if args.merge else ([_fmt(c) for c in cases], rows)
+        compare_with_parents(all_rows, {r["model"] for r in rows})
         write_csv_atomic(args.out / "cases.csv", all_cases, CASE_FIELDS)
         write_csv_atomic(args.out / "leaderboard.csv", [_fmt(r) for r in all_rows], LEADERBOARD_FIELDS)
         radar_plot(all_rows, args.out / "radar.png")

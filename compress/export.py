@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.metadata
 import json
 import os
 import shutil
@@ -84,6 +85,11 @@ def export_onnx(model: ClassPromptSAM, folder: Path) -> dict[str, Path]:
             torch.onnx.export(module, inputs, str(path), input_names=in_names, output_names=out_names,
                               dynamic_axes=axes or None, opset_version=OPSET, dynamo=False)
     return paths
+
+
+def runtime_version(backend: str) -> str:
+    """The installed version of a backend's runtime package (names cached exports: a new converter re-exports)."""
+    return importlib.metadata.version(backend)
 
 
 def onnx_to_openvino(onnx_path: Path, xml_path: Path, compress_to_fp16: bool = False) -> Path:

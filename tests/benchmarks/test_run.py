@@ -3,7 +3,7 @@ import csv
 import numpy as np
 import pytest
 
-from benchmarks.run import LEADERBOARD_FIELDS, main, merge_previous, select_cases
+from benchmarks.run import LEADERBOARD_FIELDS, compare_with_parents, main, merge_previous, select_cases
 from tests.conftest import write_npz
 from tests.zoo.test_checkpoint import tiny_model
 from zoo.checkpoint import save_checkpoint
@@ -79,13 +79,17 @@ def test_bad_input_corpus(tmp_path, capsys):
 def test_merge_adds_and_replaces_rows_of_the_same_cases(tiny_data, tmp_path, capsys):
     (tiny_data / "2DBox_US_bad.npz").unlink()
     first = save_checkpoint(tmp_path / "first.pt", tiny_model(0))
-    second = save_checkpoint(tmp_path / "second.pt", tiny_model(1))
+    second = save_checkpoint(tmp_path / "second.pt", tiny_model(1), {"parent": str(first)})  # as compress.prune records it
     out = tmp_path / "out"
     common = ["--data", str(tiny_data), "--out", str(out), "--all", "--cache-dir", str(tmp_path / "cache")]
     assert main(common + ["--models", str(first)]) == 0
     assert main(common + ["--models", str(second), "--merge"]) == 0
     rows = list(csv.DictReader(open(out / "leaderboard.csv")))
     assert [r["model"] for r in rows] == ["first", "second"]
+    assert rows[0]["parent"] == "" and rows[1]["parent"] == "first"
+    change = float(rows[1]["dsc_mean_modalities"]) - float(rows[0]["dsc_mean_modalities"])
+    assert float(rows[1]["dsc_vs_parent"]) == pytest.approx(change, abs=2e-4)
+    assert rows[1]["encoder_speedup_vs_parent"] == ""  # timed in another run than its parent
     again = {"model": "first", "dsc_mean_modalities": 0.5}  # benchmarked again: its row and cases are replaced
     merged_cases, merged_rows = merge_previous(out, [{"case": "2DBox_US_one.npz", "model": "first"}], [again])
     assert [r["model"] for r in merged_rows] == ["second", "first"] and merged_rows[1] is again
@@ -98,3 +102,13 @@ def test_merge_adds_and_replaces_rows_of_the_same_cases(tiny_data, tmp_path, cap
     (tiny_data / "2DBox_US_one.npz").rename(other / "2DBox_US_one.npz")
     with pytest.raises(SystemExit, match="other cases"):
         main(["--data", str(other), "--out", str(out), "--all", "--models", str(first), "--merge"])
+
+
+def test_variants_are_compared_with_their_parent_on_the_same_leaderboard():
+    rows = [{"model": "parent", "parent": "", "encoder_ms": 900.0, "dsc_mean_modalities": 0.70, "nsd_mean_modalities": 0.60},
+            {"model": "int8", "parent": "parent", "encoder_ms": 300.0, "dsc_mean_modalities": 0.69, "nsd_mean_modalities": 0.62},
+            {"model": "orphan", "parent": "elsewhere", "encoder_ms": 100.0, "dsc_mean_modalities": 0.5, "nsd_mean_modalities": 0.5}]
+    compare_with_parents(rows, timed_together={"parent", "int8", "orphan"})
+    assert rows[1]["dsc_vs_parent"] == pytest.approx(-0.01) and rows[1]["nsd_vs_parent"] == pytest.approx(0.02)
+    assert rows[1]["encoder_speedup_vs_parent"] == pytest.approx(3.0)
+    assert "dsc_vs_parent" not in rows[0] and "dsc_vs_parent" not in rows[2]

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+import compress.export
 import zoo.index
 from compress.export import export_variant, write_variant
 from tests.conftest import write_npz
 from tests.zoo.test_checkpoint import tiny_model
-from zoo.checkpoint import CheckpointError
+from zoo.checkpoint import CheckpointError, save_checkpoint
 from zoo.exported import ExportedModel
 from zoo.flops import model_size
 from zoo.io import load_case
@@ -85,3 +86,41 @@ def test_index_add_ships_an_exported_folder(model, tmp_path, monkeypatch):
     assert entry["params_M"] == pytest.approx(model_size(model)["params"] / 1e6, abs=1e-3)
     assert isinstance(zoo.index.load("tiny_ort"), ExportedModel)
     assert zoo.index.model_bytes("tiny_ort") > (out / "encoder.onnx").stat().st_size
+
+
+def test_a_derived_entry_is_exported_once_on_first_load_and_follows_its_parent(model, tmp_path, monkeypatch, capsys):
+    index = tmp_path / "zoo" / "index.json"
+    index.parent.mkdir()
+    index.write_text(json.dumps({"models": []}))
+    monkeypatch.setattr(zoo.index, "INDEX_PATH", index)
+    monkeypatch.setattr(zoo.index, "ZOO_DIR", index.parent)
+    monkeypatch.setattr(zoo.index, "EXPORT_CACHE", tmp_path / "cache")
+    source = save_checkpoint(tmp_path / "best.pt", model)
+    assert zoo.index.main(["add", "tiny", str(source)]) == 0
+    assert zoo.index.main(["add", "tiny_ov", "tiny", "--export", "openvino"]) == 0
+    entry = zoo.index.read_index()[1]
+    assert entry["file"] is None and entry["derived_from"] == "tiny" and entry["backend"] == "openvino"
+    assert entry["params_M"] == pytest.approx(model_size(model)["params"] / 1e6, abs=1e-3)
+    assert not list(index.parent.glob("tiny_ov*"))  # nothing committed beside the parent checkpoint
+    (folder,) = (tmp_path / "cache").iterdir()
+    assert zoo.index.model_file("tiny_ov") == folder / "manifest.json"
+
+    monkeypatch.setattr(compress.export, "export_variant", lambda *a, **k: pytest.fail("exported twice"))
+    exported = zoo.index.load("tiny_ov")  # `add` exported it (to measure it): now it comes from the cache
+    image = torch.rand(1, 3, 256, 256)
+    with torch.inference_mode():
+        assert torch.allclose(zoo.index.load("tiny_ov").embed(image), model.embed(image), atol=1e-4)
+    assert exported.backend == "openvino" and exported.manifest["metadata"]["parent_sha256"] == entry_sha(index, "tiny")
+
+    (folder / "encoder.bin").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match=f"delete {folder}"):
+        zoo.index.load("tiny_ov")
+    (index.parent / "tiny.pt").write_bytes(b"changed")  # a changed parent is refused, not exported
+    with pytest.raises(CheckpointError, match="does not match the zoo index"):
+        zoo.index.load("tiny_ov")
+    assert zoo.index.main(["add", "bad", "nonexistent", "--export", "openvino"]) == 2
+    assert "needs the name of a committed zoo checkpoint" in capsys.readouterr().err
+
+
+def entry_sha(index, name):
+    return next(e["sha256"] for e in json.loads(index.read_text())["models"] if e["name"] == name)
