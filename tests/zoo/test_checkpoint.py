@@ -88,6 +88,18 @@ def test_shipped_index_lists_litemedsam_with_its_measured_size():
     for entry in entries.values():
         if entry["file"]:
             assert sha256_file(zoo.index.ZOO_DIR / entry["file"]) == entry["sha256"]
+        elif entry["name"] != "litemedsam":  # no file of its own: made from a committed parent on first load
+            assert entries[entry["derived_from"]]["file"], entry["name"]
+
+
+def test_shipped_fast_student_is_the_fast_config_under_5_gflops():
+    from zoo.encoders import ENCODER_CONFIGS
+    from zoo.flops import encoder_flops
+
+    entry = next(e for e in zoo.index.read_index() if e["name"] == "cp_tinyvit_fast")
+    model = zoo.index.load("cp_tinyvit_fast")
+    assert model.config.encoder == ENCODER_CONFIGS["fast"] and model.has_modality_head and entry["stored_as"] == "fp16"
+    assert encoder_flops(model) / 1e9 == pytest.approx(entry["encoder_GFLOPs"], abs=0.01) and entry["encoder_GFLOPs"] <= 5
 
 
 def test_litemedsam_loads_by_name():
