@@ -84,7 +84,8 @@ def _derived_folder(entry: dict) -> Path:
     """The exported folder of a derived entry: its parent (a committed zoo checkpoint) exported to entry["export"]'s
     backend, made on first use. The folder is named by the parent's sha256 and the runtime's version, so a new
     parent or a new converter makes a fresh export instead of reusing a stale one."""
-    from compress.export import export_variant, runtime_version  # compress builds on zoo, not the other way round
+    # At call time: compress imports zoo at module level, and only a derived entry needs the exporter.
+    from compress.export import export_variant, runtime_version
 
     backend = entry["export"]
     parent = _entry(entry["derived_from"])
