@@ -69,6 +69,12 @@ def load(name_or_path: str | Path):
     raise CheckpointError(f"unknown model {name!r}: not a zoo name ({', '.join(zoo_names())}) nor an existing checkpoint file")
 
 
+def _committed_checkpoint(name: str) -> dict | None:
+    """The index entry of a zoo model committed as a checkpoint file (what a derived entry is exported from)."""
+    entry = _entry(name)
+    return entry if entry is not None and str(entry.get("file") or "").endswith(".pt") else None
+
+
 def _shipped_file(entry: dict) -> Path:
     """A committed zoo file, checked against the index's sha256 before anything reads it."""
     path = ZOO_DIR / entry["file"]
@@ -88,8 +94,8 @@ def _derived_folder(entry: dict) -> Path:
     from compress.export import export_variant, runtime_version
 
     backend = entry["export"]
-    parent = _entry(entry["derived_from"])
-    if parent is None or not parent.get("file") or parent.get("derived_from"):
+    parent = _committed_checkpoint(entry["derived_from"])
+    if parent is None:
         raise CheckpointError(f"{INDEX_PATH}: {entry['name']!r} is derived from {entry['derived_from']!r}, which is not a committed zoo checkpoint")
     parent_file = _shipped_file(parent)
     folder = EXPORT_CACHE / f"{entry['name']}-{parent['sha256'][:16]}-{backend}-{runtime_version(backend)}"
@@ -98,7 +104,7 @@ def _derived_folder(entry: dict) -> Path:
         metadata = {"parent": parent["name"], "parent_sha256": parent["sha256"]}
         try:
             export_variant(load_checkpoint(parent_file)[0], metadata, folder, backend)
-        except (FileExistsError, OSError):
+        except OSError:  # FileExistsError, or the rename onto a folder that appeared meanwhile
             if not folder.is_dir():  # another process finishing the same export first is fine; anything else is not
                 raise
     return folder
@@ -176,10 +182,10 @@ def add_model(name: str, source: Path, half: bool = False, encoder_from: str | N
         raise ValueError(f"zoo model {name!r} exists already; pass --replace to ship a new version of it")
     source = Path(source)
     if export is not None:
-        parent = _entry(str(source))
+        parent = _committed_checkpoint(str(source))
         if export not in BACKENDS:
             raise ValueError(f"unknown backend {export!r}; expected one of {', '.join(BACKENDS)}")
-        if parent is None or not parent.get("file") or parent.get("derived_from"):
+        if parent is None:
             raise ValueError(f"{source}: --export needs the name of a committed zoo checkpoint ({', '.join(zoo_names())})")
         entry = {"name": name, "file": None, "derived_from": parent["name"], "export": export,
                  "source": description or f"{parent['name']} exported to {export} FP32 (compress.export) on first load",
