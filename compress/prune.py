@@ -10,8 +10,10 @@ which torch-pruning's head grouping does not model). The residual stream and the
 embedding, the modality head and the mask decoder fit unchanged.
 
 Recovery reuses distill.train's loop: the pruned encoder learns the parent encoder's embeddings of the training
-images (cached once in float16 under --cache-dir, keyed by the parent encoder's fingerprint). The work folder
-holds the pruned starting point and atomic training checkpoints, so `--resume` continues an interrupted run.
+images (cached once in float16 under --cache-dir, keyed by the parent encoder's fingerprint); --mask-loss-weight
+adds the parent's masks for one ground-truth box per image, decoded from both embeddings by the same decoder. The
+work folder holds the pruned starting point and atomic training checkpoints, so `--resume` continues an interrupted
+run.
 The output is a zoo checkpoint whose config records every pruned width (zoo.load rebuilds it).
 """
 
@@ -126,6 +128,8 @@ def parse_args(argv):
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--mask-loss-weight", type=float, default=0.0,
+                   help="also match the parent's masks through the decoder (BCE on a ground-truth box per image)")
     p.add_argument("--amp", choices=("auto", "bf16", "none"), default="auto")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -159,7 +163,7 @@ def run(args) -> Path:
     result = {"steps": 0, "final_loss": None}
     settings = TrainSettings(out_dir=work, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                              lr=args.lr, scheduler="cosine", amp=args.amp, device=args.device, seed=args.seed,
-                             checkpoint_every=args.checkpoint_every)
+                             checkpoint_every=args.checkpoint_every, mask_loss_weight=args.mask_loss_weight)
     if args.epochs > 0:
         # the slices with an object: those the decoder is asked about (and whose parent embeddings are cached)
         samples = find_samples(args.data, args.slice_step, None, args.seed, foreground_only=True,

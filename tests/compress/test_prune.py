@@ -83,6 +83,18 @@ def test_cli_prunes_recovers_resumes_and_ships_a_loadable_checkpoint(tmp_path, t
         assert model.embed(torch.rand(1, 3, 256, 256)).shape == (1, 256, 64, 64)
 
 
+def test_mask_loss_adds_the_parent_masks_to_the_recovery_objective(tmp_path, train_dir):
+    parent_path = save_checkpoint(tmp_path / "parent.pt", small_model())
+    common = [str(parent_path), "--data", str(train_dir), "--cache-dir", str(tmp_path / "cache"), "--batch-size", "2",
+              "--max-steps", "1"]
+    assert main(common + ["--out", str(tmp_path / "plain.pt")]) == 0
+    assert main(common + ["--mask-loss-weight", "1", "--out", str(tmp_path / "masks.pt")]) == 0
+    plain, masks = (load_checkpoint(tmp_path / name)[1]["recovery"] for name in ("plain.pt", "masks.pt"))
+    assert plain["mask_loss_weight"] == 0 and masks["mask_loss_weight"] == 1
+    # same seed, same first batch: the same embedding loss plus a positive BCE against the parent's masks
+    assert masks["final_loss"] > plain["final_loss"]
+
+
 def test_clear_errors_and_nothing_overwritten(tmp_path, train_dir, capsys):
     parent_path = save_checkpoint(tmp_path / "parent.pt", small_model())
     assert main([str(tmp_path / "missing.pt"), "--out", str(tmp_path / "a.pt")]) == 2
