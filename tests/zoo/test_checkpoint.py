@@ -102,6 +102,18 @@ def test_shipped_fast_student_is_the_fast_config_under_5_gflops():
     assert encoder_flops(model) / 1e9 == pytest.approx(entry["encoder_GFLOPs"], abs=0.01) and entry["encoder_GFLOPs"] <= 5
 
 
+def test_shipped_pruned_model_rebuilds_its_widths_with_1_8x_fewer_flops():
+    from zoo.flops import encoder_flops
+    from zoo.pruning import unit_widths
+
+    entries = {e["name"]: e for e in zoo.index.read_index()}
+    model, metadata = load_checkpoint(zoo.index.ZOO_DIR / entries["cp_tinyvit_p50"]["file"])
+    assert metadata["parent"] == "cp_tinyvit" and metadata["ratio"] == 0.5 and entries["cp_tinyvit_p50"]["stored_as"] == "fp16"
+    widths = dict(model.config.encoder.widths)
+    assert widths and unit_widths(model.image_encoder) == widths  # the recorded widths are the built ones
+    assert entries["cp_tinyvit"]["encoder_GFLOPs"] / (encoder_flops(model) / 1e9) >= 1.8
+
+
 def test_litemedsam_loads_by_name():
     model = zoo.index.load("litemedsam")
     assert not model.has_modality_head and not model.training
