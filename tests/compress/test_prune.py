@@ -91,7 +91,7 @@ def test_mask_loss_adds_the_parent_masks_to_the_recovery_objective(tmp_path, tra
     assert main(common + ["--mask-loss-weight", "1", "--out", str(tmp_path / "masks.pt")]) == 0
     plain, masks = (load_checkpoint(tmp_path / name)[1]["recovery"] for name in ("plain.pt", "masks.pt"))
     assert plain["mask_loss_weight"] == 0 and masks["mask_loss_weight"] == 1
-    # same seed, same first batch: the same embedding loss plus a positive BCE against the parent's masks
+    # the BCE against the parent's soft masks is at least their entropy, far above the embedding loss's variation
     assert masks["final_loss"] > plain["final_loss"]
 
 

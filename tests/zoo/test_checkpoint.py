@@ -102,16 +102,21 @@ def test_shipped_fast_student_is_the_fast_config_under_5_gflops():
     assert encoder_flops(model) / 1e9 == pytest.approx(entry["encoder_GFLOPs"], abs=0.01) and entry["encoder_GFLOPs"] <= 5
 
 
-def test_shipped_pruned_model_rebuilds_its_widths_with_1_8x_fewer_flops():
-    from zoo.flops import encoder_flops
+def test_shipped_pruned_model_is_cp_tinyvit_halved_with_1_8x_fewer_flops():
+    from compress.prune import kept_width
+    from zoo.flops import count_params, encoder_flops
     from zoo.pruning import unit_widths
 
     entries = {e["name"]: e for e in zoo.index.read_index()}
-    model, metadata = load_checkpoint(zoo.index.ZOO_DIR / entries["cp_tinyvit_p50"]["file"])
-    assert metadata["parent"] == "cp_tinyvit" and metadata["ratio"] == 0.5 and entries["cp_tinyvit_p50"]["stored_as"] == "fp16"
-    widths = dict(model.config.encoder.widths)
-    assert widths and unit_widths(model.image_encoder) == widths  # the recorded widths are the built ones
-    assert entries["cp_tinyvit"]["encoder_GFLOPs"] / (encoder_flops(model) / 1e9) >= 1.8
+    entry = entries["cp_tinyvit_p50"]
+    model, metadata = load_checkpoint(zoo.index.ZOO_DIR / entry["file"])
+    parent = zoo.index.load("cp_tinyvit")
+    assert metadata["parent"] == "cp_tinyvit" and metadata["ratio"] == 0.5 and entry["stored_as"] == "fp16"
+    halved = {name: kept_width(width, 0.5) for name, width in unit_widths(parent.image_encoder).items()}
+    assert dict(model.config.encoder.widths) == halved  # every unit of the parent, half as wide
+    assert encoder_flops(model) / 1e9 == pytest.approx(entry["encoder_GFLOPs"], abs=0.01)
+    assert count_params(model) / 1e6 == pytest.approx(entry["params_M"], abs=1e-3)
+    assert entries["cp_tinyvit"]["encoder_GFLOPs"] / entry["encoder_GFLOPs"] >= 1.8
 
 
 def test_litemedsam_loads_by_name():
