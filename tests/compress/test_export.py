@@ -110,7 +110,8 @@ def test_a_derived_entry_is_exported_once_on_first_load_and_follows_its_parent(m
     image = torch.rand(1, 3, 256, 256)
     with torch.inference_mode():
         assert torch.allclose(zoo.index.load("tiny_ov").embed(image), model.embed(image), atol=1e-4)
-    assert exported.backend == "openvino" and exported.manifest["metadata"]["parent_sha256"] == zoo.index.read_index()[0]["sha256"]
+    assert exported.backend == "openvino"
+    assert exported.manifest["metadata"]["parent_sha256"] == zoo.index.read_index()[0]["sha256"]
 
     (folder / "encoder.bin").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match=f"delete {folder}"):
