@@ -129,8 +129,10 @@ def model_file(name_or_path: str | Path) -> Path:
 
 
 def model_parent(name_or_path: str | Path) -> str | None:
-    """The model a variant was made from (export, quantization, pruning) as it was named then; None for a model
-    made by training."""
+    """The model a variant was made from (export, quantization, pruning); None for a model made by training.
+
+    A parent whose zoo file has since been replaced is named NAME@<first 8 digits of its sha256>, so a leaderboard
+    compares the variant only with the file it was really made from, not with today's model of that name."""
     name = str(name_or_path)
     if name == LITEMEDSAM:
         return None
@@ -139,8 +141,14 @@ def model_parent(name_or_path: str | Path) -> str | None:
         return entry["derived_from"]
     path = _shipped_file(entry) if entry is not None else Path(name)
     if path.is_dir() or path.name == MANIFEST:
-        return read_manifest(path if path.is_dir() else path.parent).get("metadata", {}).get("parent")
-    return load_checkpoint(path)[1].get("parent")
+        metadata = read_manifest(path if path.is_dir() else path.parent).get("metadata", {})
+    else:
+        metadata = load_checkpoint(path)[1]
+    parent, parent_sha = metadata.get("parent"), metadata.get("parent_sha256")
+    current = _committed_checkpoint(parent) if parent else None
+    if current is not None and parent_sha and parent_sha != current["sha256"]:
+        return f"{parent}@{parent_sha[:8]}"
+    return parent
 
 
 def model_bytes(name_or_path: str | Path) -> int:

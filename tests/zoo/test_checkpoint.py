@@ -80,6 +80,20 @@ def test_zoo_refuses_a_file_whose_hash_differs_from_the_index(tmp_path, monkeypa
         zoo.index.load("nope")
 
 
+def test_a_variant_of_a_replaced_zoo_model_names_its_parent_by_hash(tmp_path, monkeypatch):
+    index = tmp_path / "index.json"
+    index.write_text(json.dumps({"models": []}))
+    monkeypatch.setattr(zoo.index, "INDEX_PATH", index)
+    monkeypatch.setattr(zoo.index, "ZOO_DIR", tmp_path)
+    assert zoo.index.main(["add", "tiny", str(save_checkpoint(tmp_path / "v1.pt", tiny_model(0)))]) == 0
+    first_sha = zoo.index.read_index()[0]["sha256"]
+    child = save_checkpoint(tmp_path / "child.pt", tiny_model(2), {"parent": "tiny", "parent_sha256": first_sha})
+    assert zoo.index.model_parent(child) == "tiny"
+    assert zoo.index.main(["add", "tiny", str(save_checkpoint(tmp_path / "v2.pt", tiny_model(1))), "--replace"]) == 0
+    # the child was made from the first file: a leaderboard must not compare it with the second
+    assert zoo.index.model_parent(child) == f"tiny@{first_sha[:8]}"
+
+
 def test_shipped_index_lists_litemedsam_with_its_measured_size():
     entries = {e["name"]: e for e in zoo.index.read_index()}
     lite = entries["litemedsam"]
@@ -112,6 +126,9 @@ def test_shipped_pruned_model_is_cp_tinyvit_halved_with_1_8x_fewer_flops():
     model, metadata = load_checkpoint(zoo.index.ZOO_DIR / entry["file"])
     parent = zoo.index.load("cp_tinyvit")
     assert metadata["parent"] == "cp_tinyvit" and metadata["ratio"] == 0.5 and entry["stored_as"] == "fp16"
+    # pruned from cp_tinyvit's earlier file: leaderboards must not compare it with today's cp_tinyvit
+    assert metadata["parent_sha256"] != entries["cp_tinyvit"]["sha256"]
+    assert zoo.index.model_parent("cp_tinyvit_p50") == f"cp_tinyvit@{metadata['parent_sha256'][:8]}"
     halved = {name: kept_width(width, 0.5) for name, width in unit_widths(parent.image_encoder).items()}
     assert dict(model.config.encoder.widths) == halved  # every unit of the parent, half as wide
     assert encoder_flops(model) / 1e9 == pytest.approx(entry["encoder_GFLOPs"], abs=0.01)
