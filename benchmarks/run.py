@@ -84,11 +84,14 @@ def select_cases(data_dir: Path, per_modality: int | None, seed: int = 0) -> lis
 
 
 def variant_label(name: str) -> str:
-    """A zoo name as it is; a checkpoint path by its file stem."""
+    """A zoo name as it is; a checkpoint path by its file stem; a replaced parent's @<sha8> (model_parent) kept."""
+    name, at, version = name.partition("@")
     path = Path(name)
     if path.name == "manifest.json":
-        return path.parent.name
-    return path.stem if path.suffix in (".pt", ".pth") else path.name
+        label = path.parent.name
+    else:
+        label = path.stem if path.suffix in (".pt", ".pth") else path.name
+    return label + at + version
 
 
 def benchmark_variant(name: str, files: list[Path], threads: int, repeats: int, segs_dir: Path | None,

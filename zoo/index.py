@@ -145,10 +145,18 @@ def model_parent(name_or_path: str | Path) -> str | None:
     else:
         metadata = load_checkpoint(path)[1]
     parent, parent_sha = metadata.get("parent"), metadata.get("parent_sha256")
-    current = _committed_checkpoint(parent) if parent else None
-    if current is not None and parent_sha and parent_sha != current["sha256"]:
+    if parent and parent_sha and parent_sha != _current_sha256(parent):
         return f"{parent}@{parent_sha[:8]}"
     return parent
+
+
+def _current_sha256(name: str) -> str | None:
+    """The sha256 of what NAME (a committed zoo name or a checkpoint path) loads today; None if nothing."""
+    entry = _committed_checkpoint(name)
+    if entry is not None:
+        return entry["sha256"]
+    path = Path(name)
+    return sha256_file(path) if path.is_file() else None
 
 
 def model_bytes(name_or_path: str | Path) -> int:

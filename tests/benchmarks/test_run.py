@@ -3,7 +3,7 @@ import csv
 import numpy as np
 import pytest
 
-from benchmarks.run import LEADERBOARD_FIELDS, compare_with_parents, main, merge_previous, select_cases
+from benchmarks.run import LEADERBOARD_FIELDS, compare_with_parents, main, merge_previous, select_cases, variant_label
 from tests.conftest import write_npz
 from tests.zoo.test_checkpoint import tiny_model
 from zoo.checkpoint import save_checkpoint
@@ -112,3 +112,9 @@ def test_variants_are_compared_with_their_parent_on_the_same_leaderboard():
     assert rows[1]["dsc_vs_parent"] == pytest.approx(-0.01) and rows[1]["nsd_vs_parent"] == pytest.approx(0.02)
     assert rows[1]["encoder_speedup_vs_parent"] == pytest.approx(3.0)
     assert "dsc_vs_parent" not in rows[0] and "dsc_vs_parent" not in rows[2]
+
+
+def test_labels_name_checkpoints_by_stem_and_keep_a_replaced_parents_hash():
+    assert variant_label("cp_tinyvit") == "cp_tinyvit" and variant_label("runs/x/best.pt") == "best"
+    assert variant_label("runs/compress/q/manifest.json") == "q"
+    assert variant_label("zoo/cp_tinyvit.pt@66cf2737") == "cp_tinyvit@66cf2737"

@@ -87,11 +87,16 @@ def test_a_variant_of_a_replaced_zoo_model_names_its_parent_by_hash(tmp_path, mo
     monkeypatch.setattr(zoo.index, "ZOO_DIR", tmp_path)
     assert zoo.index.main(["add", "tiny", str(save_checkpoint(tmp_path / "v1.pt", tiny_model(0)))]) == 0
     first_sha = zoo.index.read_index()[0]["sha256"]
+    by_path = str(tmp_path / "tiny.pt")  # as `compress.prune zoo/cp_tinyvit.pt` records its parent
     child = save_checkpoint(tmp_path / "child.pt", tiny_model(2), {"parent": "tiny", "parent_sha256": first_sha})
-    assert zoo.index.model_parent(child) == "tiny"
+    child_by_path = save_checkpoint(tmp_path / "child2.pt", tiny_model(2), {"parent": by_path, "parent_sha256": first_sha})
+    unhashed = save_checkpoint(tmp_path / "child3.pt", tiny_model(2), {"parent": "tiny"})
+    assert [zoo.index.model_parent(c) for c in (child, child_by_path, unhashed)] == ["tiny", by_path, "tiny"]
     assert zoo.index.main(["add", "tiny", str(save_checkpoint(tmp_path / "v2.pt", tiny_model(1))), "--replace"]) == 0
-    # the child was made from the first file: a leaderboard must not compare it with the second
+    # the children were made from the first file: a leaderboard must not compare them with the second
     assert zoo.index.model_parent(child) == f"tiny@{first_sha[:8]}"
+    assert zoo.index.model_parent(child_by_path) == f"{by_path}@{first_sha[:8]}"
+    assert zoo.index.model_parent(unhashed) == "tiny"  # nothing recorded to tell the files apart
 
 
 def test_shipped_index_lists_litemedsam_with_its_measured_size():
@@ -124,12 +129,12 @@ def test_shipped_pruned_model_is_cp_tinyvit_halved_with_1_8x_fewer_flops():
     entries = {e["name"]: e for e in zoo.index.read_index()}
     entry = entries["cp_tinyvit_p50"]
     model, metadata = load_checkpoint(zoo.index.ZOO_DIR / entry["file"])
-    parent = zoo.index.load("cp_tinyvit")
     assert metadata["parent"] == "cp_tinyvit" and metadata["ratio"] == 0.5 and entry["stored_as"] == "fp16"
     # pruned from cp_tinyvit's earlier file: leaderboards must not compare it with today's cp_tinyvit
     assert metadata["parent_sha256"] != entries["cp_tinyvit"]["sha256"]
     assert zoo.index.model_parent("cp_tinyvit_p50") == f"cp_tinyvit@{metadata['parent_sha256'][:8]}"
-    halved = {name: kept_width(width, 0.5) for name, width in unit_widths(parent.image_encoder).items()}
+    today = zoo.index.load("cp_tinyvit")  # the earlier file's encoder is the same: LiteMedSAM's, unchanged in both
+    halved = {name: kept_width(width, 0.5) for name, width in unit_widths(today.image_encoder).items()}
     assert dict(model.config.encoder.widths) == halved  # every unit of the parent, half as wide
     assert encoder_flops(model) / 1e9 == pytest.approx(entry["encoder_GFLOPs"], abs=0.01)
     assert count_params(model) / 1e6 == pytest.approx(entry["params_M"], abs=1e-3)
