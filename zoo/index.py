@@ -151,11 +151,12 @@ def model_parent(name_or_path: str | Path) -> str | None:
 
 
 def _current_sha256(name: str) -> str | None:
-    """The sha256 of what NAME (a committed zoo name or a checkpoint path) loads today; None if nothing."""
+    """The sha256 of the file NAME loads today, as compress.export.load_parent recorded it then (LiteMedSAM's asset,
+    a committed zoo checkpoint by its index entry, or a checkpoint path); None if that file is gone."""
     entry = _committed_checkpoint(name)
     if entry is not None:
-        return entry["sha256"]
-    path = Path(name)
+        return entry["sha256"]  # checked against the file on every load
+    path = model_file(name)
     return sha256_file(path) if path.is_file() else None
 
 

@@ -97,6 +97,10 @@ def test_a_variant_of_a_replaced_zoo_model_names_its_parent_by_hash(tmp_path, mo
     assert zoo.index.model_parent(child) == f"tiny@{first_sha[:8]}"
     assert zoo.index.model_parent(child_by_path) == f"{by_path}@{first_sha[:8]}"
     assert zoo.index.model_parent(unhashed) == "tiny"  # nothing recorded to tell the files apart
+    asset_sha = sha256_file(zoo.index.model_file("litemedsam"))  # LiteMedSAM's parent file is the package asset
+    from_litemedsam = save_checkpoint(tmp_path / "child4.pt", tiny_model(2),
+                                      {"parent": "litemedsam", "parent_sha256": asset_sha})
+    assert zoo.index.model_parent(from_litemedsam) == "litemedsam"
 
 
 def test_shipped_index_lists_litemedsam_with_its_measured_size():
