@@ -26,6 +26,10 @@ FORMAT = "cp-tinyvit-exported/1"
 MANIFEST = "manifest.json"
 BACKENDS = ("onnxruntime", "openvino")
 PARTS = ("encoder", "decoder", "head")
+# What OpenVINO computes the float parts of a variant in. Its CPU plugin defaults to bf16 on CPUs with
+# AVX512_BF16 or AMX, so without an explicit hint an "fp32" variant silently runs in bf16 there. An int8
+# variant's layers that are not quantized stay f32.
+OPENVINO_PRECISION = {"fp32": "f32", "int8": "f32", "bf16": "bf16"}
 
 
 def read_manifest(folder: Path) -> dict:
@@ -58,7 +62,10 @@ def read_manifest(folder: Path) -> dict:
 
 
 class _OnnxRuntimeGraph:
-    def __init__(self, path: Path, threads: int):
+    # ONNX Runtime's CPU provider computes float graphs in f32 on every CPU.
+    inference_precision = "f32"
+
+    def __init__(self, path: Path, threads: int, precision: str):
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
@@ -74,14 +81,22 @@ class _OnnxRuntimeGraph:
 
 
 class _OpenVINOGraph:
-    def __init__(self, path: Path, threads: int):
+    def __init__(self, path: Path, threads: int, precision: str):
         import openvino
 
+        if precision not in OPENVINO_PRECISION:
+            raise CheckpointError(f"{path}: unknown precision {precision!r}; expected one of {', '.join(OPENVINO_PRECISION)}")
+        config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[precision]}
         try:
-            self.compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads})
+            self.compiled = openvino.Core().compile_model(str(path), "CPU", config)
         except Exception as err:  # openvino raises RuntimeError subclasses of its own
             raise CheckpointError(f"{path}: OpenVINO cannot load this model ({err})") from err
         self.request = self.compiled.create_infer_request()
+
+    @property
+    def inference_precision(self) -> str:
+        """What the compiled graph computes its float layers in, as OpenVINO reports it ('f32', 'bf16')."""
+        return self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
 
     def __call__(self, **inputs: np.ndarray) -> np.ndarray:
         return self.request.infer(inputs)[self.compiled.output(0)].copy()
@@ -101,16 +116,19 @@ class ExportedModel:
         self.size = manifest["size"]  # the PyTorch parent's params and FLOPs (zoo.flops.model_size)
         graph = _OnnxRuntimeGraph if self.backend == "onnxruntime" else _OpenVINOGraph
         threads = torch.get_num_threads()
-        self.graphs = {part: graph(self.folder / entry["path"], threads) for part, entry in manifest["files"].items()}
+        self.graphs = {part: graph(self.folder / entry["path"], threads, self.precision)
+                       for part, entry in manifest["files"].items()}
 
     @property
     def has_modality_head(self) -> bool:
         return "head" in self.graphs
 
     def encoder_fingerprint(self) -> str:
-        """Hash of the encoder graph's files (graph and weights): equal exactly when the graphs are."""
+        """Hash of the encoder graph's files (graph and weights) and of the precision it runs in: equal exactly
+        when the embeddings are (one graph computed in f32 and in bf16 gives different ones)."""
         digests = sorted(self.manifest["files"]["encoder"]["sha256"].values())
-        return f"{self.backend}-" + hashlib.sha256("".join(digests).encode()).hexdigest()
+        precision = self.graphs["encoder"].inference_precision
+        return f"{self.backend}-" + hashlib.sha256("".join([*digests, precision]).encode()).hexdigest()
 
     def embed(self, image: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.graphs["encoder"](image=image.numpy().astype(np.float32)))

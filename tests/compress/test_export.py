@@ -10,7 +10,7 @@ from compress.export import export_variant, write_variant
 from tests.conftest import write_npz
 from tests.zoo.test_checkpoint import tiny_model
 from zoo.checkpoint import CheckpointError, save_checkpoint
-from zoo.exported import ExportedModel
+from zoo.exported import ExportedModel, _OpenVINOGraph
 from zoo.flops import model_size
 from zoo.io import load_case
 from zoo.predict import ModalityChoice, segment_case
@@ -27,6 +27,9 @@ def test_exported_variant_answers_like_the_pytorch_model(model, backend, tmp_pat
     exported = zoo.index.load(out)
     assert isinstance(exported, ExportedModel) and exported.backend == backend and exported.precision == "fp32"
     assert exported.size == model_size(model)
+    # What the runtime really computes in, read back from the compiled graphs: OpenVINO defaults to bf16 on
+    # AVX512_BF16 / AMX CPUs, so an fp32 variant has to ask for f32 explicitly.
+    assert {part: graph.inference_precision for part, graph in exported.graphs.items()} == dict.fromkeys(exported.graphs, "f32")
     image = torch.rand(1, 3, 256, 256)
     boxes = torch.tensor([[10.0, 10.0, 100.0, 100.0], [50.0, 60.0, 200.0, 220.0], [0.0, 0.0, 255.0, 255.0]])
     with torch.inference_mode():
@@ -42,6 +45,20 @@ def test_exported_variant_answers_like_the_pytorch_model(model, backend, tmp_pat
     ours = segment_case(exported, case, ModalityChoice(exported)).segs
     theirs = segment_case(model, case, ModalityChoice(model)).segs
     assert (ours == theirs).mean() > 0.99
+
+
+def test_openvino_compiles_the_precision_the_manifest_names(model, tmp_path):
+    import openvino
+
+    out = export_variant(model, {}, tmp_path / "v", "openvino")
+    encoder = out / json.loads((out / "manifest.json").read_text())["files"]["encoder"]["path"]
+    assert _OpenVINOGraph(encoder, 1, "fp32").inference_precision == "f32"
+    assert _OpenVINOGraph(encoder, 1, "int8").inference_precision == "f32"
+    bf16 = _OpenVINOGraph(encoder, 1, "bf16").inference_precision
+    if "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        assert bf16 == "bf16"
+    with pytest.raises(CheckpointError, match="unknown precision 'fp8'"):
+        _OpenVINOGraph(encoder, 1, "fp8")
 
 
 def test_a_changed_graph_file_is_refused(model, tmp_path):
