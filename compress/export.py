@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from distill.run import run_cli
+from zoo.cli import run_cli
 from zoo.checkpoint import sha256_file
 from zoo.class_prompt import ClassPromptSAM, EMBED_DIM
 from zoo.exported import BACKENDS, FORMAT, MANIFEST

@@ -32,8 +32,8 @@ from timm.models.tiny_vit import Attention, NormMlp
 from compress.export import load_parent
 from distill.cache import EmbeddingCache
 from distill.data import find_samples
-from distill.run import run_cli
 from distill.train import Trainer, TrainSettings
+from zoo.cli import run_cli
 from zoo.checkpoint import load_checkpoint, save_checkpoint
 from zoo.class_prompt import ClassPromptSAM
 from zoo.embedding_cache import DEFAULT_CACHE_DIR, encoder_cache_id

@@ -26,7 +26,7 @@ import numpy as np
 
 from compress.export import export_onnx, load_parent, onnx_to_openvino, write_variant
 from distill.data import DataError, find_samples, sample_tensor
-from distill.run import run_cli
+from zoo.cli import run_cli
 from zoo.class_prompt import ClassPromptSAM
 from zoo.exported import BACKENDS
 from zoo.io import SHARED_DATA

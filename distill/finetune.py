@@ -34,8 +34,8 @@ from benchmarks.plots import confusion_plot
 from distill.cache import EmbeddingCache
 from distill.data import Sample, find_samples, parse_fractions, sample_labels, sample_target, sample_tensor
 from distill.losses import dice_loss, focal_loss
-from distill.run import run_cli
 from distill.train import Trainer, TrainSettings, _flip, _flip_box
+from zoo.cli import run_cli
 from zoo.checkpoint import CheckpointError, build_litemedsam, load_checkpoint, save_checkpoint
 from zoo.class_prompt import ClassPromptSAM, ModalityHead, ModelConfig
 from zoo.embedding_cache import DEFAULT_CACHE_DIR, ENCODER_CACHE_DIR, CachedEncoder, encoder_cache_id

@@ -19,13 +19,14 @@ import torch
 import torch.distributed as dist
 
 from distill.cache import EmbeddingCache
-from distill.data import DataError, find_samples, parse_fractions
+from distill.data import find_samples, parse_fractions
 from distill.train import Trainer, TrainSettings, world
-from zoo.checkpoint import CheckpointError, init_from_litemedsam, save_checkpoint, sha256_file
+from zoo.checkpoint import init_from_litemedsam, save_checkpoint, sha256_file
+from zoo.cli import run_cli
 from zoo.class_prompt import ClassPromptSAM, ModelConfig
 from zoo.encoders import ENCODER_CONFIGS, TinyViTEncoder
 from zoo.embedding_cache import DEFAULT_CACHE_DIR, encoder_cache_id
-from zoo.io import SHARED_DATA, CaseError
+from zoo.io import SHARED_DATA
 from zoo.teachers import CHECKPOINT_ENV, TEACHERS, build_teacher
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,21 +134,6 @@ def run(args) -> Path:
         dist.barrier()
         dist.destroy_process_group()
     return out
-
-
-def run_cli(run_fn, args) -> int:
-    """Exit code 0; 1 when input files were skipped (each reported on its own line as it was found: the run used
-    the others); 2 with one line naming the file and the problem for bad input that stops the run."""
-    args.skipped = []
-    try:
-        run_fn(args)
-    except (CheckpointError, CaseError, DataError, ValueError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.skipped:
-        print(f"{len(args.skipped)} input file(s) could not be used and were skipped", file=sys.stderr)
-        return 1
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
