@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import replace
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -33,9 +33,9 @@ from compress.export import load_parent
 from distill.cache import EmbeddingCache
 from distill.data import find_samples
 from distill.train import Trainer, TrainSettings
-from zoo.cli import run_cli
 from zoo.checkpoint import load_checkpoint, save_checkpoint
 from zoo.class_prompt import ClassPromptSAM
+from zoo.cli import run_cli
 from zoo.embedding_cache import DEFAULT_CACHE_DIR, encoder_cache_id
 from zoo.flops import count_params, encoder_flops
 from zoo.io import SHARED_DATA

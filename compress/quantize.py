@@ -24,14 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from compress.export import export_onnx, load_parent, onnx_to_openvino, write_variant
+from compress.export import load_parent
 from distill.data import DataError, find_samples, sample_tensor
-from zoo.cli import run_cli
 from zoo.class_prompt import ClassPromptSAM
-from zoo.exported import BACKENDS
+from zoo.cli import RUNS_DIR, run_cli
+from zoo.export import export_onnx, onnx_to_openvino, write_variant
+from zoo.exported import BACKENDS, check_backend
 from zoo.io import SHARED_DATA
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def calibration_images(data_dirs: list[Path], count: int, seed: int = 0, skipped: list[str] | None = None) -> list[np.ndarray]:
@@ -92,8 +91,7 @@ def quantize_onnxruntime(onnx_path: Path, out_path: Path, images: list[np.ndarra
 
 def quantize_variant(model: ClassPromptSAM, out: Path, backend: str, images: list[np.ndarray], keep_fp32: list[str],
                      metadata: dict) -> Path:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    check_backend(backend)
     for pattern in keep_fp32:
         try:
             re.compile(pattern)  # a bad expression fails here, before any work
@@ -132,7 +130,7 @@ def parse_args(argv):
 
 
 def run(args) -> Path:
-    out = args.out or REPO / "runs" / "compress" / f"{Path(args.model).stem}_{args.backend}_int8"
+    out = args.out or RUNS_DIR / "compress" / f"{Path(args.model).stem}_{args.backend}_int8"
     model, metadata = load_parent(args.model)
     images = calibration_images(args.calib, args.n_calib, args.seed, skipped=getattr(args, "skipped", None))
     metadata.update(calibration_data=[str(d) for d in args.calib], seed=args.seed)

@@ -35,9 +35,9 @@ from distill.cache import EmbeddingCache
 from distill.data import Sample, find_samples, parse_fractions, sample_labels, sample_target, sample_tensor
 from distill.losses import dice_loss, focal_loss
 from distill.train import Trainer, TrainSettings, _flip, _flip_box
-from zoo.cli import run_cli
 from zoo.checkpoint import CheckpointError, build_litemedsam, load_checkpoint, save_checkpoint
 from zoo.class_prompt import ClassPromptSAM, ModalityHead, ModelConfig
+from zoo.cli import run_cli
 from zoo.embedding_cache import DEFAULT_CACHE_DIR, ENCODER_CACHE_DIR, CachedEncoder, encoder_cache_id
 from zoo.io import SHARED_DATA, write_csv_atomic
 from zoo.modalities import MODALITIES, modality_id

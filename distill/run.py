@@ -22,10 +22,10 @@ from distill.cache import EmbeddingCache
 from distill.data import find_samples, parse_fractions
 from distill.train import Trainer, TrainSettings, world
 from zoo.checkpoint import init_from_litemedsam, save_checkpoint, sha256_file
-from zoo.cli import run_cli
 from zoo.class_prompt import ClassPromptSAM, ModelConfig
-from zoo.encoders import ENCODER_CONFIGS, TinyViTEncoder
+from zoo.cli import run_cli
 from zoo.embedding_cache import DEFAULT_CACHE_DIR, encoder_cache_id
+from zoo.encoders import ENCODER_CONFIGS, TinyViTEncoder
 from zoo.io import SHARED_DATA
 from zoo.teachers import CHECKPOINT_ENV, TEACHERS, build_teacher
 

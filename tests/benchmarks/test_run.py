@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 
 from benchmarks.run import LEADERBOARD_FIELDS, compare_with_parents, main, merge_previous, select_cases, variant_label
-from tests.conftest import write_npz
-from tests.zoo.test_checkpoint import tiny_model
+from tests.helpers import tiny_model, write_npz
 from zoo.checkpoint import save_checkpoint
 
 
@@ -63,7 +62,7 @@ def test_sample_is_seeded_and_per_modality(tmp_path):
 
 
 def test_bad_input_corpus(tmp_path, capsys):
-    from tests.corpus import assert_reported, write_corpus
+    from tests.helpers import assert_reported, write_corpus
 
     bad, good = write_corpus(tmp_path / "data")
     model_path = save_checkpoint(tmp_path / "tiny.pt", tiny_model())

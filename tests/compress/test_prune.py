@@ -4,8 +4,7 @@ import torch
 
 import zoo.index
 from compress.prune import head_importance, kept_width, main, prune_encoder, pruned_model
-from tests.conftest import write_npz
-from tests.zoo.test_pruning import SMALL, small_encoder
+from tests.helpers import SMALL, small_encoder, write_npz
 from zoo.checkpoint import load_checkpoint, save_checkpoint
 from zoo.class_prompt import ClassPromptSAM, ModelConfig
 from zoo.flops import encoder_flops
@@ -109,7 +108,7 @@ def test_clear_errors_and_nothing_overwritten(tmp_path, train_dir, capsys):
 
 
 def test_bad_input_corpus(tmp_path, capsys):
-    from tests.corpus import assert_reported, write_corpus
+    from tests.helpers import assert_reported, write_corpus
 
     bad, _ = write_corpus(tmp_path / "data")
     parent_path = save_checkpoint(tmp_path / "parent.pt", small_model())

@@ -4,8 +4,7 @@ import torch
 
 import zoo.index
 from compress.quantize import main
-from tests.conftest import write_npz
-from tests.zoo.test_checkpoint import tiny_model
+from tests.helpers import tiny_model, write_npz
 from zoo.checkpoint import save_checkpoint
 from zoo.exported import ExportedModel
 
@@ -68,7 +67,7 @@ def test_clear_errors_and_nothing_written(setup, tmp_path, capsys):
 
 
 def test_bad_input_corpus(setup, tmp_path, capsys):
-    from tests.corpus import assert_reported, write_corpus
+    from tests.helpers import assert_reported, write_corpus
 
     _, _, model_path = setup
     bad, _ = write_corpus(tmp_path / "calib")

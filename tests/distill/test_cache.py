@@ -2,18 +2,9 @@ import numpy as np
 import torch
 
 from distill.cache import EmbeddingCache
-from zoo.embedding_cache import image_key
 from distill.data import find_samples
-from tests.conftest import write_npz
-
-
-class CountingTeacher:
-    def __init__(self):
-        self.images = 0
-
-    def embed(self, images):
-        self.images += len(images)
-        return images.mean(dim=1, keepdim=True).expand(-1, 256, -1, -1)[:, :, ::4, ::4].contiguous()
+from tests.helpers import CountingTeacher, write_npz
+from zoo.embedding_cache import image_key
 
 
 def test_build_computes_misses_once_then_hits(tmp_path):

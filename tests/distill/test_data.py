@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from distill.data import DataError, balanced_weights, find_samples, parse_fractions, sample_box, sample_tensor
-from tests.conftest import write_npz
+from tests.helpers import write_npz
 from zoo.io import CaseError
 
 

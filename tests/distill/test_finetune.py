@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from distill.finetune import build_model, main
-from tests.conftest import write_npz
-from tests.distill.test_train import TINY
+from tests.helpers import TINY_STUDENT, write_npz
 from zoo.checkpoint import load_checkpoint, save_checkpoint
 from zoo.class_prompt import ClassPromptSAM
 from zoo.io import load_case
@@ -36,7 +35,7 @@ def data(tmp_path):
               boxes=np.array([[10, 8, 2, 23, 19, 8]]), gts=volume_gts, spacing=np.array([2.0, 1.0, 1.0]))
     for i in range(2):
         _case(val / f"2DBox_US_v{i}.npz", rng, i)
-    student = ClassPromptSAM(TINY)
+    student = ClassPromptSAM(TINY_STUDENT)
     save_checkpoint(tmp_path / "tiny.pt", student, {"stage": "distill"})
     return tmp_path
 
@@ -59,7 +58,7 @@ def test_finetune_trains_selects_and_ships_a_zoo_checkpoint(data, capsys):
     assert max(float(r["score"]) for r in rows) == pytest.approx(meta["val"]["score"], abs=1e-4)
     assert (out / "confusion.png").stat().st_size > 0
     # only the decoder, the head and the class prompt moved; the frozen encoder did not
-    start = ClassPromptSAM(TINY)
+    start = ClassPromptSAM(TINY_STUDENT)
     start.load_state_dict(load_checkpoint(data / "tiny.pt")[0].state_dict())
     final = model
     for name, before in start.image_encoder.state_dict().items():

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 
 from distill.run import main
-from tests.conftest import REPO, write_npz
-from tests.zoo.test_teachers import small_sam_checkpoint
+from tests.helpers import REPO, small_sam_checkpoint, write_npz
 from zoo.checkpoint import load_checkpoint
 from zoo.io import load_case
 from zoo.predict import ModalityChoice, segment_case
@@ -70,7 +69,7 @@ def test_ddp_two_cpu_processes(small_data, tmp_path):
 
 
 def test_bad_input_corpus(tmp_path, capsys):
-    from tests.corpus import assert_reported, write_corpus
+    from tests.helpers import assert_reported, write_corpus
 
     bad, good = write_corpus(tmp_path / "data")
     small_sam_checkpoint(tmp_path / "medsam_small.pth")

@@ -8,13 +8,8 @@ import torch
 from distill.cache import EmbeddingCache
 from distill.data import find_samples
 from distill.train import Trainer, TrainSettings, epoch_batches, load_training_state
-from tests.conftest import write_npz
-from tests.distill.test_cache import CountingTeacher
-from zoo.class_prompt import ClassPromptSAM, ModelConfig
-from zoo.encoders import TinyViTConfig
-
-TINY = ModelConfig(encoder=TinyViTConfig(embed_dims=(8, 16, 16, 16), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
-                                         patch_stride=4))
+from tests.helpers import TINY_STUDENT, CountingTeacher, write_npz
+from zoo.class_prompt import ClassPromptSAM
 
 
 @pytest.fixture
@@ -38,7 +33,7 @@ def make_trainer(setup, out_dir, **overrides):
     samples, keys, cache = setup
     settings = TrainSettings(out_dir=out_dir, epochs=2, batch_size=2, lr=1e-3, checkpoint_every=2,
                              mask_loss_weight=0.5, **overrides)
-    return Trainer(ClassPromptSAM(TINY), samples, keys, cache, settings)
+    return Trainer(ClassPromptSAM(TINY_STUDENT), samples, keys, cache, settings)
 
 
 def losses(out_dir):

@@ -5,19 +5,9 @@ import pytest
 import torch
 
 import zoo.index
+from tests.helpers import TINY, tiny_model
 from zoo.checkpoint import CheckpointError, build_litemedsam, load_checkpoint, save_checkpoint, sha256_file
 from zoo.class_prompt import ClassPromptSAM, ModelConfig
-from zoo.encoders import TinyViTConfig
-
-TINY = ModelConfig(encoder=TinyViTConfig(embed_dims=(16, 32, 32, 32), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)),
-                   class_prompt=True)
-
-
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    model = ClassPromptSAM(TINY)
-    torch.nn.init.normal_(model.class_prompt.weight)
-    return model.eval()
 
 
 def test_round_trip_keeps_weights_config_and_metadata(tmp_path):
@@ -222,7 +212,7 @@ COMMANDS_TAKING_A_MODEL = {
 def test_every_command_refuses_a_code_running_checkpoint(command, tmp_path, capsys):
     import importlib
 
-    from tests.corpus import write_good, write_malicious_checkpoint
+    from tests.helpers import write_good, write_malicious_checkpoint
 
     write_good(tmp_path / "in")
     marker = tmp_path / "code_ran"

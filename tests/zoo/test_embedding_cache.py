@@ -3,7 +3,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tests.zoo.test_checkpoint import tiny_model
+from tests.helpers import tiny_model
 from zoo.embedding_cache import CachedEncoder, EmbeddingCache, image_key, module_fingerprint
 from zoo.io import Case
 from zoo.predict import ModalityChoice, segment_case

@@ -1,8 +1,7 @@
 import numpy as np
 import pytest
 
-from tests.conftest import write_npz
-from tests.corpus import BAD_ARRAYS, write_file_problems
+from tests.helpers import BAD_ARRAYS, write_file_problems, write_npz
 from zoo.io import CaseError, load_case, save_npz_atomic
 
 

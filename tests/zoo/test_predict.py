@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, write_npz
+from tests.helpers import REPO, write_npz
 from zoo.io import Case, load_case
 from zoo.modalities import MODALITIES
 from zoo.predict import ModalityChoice, SliceEmbeddings, main, propagation_plan, segment_case
@@ -125,7 +125,7 @@ def test_large_volume_stays_under_the_memory_limit(tmp_path):
 
 
 def test_class_prompt_model_says_which_modality_it_used(tmp_path):
-    from tests.zoo.test_checkpoint import tiny_model
+    from tests.helpers import tiny_model
     from zoo.checkpoint import save_checkpoint
 
     model_path = save_checkpoint(tmp_path / "cp.pt", tiny_model())
@@ -147,8 +147,7 @@ def test_class_prompt_model_says_which_modality_it_used(tmp_path):
 
 
 def test_bad_input_corpus(tmp_path, capsys):
-    from tests.corpus import assert_reported, write_corpus
-    from tests.zoo.test_checkpoint import tiny_model
+    from tests.helpers import assert_reported, tiny_model, write_corpus
     from zoo.checkpoint import save_checkpoint
 
     bad, good = write_corpus(tmp_path / "in")

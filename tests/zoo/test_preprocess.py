@@ -3,8 +3,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zoo.preprocess import (IMAGE_SIZE, box_from_mask, pad_to_square, postprocess_logits, preprocess_image,
-                            resize_longest_side, resized_shape, scale_boxes)
+from zoo.preprocess import (
+    IMAGE_SIZE,
+    box_from_mask,
+    pad_to_square,
+    postprocess_logits,
+    preprocess_image,
+    resize_longest_side,
+    resized_shape,
+    scale_boxes,
+)
 
 
 def test_resize_longest_side_rounds_like_the_official_script():

@@ -2,25 +2,11 @@ import pytest
 import torch
 from timm.models.tiny_vit import Attention, NormMlp
 
+from tests.helpers import SMALL, small_encoder
 from zoo.checkpoint import load_checkpoint, save_checkpoint
 from zoo.class_prompt import ClassPromptSAM, ModelConfig
-from zoo.encoders import TinyViTConfig, TinyViTEncoder
+from zoo.encoders import TinyViTConfig
 from zoo.pruning import head_channels, narrow_encoder, narrow_unit, prunable_units, unit_width, unit_widths
-
-SMALL = TinyViTConfig(embed_dims=(16, 32, 32, 48), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 3))
-
-
-def small_encoder(seed=0) -> TinyViTEncoder:
-    torch.manual_seed(seed)
-    encoder = TinyViTEncoder(SMALL)
-    for m in encoder.modules():  # random BN statistics and attention biases, so that every channel matters
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.normal_()
-        if isinstance(m, Attention):
-            m.attention_biases.data.normal_()
-    return encoder.eval()
 
 
 def silence(unit, drop):

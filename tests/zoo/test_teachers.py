@@ -1,24 +1,10 @@
-from functools import partial
 
 import pytest
 import torch
-from segment_anything.modeling import ImageEncoderViT
 
+from tests.helpers import small_sam_checkpoint
 from zoo.checkpoint import CheckpointError
 from zoo.teachers import build_teacher, vit_shape_from_state_dict
-
-
-def small_sam_checkpoint(path, wrap=False):
-    """A random-weight SAM-style checkpoint: the real ViT layout (1024² input, 16-px patches, windowed and global
-    attention, 256-channel neck) at a tiny width and depth."""
-    torch.manual_seed(0)
-    encoder = ImageEncoderViT(img_size=1024, patch_size=16, embed_dim=32, depth=3, num_heads=2,
-                              global_attn_indexes=(2,), window_size=14, out_chans=256,
-                              norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), qkv_bias=True, use_rel_pos=True)
-    state = {f"image_encoder.{k}": v for k, v in encoder.state_dict().items()}
-    state["mask_decoder.iou_token.weight"] = torch.zeros(1, 256)  # the rest of a SAM checkpoint is ignored
-    torch.save({"model": state} if wrap else state, path)
-    return encoder
 
 
 @pytest.mark.parametrize("kind", ["medsam", "sam"])

@@ -1,19 +1,85 @@
-"""The bad-input corpus every command is tested with (built by the tests, never committed as files).
+"""Helpers the tests share: small models and teachers built in memory, npz writing, and the bad-input corpus.
 
-`write_corpus(folder)` writes challenge npz files that must be refused, each with the fragment of the one line
-that must name it, beside valid but unusual files (a constant image, a 1×1 image, float boxes, a small volume)
-that must still be processed. `assert_reported` checks a command's stderr: one line per bad file, naming the
-file and its problem.
+The corpus: `write_corpus(folder)` writes challenge npz files that must be refused, each with the fragment of the
+one line that must name it, beside valid but unusual files (a constant image, a 1×1 image, float boxes, a small
+volume) that must still be processed. `assert_reported` checks a command's stderr: one line per bad file, naming
+the file and its problem. Nothing here is committed as data files.
 """
 
 from __future__ import annotations
 
 import zipfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+import torch
+from segment_anything.modeling import ImageEncoderViT
+from timm.models.tiny_vit import Attention
 
-from tests.conftest import write_npz
+from zoo.class_prompt import ClassPromptSAM, ModelConfig
+from zoo.encoders import TinyViTConfig, TinyViTEncoder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_npz(path: Path, **arrays) -> Path:
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+    return path
+
+
+TINY = ModelConfig(encoder=TinyViTConfig(embed_dims=(16, 32, 32, 32), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)),
+                   class_prompt=True)
+
+
+TINY_STUDENT = ModelConfig(encoder=TinyViTConfig(embed_dims=(8, 16, 16, 16), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
+                                                 patch_stride=4))
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    model = ClassPromptSAM(TINY)
+    torch.nn.init.normal_(model.class_prompt.weight)
+    return model.eval()
+
+
+SMALL = TinyViTConfig(embed_dims=(16, 32, 32, 48), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 3))
+
+
+def small_encoder(seed=0) -> TinyViTEncoder:
+    torch.manual_seed(seed)
+    encoder = TinyViTEncoder(SMALL)
+    for m in encoder.modules():  # random BN statistics and attention biases, so that every channel matters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_()
+        if isinstance(m, Attention):
+            m.attention_biases.data.normal_()
+    return encoder.eval()
+
+
+def small_sam_checkpoint(path, wrap=False):
+    """A random-weight SAM-style checkpoint: the real ViT layout (1024² input, 16-px patches, windowed and global
+    attention, 256-channel neck) at a tiny width and depth."""
+    torch.manual_seed(0)
+    encoder = ImageEncoderViT(img_size=1024, patch_size=16, embed_dim=32, depth=3, num_heads=2,
+                              global_attn_indexes=(2,), window_size=14, out_chans=256,
+                              norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), qkv_bias=True, use_rel_pos=True)
+    state = {f"image_encoder.{k}": v for k, v in encoder.state_dict().items()}
+    state["mask_decoder.iou_token.weight"] = torch.zeros(1, 256)  # the rest of a SAM checkpoint is ignored
+    torch.save({"model": state} if wrap else state, path)
+    return encoder
+
+
+class CountingTeacher:
+    def __init__(self):
+        self.images = 0
+
+    def embed(self, images):
+        self.images += len(images)
+        return images.mean(dim=1, keepdim=True).expand(-1, 256, -1, -1)[:, :, ::4, ::4].contiguous()
 
 
 def _image(h=40, w=60, dtype=np.uint8):

@@ -4,12 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-import compress.export
 import zoo.index
-from compress.export import export_variant, write_variant
-from tests.conftest import write_npz
-from tests.zoo.test_checkpoint import tiny_model
+from tests.helpers import tiny_model, write_npz
 from zoo.checkpoint import CheckpointError, save_checkpoint
+from zoo.export import export_variant, write_variant
 from zoo.exported import ExportedModel, _OpenVINOGraph
 from zoo.flops import model_size
 from zoo.io import load_case
@@ -122,7 +120,7 @@ def test_a_derived_entry_is_exported_once_on_first_load_and_follows_its_parent(m
     (folder,) = (tmp_path / "cache").iterdir()
     assert zoo.index.model_file("tiny_ov") == folder / "manifest.json"
 
-    monkeypatch.setattr(compress.export, "export_variant", lambda *a, **k: pytest.fail("exported twice"))
+    monkeypatch.setattr(zoo.index, "export_variant", lambda *a, **k: pytest.fail("exported twice"))
     exported = zoo.index.load("tiny_ov")  # `add` exported it (to measure it): now it comes from the cache
     image = torch.rand(1, 3, 256, 256)
     with torch.inference_mode():

@@ -1,0 +1,137 @@
+"""The graph export a derived zoo variant needs: a model's parts to ONNX (torch.onnx) and OpenVINO IR, written as
+an exported variant folder with its sha256 manifest that zoo.exported reads.
+
+zoo.index exports a derived entry on its first load with this module; `python -m compress.export` is its command.
+Graph inputs and outputs are listed in zoo.exported.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from zoo.checkpoint import sha256_file
+from zoo.class_prompt import EMBED_DIM, ClassPromptSAM
+from zoo.exported import FORMAT, MANIFEST, check_backend
+from zoo.flops import model_size
+from zoo.preprocess import IMAGE_SIZE
+
+OPSET = 17
+
+
+class EncoderGraph(nn.Module):
+    def __init__(self, model: ClassPromptSAM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(image)
+
+
+class HeadGraph(nn.Module):
+    def __init__(self, model: ClassPromptSAM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        return self.model.predict_modality(embedding)
+
+
+class DecoderGraph(nn.Module):
+    """decode() with the modality as an input (class-prompt models) or without one."""
+
+    def __init__(self, model: ClassPromptSAM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, embedding: torch.Tensor, boxes: torch.Tensor, modality: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.decode(embedding, boxes, modality)
+
+
+def export_onnx(model: ClassPromptSAM, folder: Path) -> dict[str, Path]:
+    """encoder.onnx, decoder.onnx (a dynamic number of boxes) and, with a modality head, head.onnx.
+    A copy is traced: tracing leaves state behind in timm's attention-bias caches."""
+    model = copy.deepcopy(model).float().eval()
+    grid = model.config.encoder.embedding_size
+    image = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    embedding = torch.randn(1, EMBED_DIM, grid, grid)
+    boxes = torch.tensor([[10.0, 20.0, 120.0, 140.0], [30.0, 30.0, 90.0, 200.0]])
+    paths = {"encoder": folder / "encoder.onnx", "decoder": folder / "decoder.onnx"}
+    exports = [(EncoderGraph(model), (image,), ["image"], ["embedding"], {}, paths["encoder"])]
+    decoder_inputs, decoder_names = (embedding, boxes), ["embedding", "boxes"]
+    dynamic = {"boxes": {0: "boxes"}, "logits": {0: "boxes"}}
+    if model.has_modality_head:
+        decoder_inputs += (torch.tensor([3, 3]),)
+        decoder_names.append("modality")
+        dynamic["modality"] = {0: "boxes"}
+        paths["head"] = folder / "head.onnx"
+        exports.append((HeadGraph(model), (embedding,), ["embedding"], ["modality_logits"], {}, paths["head"]))
+    exports.append((DecoderGraph(model), decoder_inputs, decoder_names, ["logits"], dynamic, paths["decoder"]))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about shape arithmetic that is constant here
+        for module, inputs, in_names, out_names, axes, path in exports:
+            torch.onnx.export(module, inputs, str(path), input_names=in_names, output_names=out_names,
+                              dynamic_axes=axes or None, opset_version=OPSET, dynamo=False)
+    return paths
+
+
+def runtime_version(backend: str) -> str:
+    """The installed version of a backend's runtime package (names cached exports: a new converter re-exports)."""
+    return importlib.metadata.version(backend)
+
+
+def onnx_to_openvino(onnx_path: Path, xml_path: Path, compress_to_fp16: bool = False) -> Path:
+    import openvino
+
+    openvino.save_model(openvino.convert_model(str(onnx_path)), str(xml_path), compress_to_fp16=compress_to_fp16)
+    return xml_path
+
+
+def graph_files(path: Path) -> list[Path]:
+    """The files a graph consists of: model.onnx, or model.xml + model.bin."""
+    return [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]
+
+
+def write_variant(out: Path, model: ClassPromptSAM, build, backend: str, precision: str, metadata: dict) -> Path:
+    """Build a variant of `model` in a temporary folder beside `out` with build(folder) -> {part: graph path},
+    write its manifest (with the model's size), then rename it to `out`. A failure leaves nothing at `out`; an existing `out` is not touched."""
+    if out.exists():
+        raise FileExistsError(f"{out}: exists already; choose another --out (nothing is overwritten)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        parts = build(staging)
+        files = {part: {"path": path.name, "sha256": {f.name: sha256_file(f) for f in graph_files(path)}} for part, path in parts.items()}
+        for leftover in set(staging.iterdir()) - {staging / n for e in files.values() for n in e["sha256"]}:
+            leftover.unlink()  # intermediate graphs (an ONNX file behind an OpenVINO IR)
+        manifest = {"format": FORMAT, "backend": backend, "precision": precision, "class_prompt": model.has_modality_head,
+                    "size": model_size(model), "files": files, "metadata": metadata}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        os.chmod(staging, 0o755)
+        os.rename(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def export_variant(model: ClassPromptSAM, metadata: dict, out: Path, backend: str) -> Path:
+    """An FP32 variant of `model` on `backend`."""
+    check_backend(backend)
+
+    def build(folder: Path) -> dict[str, Path]:
+        paths = export_onnx(model, folder)
+        if backend == "openvino":
+            paths = {part: onnx_to_openvino(p, p.with_suffix(".xml")) for part, p in paths.items()}
+        return paths
+
+    return write_variant(out, model, build, backend, "fp32", metadata)
