@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,13 +35,11 @@ from distill.data import find_samples
 from distill.train import Trainer, TrainSettings
 from zoo.checkpoint import load_checkpoint, save_checkpoint
 from zoo.class_prompt import ClassPromptSAM
-from zoo.cli import run_cli
+from zoo.cli import RUNS_DIR, add_settings_options, redefault, run_cli, settings_from_args
 from zoo.embedding_cache import DEFAULT_CACHE_DIR, encoder_cache_id
 from zoo.flops import count_params, encoder_flops
 from zoo.io import SHARED_DATA
 from zoo.pruning import head_channels, narrow_unit, prunable_units, unit_width, unit_widths
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def kept_width(width: int, ratio: float) -> int:
@@ -114,6 +112,16 @@ def pruned_model(parent: ClassPromptSAM, ratio: float) -> ClassPromptSAM:
     return model.eval()
 
 
+@dataclass
+class PruneSettings(TrainSettings):
+    """compress.prune's recovery training: TrainSettings with this stage's defaults."""
+
+    epochs: int = redefault(TrainSettings, "epochs", 1)  # 0: prune only
+    lr: float = redefault(TrainSettings, "lr", 2e-4)
+    scheduler: str = redefault(TrainSettings, "scheduler", "cosine")
+    checkpoint_every: int = redefault(TrainSettings, "checkpoint_every", 20)
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m compress.prune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -124,16 +132,7 @@ def parse_args(argv):
     p.add_argument("--data", type=Path, nargs="+", default=[SHARED_DATA / "train"], help="challenge npz directories")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     p.add_argument("--slice-step", type=int, default=5)
-    p.add_argument("--epochs", type=int, default=1, help="recovery epochs (0: prune only)")
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--mask-loss-weight", type=float, default=0.0,
-                   help="also match the parent's masks through the decoder (BCE on a ground-truth box per image)")
-    p.add_argument("--amp", choices=("auto", "bf16", "none"), default="auto")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=20)
+    add_settings_options(p, PruneSettings)
     p.add_argument("--resume", action="store_true", help="continue the recovery in WORK")
     p.add_argument("--threads", type=int, default=None)
     return p.parse_args(argv)
@@ -143,7 +142,7 @@ def run(args) -> Path:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    out = args.out or REPO / "runs" / "prune" / f"{Path(args.model).stem}_p{round(args.ratio * 100)}.pt"
+    out = args.out or RUNS_DIR / "prune" / f"{Path(args.model).stem}_p{round(args.ratio * 100)}.pt"
     work = args.work or out.with_suffix("")
     if out.exists():
         raise FileExistsError(f"{out} exists; choose another --out (nothing is overwritten)")
@@ -161,9 +160,7 @@ def run(args) -> Path:
           f"{sizes['encoder_params'] / 1e6:.2f} M params, {sizes['parent_encoder_flops'] / 1e9:.1f} -> "
           f"{sizes['encoder_flops'] / 1e9:.1f} GFLOPs ({sizes['parent_encoder_flops'] / sizes['encoder_flops']:.2f}× fewer)")
     result = {"steps": 0, "final_loss": None}
-    settings = TrainSettings(out_dir=work, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-                             lr=args.lr, scheduler="cosine", amp=args.amp, device=args.device, seed=args.seed,
-                             checkpoint_every=args.checkpoint_every, mask_loss_weight=args.mask_loss_weight)
+    settings = settings_from_args(PruneSettings, args, out_dir=work)
     if args.epochs > 0:
         # the slices with an object: those the decoder is asked about (and whose parent embeddings are cached)
         samples = find_samples(args.data, args.slice_step, None, args.seed, foreground_only=True,

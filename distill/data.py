@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from zoo.io import Case, CaseError, load_case
-from zoo.preprocess import IMAGE_SIZE, pad_to_square, preprocess_image, resized_shape, scale_boxes
+from zoo.preprocess import IMAGE_SIZE, label_box, pad_to_square, preprocess_image, resized_shape, scale_boxes
 
 
 class DataError(ValueError):
@@ -138,8 +138,7 @@ def sample_target(sample: Sample, generator: torch.Generator, box_jitter: int = 
         raise DataError(f"{sample.path}: slice {sample.z} has no ground-truth object")
     label = labels[torch.randint(len(labels), (1,), generator=generator).item()]
     mask = gts == label
-    ys, xs = np.nonzero(mask)
-    box = scale_boxes(np.array([[xs.min(), ys.min(), xs.max(), ys.max()]]), gts.shape[:2])[0]
+    box = scale_boxes(label_box(gts, label)[None], gts.shape[:2])[0]
     shift = torch.randint(0, box_jitter + 1, (4,), generator=generator).numpy()
     box = np.clip(box + shift * np.array([-1, -1, 1, 1]), 0, IMAGE_SIZE - 1)
     new_h, new_w = resized_shape(*gts.shape[:2])
@@ -159,6 +158,5 @@ def sample_box(sample: Sample, generator: torch.Generator) -> torch.Tensor | Non
     if len(labels) == 0:
         return None
     label = labels[torch.randint(len(labels), (1,), generator=generator).item()]
-    ys, xs = np.nonzero(gts == label)
-    box = scale_boxes(np.array([[xs.min(), ys.min(), xs.max(), ys.max()]]), gts.shape[:2])[0]
+    box = scale_boxes(label_box(gts, label)[None], gts.shape[:2])[0]
     return torch.as_tensor(box, dtype=torch.float32)

@@ -37,27 +37,34 @@ from distill.losses import dice_loss, focal_loss
 from distill.train import Trainer, TrainSettings, _flip, _flip_box
 from zoo.checkpoint import CheckpointError, build_litemedsam, load_checkpoint, save_checkpoint
 from zoo.class_prompt import ClassPromptSAM, ModalityHead, ModelConfig
-from zoo.cli import run_cli
+from zoo.cli import RUNS_DIR, add_settings_options, option, redefault, run_cli, settings_from_args
 from zoo.embedding_cache import DEFAULT_CACHE_DIR, ENCODER_CACHE_DIR, CachedEncoder, encoder_cache_id
 from zoo.io import SHARED_DATA, write_csv_atomic
-from zoo.modalities import MODALITIES, modality_id
+from zoo.modalities import MODALITIES, head_accuracy, modality_confusion, modality_id
 from zoo.predict import decode_masks
-from zoo.preprocess import resized_shape, scale_boxes
+from zoo.preprocess import label_box, resized_shape, scale_boxes
 
-REPO = Path(__file__).resolve().parents[1]
 NEW_PARTS = ("modality_head.", "class_prompt.")
 
 
 @dataclass
 class FinetuneSettings(TrainSettings):
-    lr: float = 1e-4
-    box_jitter: int = 5
+    """distill.finetune's options: TrainSettings' with this stage's defaults, and its losses."""
+
+    lr: float = redefault(TrainSettings, "lr", 1e-4)
+    scheduler: str = redefault(TrainSettings, "scheduler", "cosine")
+    checkpoint_every: int = redefault(TrainSettings, "checkpoint_every", 50)
+    box_jitter: int = option(5, "each side of a training box moves out by 0..this many pixels")
     # Dice + focal 1:1. SAM's 20:1 focal to Dice erased thin vessels (Fundus DSC .22 -> 0) and small caries (X-Ray
     # .17 -> .03) on val after one epoch: focal terms reward background on such objects.
-    focal_weight: float = 1.0
-    head_weight: float = 1.0
-    new_parts_lr_scale: float = 10.0  # the zero-initialized class prompt and the fresh head learn faster
-    train_encoder: bool = False
+    focal_weight: float = option(1.0, "focal loss weight; Dice has weight 1")
+    head_weight: float = option(1.0, "modality-head cross-entropy weight")
+    new_parts_lr_scale: float = option(10.0, "learning-rate factor of the zero-initialized class prompt and the fresh head")
+    train_encoder: bool = option(False, "train the encoder too (no embedding cache)")
+
+
+# The mask loss of distillation does not apply here: fine-tuning learns masks from ground truth.
+NOT_OPTIONS = ("mask_loss_weight",)
 
 
 def build_model(init: str, class_prompt: bool) -> ClassPromptSAM:
@@ -96,7 +103,7 @@ def evaluate(model: ClassPromptSAM, samples: list[Sample], embeddings: Embedding
     size), per modality and as means over modalities, and the modality head's accuracy and confusion matrix."""
     model.eval()
     scores: dict[str, list[tuple[float, float]]] = {}
-    confusion = np.zeros((len(MODALITIES), len(MODALITIES)), dtype=np.int64)
+    confusion = modality_confusion()
     for i, sample in enumerate(tqdm(samples, desc="validate", unit="img", leave=False, disable=not progress)):
         gts = sample_labels(sample)
         labels = np.unique(gts)
@@ -104,10 +111,7 @@ def evaluate(model: ClassPromptSAM, samples: list[Sample], embeddings: Embedding
         lookup = np.zeros(int(gts.max()) + 1, dtype=np.uint8)
         lookup[labels] = np.arange(1, len(labels) + 1)  # a slice's labels renumbered 1..k, as a case of its own
         gts = lookup[gts]
-        boxes = []
-        for label in range(1, len(labels) + 1):
-            ys, xs = np.nonzero(gts == label)
-            boxes.append([xs.min(), ys.min(), xs.max(), ys.max()])
+        boxes = [label_box(gts, label) for label in range(1, len(labels) + 1)]
         embedding = embeddings(i)
         true = modality_id(sample.modality)
         if model.has_modality_head:
@@ -122,7 +126,7 @@ def evaluate(model: ClassPromptSAM, samples: list[Sample], embeddings: Embedding
     result["dsc"] = float(np.mean([d for d, _ in result["per_modality"].values()]))
     result["nsd"] = float(np.mean([n for _, n in result["per_modality"].values()]))
     result["score"] = (result["dsc"] + result["nsd"]) / 2
-    result["head_accuracy"] = float(np.trace(confusion) / confusion.sum()) if confusion.sum() else math.nan
+    result["head_accuracy"] = head_accuracy(confusion)
     result["confusion"] = confusion
     return result
 
@@ -260,9 +264,9 @@ def refit_head(best: Path, samples, keys, cache, val_samples, val_source: Embedd
     fit_modality_head(model.modality_head, train_x, train_y, seed=seed)
     with torch.inference_mode():
         predicted = model.modality_head.mlp(val_x).argmax(dim=1)
-    confusion = np.zeros((len(MODALITIES), len(MODALITIES)), dtype=np.int64)
+    confusion = modality_confusion()
     np.add.at(confusion, (val_y.numpy(), predicted.numpy()), 1)
-    accuracy = float(np.trace(confusion) / confusion.sum())
+    accuracy = head_accuracy(confusion)
     metadata["val"].update(head_accuracy=accuracy, confusion=confusion.tolist(), head="fitted on pooled train embeddings")
     save_checkpoint(best, model, metadata)
     confusion_plot(confusion, best.parent / "confusion.png", f"modality head on {len(val_samples)} val samples: accuracy {accuracy:.3f}")
@@ -274,29 +278,13 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init", default="litemedsam", help="'litemedsam' or a zoo checkpoint (e.g. a distilled student)")
     p.add_argument("--no-class-prompt", action="store_true", help="the ablation: the same fine-tuning without head and class prompt")
-    p.add_argument("--train-encoder", action="store_true", help="train the encoder too (no embedding cache)")
     p.add_argument("--data", type=Path, nargs="+", default=[SHARED_DATA / "train"])
     p.add_argument("--val", type=Path, nargs="+", default=[SHARED_DATA / "val"], help="model selection data")
-    p.add_argument("--out", type=Path, default=REPO / "runs" / "finetune")
+    p.add_argument("--out", type=Path, default=RUNS_DIR / "finetune")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     p.add_argument("--slice-step", type=int, default=5)
     p.add_argument("--fractions", default=None, help="per-modality fraction of training samples kept, e.g. CT=0.5")
-    p.add_argument("--no-balance", action="store_true")
-    p.add_argument("--no-flip", action="store_true")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--accumulate", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--scheduler", choices=("plateau", "cosine"), default="cosine")
-    p.add_argument("--box-jitter", type=int, default=5)
-    p.add_argument("--focal-weight", type=float, default=1.0, help="focal loss weight; Dice has weight 1")
-    p.add_argument("--head-weight", type=float, default=1.0)
-    p.add_argument("--amp", choices=("auto", "bf16", "none"), default="auto")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=50)
+    add_settings_options(p, FinetuneSettings, skip=NOT_OPTIONS)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--head-only", action="store_true", help="only refit the modality head of OUT/best.pt")
     p.add_argument("--threads", type=int, default=None)
@@ -318,13 +306,7 @@ def run(args) -> Path:
     keys = None
     if not args.train_encoder:  # the frozen encoder's embeddings, computed once
         keys = cache.build(samples, model.to(args.device).eval(), args.device)
-    settings = FinetuneSettings(
-        out_dir=args.out, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, scheduler=args.scheduler, accumulate=args.accumulate, amp=args.amp,
-        device=args.device, seed=args.seed, checkpoint_every=args.checkpoint_every, flip=not args.no_flip,
-        balanced=not args.no_balance, box_jitter=args.box_jitter, focal_weight=args.focal_weight,
-        head_weight=args.head_weight, train_encoder=args.train_encoder,
-    )
+    settings = settings_from_args(FinetuneSettings, args, out_dir=args.out)
     metadata = {"stage": "finetune", "init": args.init, "class_prompt": not args.no_class_prompt,
                 "data": [str(d) for d in args.data], "val": [str(d) for d in args.val], "samples": len(samples),
                 "val_samples": len(val_samples), "slice_step": args.slice_step, "settings": settings.to_dict()}

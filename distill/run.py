@@ -23,13 +23,12 @@ from distill.data import find_samples, parse_fractions
 from distill.train import Trainer, TrainSettings, world
 from zoo.checkpoint import init_from_litemedsam, save_checkpoint, sha256_file
 from zoo.class_prompt import ClassPromptSAM, ModelConfig
-from zoo.cli import run_cli
+from zoo.cli import RUNS_DIR, add_settings_options, run_cli, settings_from_args
 from zoo.embedding_cache import DEFAULT_CACHE_DIR, encoder_cache_id
 from zoo.encoders import ENCODER_CONFIGS, TinyViTEncoder
 from zoo.io import SHARED_DATA
 from zoo.teachers import CHECKPOINT_ENV, TEACHERS, build_teacher
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TRAIN = SHARED_DATA / "train"
 
 
@@ -61,24 +60,11 @@ def parse_args(argv):
     p.add_argument("--student", default="fast", help=f"student encoder config: {', '.join(ENCODER_CONFIGS)}")
     p.add_argument("--init", choices=("litemedsam", "none"), default="litemedsam")
     p.add_argument("--data", type=Path, nargs="+", default=[DEFAULT_TRAIN], help="challenge npz directories")
-    p.add_argument("--out", type=Path, default=REPO / "runs" / "distill")
+    p.add_argument("--out", type=Path, default=RUNS_DIR / "distill")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     p.add_argument("--slice-step", type=int, default=5, help="take every n-th slice of 3D volumes")
     p.add_argument("--fractions", default=None, help="per-modality fraction kept, e.g. CT=0.02,default=0.1 (paper)")
-    p.add_argument("--no-balance", action="store_true", help="sample uniformly instead of modality-balanced")
-    p.add_argument("--no-flip", action="store_true")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--accumulate", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--scheduler", choices=("plateau", "cosine"), default="plateau")
-    p.add_argument("--amp", choices=("auto", "bf16", "none"), default="auto")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--mask-loss-weight", type=float, default=0.0, help="mask-level distillation through the frozen decoder")
+    add_settings_options(p, TrainSettings)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--threads", type=int, default=None)
     return p.parse_args(argv)
@@ -111,12 +97,7 @@ def run(args) -> Path:
     del teacher
 
     student = build_student(args.student, args.init)
-    settings = TrainSettings(
-        out_dir=args.out, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, scheduler=args.scheduler, accumulate=args.accumulate, amp=args.amp,
-        device=args.device, seed=args.seed, checkpoint_every=args.checkpoint_every, flip=not args.no_flip,
-        balanced=not args.no_balance, mask_loss_weight=args.mask_loss_weight,
-    )
+    settings = settings_from_args(TrainSettings, args, out_dir=args.out)
     trainer = Trainer(student, samples, keys, cache, settings)
     if args.resume:
         trainer.resume()

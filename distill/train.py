@@ -26,29 +26,39 @@ from distill.cache import EmbeddingCache
 from distill.data import Sample, balanced_weights, sample_box, sample_tensor
 from distill.losses import embedding_loss, mask_distillation_loss
 from zoo.checkpoint import CheckpointError, read_weights
-from zoo.io import atomic_path, write_csv_atomic
+from zoo.cli import option
+from zoo.io import atomic_path, read_csv, write_csv_atomic
 
 TRAIN_FORMAT = "cp-tinyvit-train/1"
 LOG_FIELDS = ["step", "epoch", "loss", "lr", "images_per_s"]
 
 
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @dataclass
 class TrainSettings:
+    """How a model is trained; distill.run's options (distill.finetune and compress.prune subclass it with their own
+    defaults). Every field with a default is a command-line option of those commands (zoo.cli.add_settings_options)."""
+
     out_dir: Path
-    epochs: int = 10
-    max_steps: int | None = None  # stop early (counted in optimizer steps)
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    scheduler: str = "plateau"  # 'plateau' (the paper) or 'cosine'
-    accumulate: int = 1
-    amp: str = "auto"  # 'auto' (bf16 where the device supports it fast: CUDA), 'bf16' or 'none'
-    device: str = "cpu"
-    seed: int = 0
-    checkpoint_every: int = 100
-    flip: bool = True
-    balanced: bool = True
-    mask_loss_weight: float = 0.0
+    epochs: int = option(10, "passes over the training samples")
+    max_steps: int | None = option(None, "stop early after this many optimizer steps")
+    batch_size: int = option(8, "samples per micro-batch")
+    lr: float = option(1e-3, "AdamW learning rate")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    scheduler: str = option("plateau", "learning-rate schedule: 'plateau' (the paper) or 'cosine'",
+                            choices=("plateau", "cosine"))
+    accumulate: int = option(1, "micro-batches per optimizer step")
+    amp: str = option("auto", "'auto' (bf16 where the device supports it fast: CUDA), 'bf16' or 'none'",
+                      choices=("auto", "bf16", "none"))
+    device: str = option(default_factory=default_device, help="torch device")
+    seed: int = option(0, "seed of every random choice (sample order, flips, boxes)")
+    checkpoint_every: int = option(100, "optimizer steps between atomic checkpoints")
+    flip: bool = option(True, "no random flips", flag="--no-flip")
+    balanced: bool = option(True, "sample uniformly instead of modality-balanced", flag="--no-balance")
+    mask_loss_weight: float = option(0.0, "mask-level distillation through the frozen decoder")
 
     def to_dict(self) -> dict:
         values = asdict(self)
@@ -288,7 +298,7 @@ class Trainer:
 
     def _trim_log(self, path: Path) -> None:
         """Keep the log rows up to the resumed step, so a resumed run's log reads as one run."""
-        rows = list(csv.DictReader(open(path))) if path.exists() else []
+        rows = read_csv(path) if path.exists() else []
         rows = [r for r in rows if int(r["step"]) <= self.step]
         write_csv_atomic(path, rows, LOG_FIELDS)
 

@@ -1,8 +1,13 @@
-"""The shared command runner: every `python -m ...` command reports bad input and exits the same way."""
+"""What every `python -m ...` command shares: the runner that reports bad input and exits the same way, the default
+output folder, and command-line options generated from a settings dataclass (declared once, with their defaults)."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import sys
+import types
+import typing
 from pathlib import Path
 
 from zoo.checkpoint import CheckpointError
@@ -28,3 +33,47 @@ def run_cli(run_fn, args) -> int:
         print(f"{len(args.skipped)} input file(s) could not be used and were skipped", file=sys.stderr)
         return 1
     return 0
+
+
+def option(default=dataclasses.MISSING, help: str = "", *, default_factory=dataclasses.MISSING, **metadata):
+    """A settings dataclass field that is also a command-line option: `help`, and optionally `choices` or `flag`
+    (the option's name when it is not --field-name, e.g. '--no-flip' for a bool that defaults to True)."""
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={"help": help, **metadata})
+
+
+def redefault(cls, name: str, default):
+    """Field `name` of dataclass `cls` with another default (a stage's own), keeping its help and choices."""
+    return dataclasses.field(default=default, metadata=cls.__dataclass_fields__[name].metadata)
+
+
+def _option_type(hint):
+    """int for `int` and `int | None`."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+    return hint
+
+
+def add_settings_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One option per field of the settings dataclass `cls` that has a default (fields without one, and those in
+    `skip`, are the command's own): --field-name, its type and default from the field, its help from the field's
+    metadata. A bool field is a switch that turns its default around."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        kind = _option_type(hints[f.name])
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action="store_false" if default else "store_true",
+                                help=f.metadata.get("help"))
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, default=default, choices=f.metadata.get("choices"),
+                                help=f"{f.metadata.get('help', '')} (default: {default})".lstrip())
+
+
+def settings_from_args(cls, args: argparse.Namespace, **given):
+    """An instance of the settings dataclass `cls` from parsed options (see add_settings_options) and `given`
+    values; fields with neither keep their default."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**{**values, **given})

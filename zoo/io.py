@@ -189,6 +189,12 @@ def save_npz_atomic(path: str | Path, **arrays: np.ndarray) -> Path:
     return Path(path)
 
 
+def read_csv(path: str | Path) -> list[dict]:
+    """The rows of a CSV with a header row, as dicts of strings."""
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
 def write_csv_atomic(path: str | Path, rows: list[dict], fields: list[str]) -> None:
     """A CSV with a header row, written atomically."""
     buffer = io.StringIO()

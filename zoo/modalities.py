@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
+
 MODALITIES: tuple[str, ...] = (
     "CT", "MR", "PET", "US", "X-Ray", "Dermoscopy", "Endoscopy", "Fundus", "Microscopy", "OCT", "Mammography",
 )
@@ -34,3 +36,14 @@ def modality_id(name: str) -> int:
     if canonical is None:
         raise ValueError(f"unknown modality {name!r}; expected one of {', '.join(MODALITIES)}")
     return MODALITY_ID[canonical]
+
+
+def modality_confusion() -> np.ndarray:
+    """An empty (11, 11) int64 confusion matrix of a modality head: rows true modality, columns predicted."""
+    return np.zeros((len(MODALITIES), len(MODALITIES)), dtype=np.int64)
+
+
+def head_accuracy(confusion: np.ndarray) -> float:
+    """The fraction of a confusion matrix on its diagonal; nan for an empty one (no head, or no cases)."""
+    total = confusion.sum()
+    return float(np.trace(confusion) / total) if total else float("nan")

@@ -53,6 +53,12 @@ def scale_boxes(boxes: np.ndarray, original_size: tuple[int, int]) -> np.ndarray
     return np.trunc(np.asarray(boxes, dtype=np.float64) * (IMAGE_SIZE / max(original_size)))
 
 
+def label_box(labels: np.ndarray, label: int) -> np.ndarray:
+    """The tight box (4,) [x0, y0, x1, y1] in original pixels around `label` in a 2D label map (H, W)."""
+    ys, xs = np.nonzero(labels == label)
+    return np.array([xs.min(), ys.min(), xs.max(), ys.max()])
+
+
 def box_from_mask(mask: np.ndarray, margin: int = 3) -> np.ndarray | None:
     """Box [x0, y0, x1, y1] at 256 scale around a mask given at original size, widened by `margin` pixels
     (clipped to 0..256); None when the mask is empty. Used to carry a box from one slice to the next."""

@@ -1,10 +1,10 @@
-import csv
 
 import numpy as np
 import pytest
 
 from benchmarks.evaluate import main, summarize
 from tests.helpers import write_npz
+from zoo.io import read_csv
 
 
 def test_scores_directories_and_summarizes_by_modality(tmp_path, capsys):
@@ -19,10 +19,10 @@ def test_scores_directories_and_summarizes_by_modality(tmp_path, capsys):
     code = main(["--segs", str(segs), "--gts", str(gts), "--out", str(tmp_path / "m.csv")])
     assert code == 1
     assert "2DBox_CT_orphan.npz: file does not exist" in capsys.readouterr().err
-    rows = list(csv.DictReader(open(tmp_path / "m.csv")))
+    rows = read_csv(tmp_path / "m.csv")
     assert [(r["case"], r["dsc"]) for r in rows] == [("2DBox_CT_c.npz", "1.0000"), ("2DBox_US_a.npz", "1.0000"),
                                                       ("2DBox_US_b.npz", "0.0000")]
-    summary = {r["group"]: r for r in csv.DictReader(open(tmp_path / "m_summary.csv"))}
+    summary = {r["group"]: r for r in read_csv(tmp_path / "m_summary.csv")}
     assert summary["US"]["dsc"] == "0.5000" and summary["CT"]["dsc"] == "1.0000"
     assert summary["mean over modalities"]["dsc"] == "0.7500"
     assert summary["mean over cases"]["dsc"] == "0.6667"
@@ -62,7 +62,7 @@ def test_bad_input_corpus(tmp_path, capsys):
                   dict(gts=np.ones((4, 4), np.uint8), spacing=np.ones(2)))
     assert main(["--segs", str(segs), "--gts", str(gts), "--out", str(tmp_path / "m.csv")]) == 1
     assert_reported(capsys.readouterr().err, bad)
-    rows = {r["case"]: r["dsc"] for r in csv.DictReader(open(tmp_path / "m.csv"))}
+    rows = {r["case"]: r["dsc"] for r in read_csv(tmp_path / "m.csv")}
     assert rows == {name: "1.0000" for name in good}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gts", "m.csv", "m_summary.csv", "segs"]
     (tmp_path / "empty").mkdir()

@@ -1,9 +1,9 @@
-import csv
 
 import numpy as np
 import pytest
 
 from benchmarks.metrics import case_scores
+from zoo.io import read_csv
 
 
 def square(shape=(40, 40), top=10, left=10, size=10, label=1):
@@ -57,7 +57,7 @@ def test_3d_uses_anisotropic_spacing():
 
 def test_official_scores_of_the_reference_masks(val_dir, reference_dir):
     """Our metrics give the official evaluation's numbers for LiteMedSAM's official val masks (2D and 3D)."""
-    official = {r["case"]: r for r in csv.DictReader(open(reference_dir / "metrics.csv"))}
+    official = {r["case"]: r for r in read_csv(reference_dir / "metrics.csv")}
     names = ["2DBox_CT_COVID19MedSeg_slice040.npz", "2DBox_Mammography_DDSMtissue_A0002-RIGHTMLO.npz",
              "3DBox_PET_IBSISTS_STS009.npz", "3DBox_MR_IBSISTST1_STS023.npz"]
     for name in names:

@@ -1,4 +1,3 @@
-import csv
 import shutil
 
 import numpy as np
@@ -9,7 +8,7 @@ from distill.finetune import build_model, main
 from tests.helpers import TINY_STUDENT, write_npz
 from zoo.checkpoint import load_checkpoint, save_checkpoint
 from zoo.class_prompt import ClassPromptSAM
-from zoo.io import load_case
+from zoo.io import load_case, read_csv
 from zoo.predict import ModalityChoice, segment_case
 
 
@@ -53,7 +52,7 @@ def test_finetune_trains_selects_and_ships_a_zoo_checkpoint(data, capsys):
     assert model.has_modality_head and meta["stage"] == "finetune" and meta["class_prompt"]
     assert meta["samples"] == 5 and meta["val_samples"] == 2  # the volume's empty slices are skipped
     assert set(meta["val"]["per_modality"]) == {"US"} and 0 <= meta["val"]["head_accuracy"] <= 1
-    rows = list(csv.DictReader(open(out / "val.csv")))
+    rows = read_csv(out / "val.csv")
     assert [int(r["step"]) for r in rows] == [2, 4]  # one validation per epoch of 2 steps
     assert max(float(r["score"]) for r in rows) == pytest.approx(meta["val"]["score"], abs=1e-4)
     assert (out / "confusion.png").stat().st_size > 0
@@ -81,7 +80,7 @@ def test_resume_continues_exactly(data):
     assert a["step"] == b["step"] == 4
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
-    assert list(csv.DictReader(open(full / "val.csv"))) == list(csv.DictReader(open(cut / "val.csv")))
+    assert read_csv(full / "val.csv") == read_csv(cut / "val.csv")
     a, b = load_checkpoint(full / "best.pt"), load_checkpoint(cut / "best.pt")  # the head refit is seeded too
     assert torch.equal(a[0].modality_head.mlp[0].weight, b[0].modality_head.mlp[0].weight)
 

@@ -7,7 +7,7 @@ import pytest
 from distill.run import main
 from tests.helpers import REPO, small_sam_checkpoint, write_npz
 from zoo.checkpoint import load_checkpoint
-from zoo.io import load_case
+from zoo.io import load_case, read_csv
 from zoo.predict import ModalityChoice, segment_case
 
 
@@ -83,7 +83,6 @@ def test_bad_input_corpus(tmp_path, capsys):
 
 
 def test_sigkill_at_a_random_step_then_resume_matches_an_uninterrupted_run(small_data, tmp_path):
-    import csv
     import os
     import random
     import signal
@@ -109,7 +108,7 @@ def test_sigkill_at_a_random_step_then_resume_matches_an_uninterrupted_run(small
     subprocess.run(command + ["--out", str(tmp_path / "killed"), "--resume"], cwd=REPO, check=True, capture_output=True)
 
     def losses(folder):
-        return [(row["step"], float(row["loss"])) for row in csv.DictReader(open(folder / "log.csv"))]
+        return [(row["step"], float(row["loss"])) for row in read_csv(folder / "log.csv")]
 
     assert losses(tmp_path / "killed") == losses(tmp_path / "whole")  # same steps, same loss at each (incl. the next)
     whole = torch.load(tmp_path / "whole" / "student.pt", weights_only=True)["state_dict"]

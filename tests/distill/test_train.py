@@ -1,4 +1,3 @@
-import csv
 import warnings
 
 import numpy as np
@@ -10,6 +9,7 @@ from distill.data import find_samples
 from distill.train import Trainer, TrainSettings, epoch_batches, load_training_state
 from tests.helpers import TINY_STUDENT, CountingTeacher, write_npz
 from zoo.class_prompt import ClassPromptSAM
+from zoo.io import read_csv
 
 
 @pytest.fixture
@@ -31,13 +31,13 @@ def setup(tmp_path):
 def make_trainer(setup, out_dir, **overrides):
     torch.manual_seed(0)
     samples, keys, cache = setup
-    settings = TrainSettings(out_dir=out_dir, epochs=2, batch_size=2, lr=1e-3, checkpoint_every=2,
+    settings = TrainSettings(out_dir=out_dir, epochs=2, batch_size=2, lr=1e-3, checkpoint_every=2, device="cpu",
                              mask_loss_weight=0.5, **overrides)
     return Trainer(ClassPromptSAM(TINY_STUDENT), samples, keys, cache, settings)
 
 
 def losses(out_dir):
-    return [(int(r["step"]), r["loss"]) for r in csv.DictReader(open(out_dir / "log.csv"))]
+    return [(int(r["step"]), r["loss"]) for r in read_csv(out_dir / "log.csv")]
 
 
 def test_resume_continues_exactly(setup, tmp_path):
@@ -81,7 +81,7 @@ def test_corrupt_last_checkpoint_falls_back_to_previous(setup, tmp_path):
 
 def test_epoch_batches_are_seeded_and_balanced(setup, tmp_path):
     samples = setup[0]
-    settings = TrainSettings(out_dir=tmp_path, batch_size=2)
+    settings = TrainSettings(out_dir=tmp_path, batch_size=2, device="cpu")
     assert epoch_batches(samples, settings, 0) == epoch_batches(samples, settings, 0)
     assert epoch_batches(samples, settings, 0) != epoch_batches(samples, settings, 1)
     assert all(len(b) == 2 for b in epoch_batches(samples, settings, 3))

@@ -1,4 +1,7 @@
 from argparse import Namespace
+from pathlib import Path
+
+import pytest
 
 from zoo.checkpoint import CheckpointError
 from zoo.cli import run_cli
@@ -32,3 +35,39 @@ def test_bad_case_and_value_errors_stop_with_exit_2(capsys, tmp_path):
     assert run_cli(bad_case, Namespace()) == 2
     assert "x.npz" in capsys.readouterr().err
     assert run_cli(bad_value, Namespace()) == 2
+
+
+@pytest.mark.parametrize("command, settings_cls, required", [
+    ("distill.run", "distill.train:TrainSettings", []),
+    ("distill.finetune", "distill.finetune:FinetuneSettings", []),
+    ("compress.prune", "compress.prune:PruneSettings", ["model.pt"]),
+])
+def test_training_options_come_from_the_settings_dataclass(command, settings_cls, required):
+    """Every training command's options are its settings' fields, with the defaults declared there and nowhere
+    else; the flag names the README and older runs use keep working."""
+    import dataclasses
+    import importlib
+
+    from zoo.cli import settings_from_args
+
+    parse_args = importlib.import_module(command).parse_args
+    module, name = settings_cls.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    assert settings_from_args(cls, parse_args(required), out_dir=Path("o")) == cls(out_dir=Path("o"))
+    args = parse_args(required + ["--lr", "0.5", "--max-steps", "3", "--no-flip", "--no-balance", "--epochs", "2",
+                                  "--scheduler", "cosine", "--batch-size", "4", "--checkpoint-every", "7"])
+    settings = settings_from_args(cls, args, out_dir=Path("o"))
+    assert (settings.lr, settings.max_steps, settings.flip, settings.balanced, settings.epochs, settings.scheduler,
+            settings.batch_size, settings.checkpoint_every) == (0.5, 3, False, False, 2, "cosine", 4, 7)
+    names = {f.name for f in dataclasses.fields(cls)} - {"out_dir"}
+    assert names <= set(vars(parse_args(required))) | {"mask_loss_weight"}
+    with pytest.raises(SystemExit):
+        parse_args(required + ["--scheduler", "linear"])
+
+
+def test_finetune_keeps_its_own_defaults_and_switches():
+    from distill.finetune import parse_args
+
+    args = parse_args(["--train-encoder", "--box-jitter", "2"])
+    assert args.train_encoder and args.box_jitter == 2 and args.lr == 1e-4 and args.scheduler == "cosine"
+    assert not hasattr(args, "mask_loss_weight")  # distillation's mask loss is not a fine-tuning option

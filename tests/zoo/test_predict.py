@@ -1,4 +1,3 @@
-import csv
 import subprocess
 import sys
 import textwrap
@@ -8,7 +7,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import REPO, write_npz
-from zoo.io import Case, load_case
+from zoo.io import Case, load_case, read_csv
 from zoo.modalities import MODALITIES
 from zoo.predict import ModalityChoice, SliceEmbeddings, main, propagation_plan, segment_case
 
@@ -77,7 +76,7 @@ def test_cli_segments_good_files_reports_bad_ones_and_fails_at_the_end(val_dir, 
     assert code == 1
     assert "2DBox_CT_bad.npz: imgs has dtype float32" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [good.name, "timing.csv"]
-    rows = {r["case"]: r for r in csv.DictReader(open(tmp_path / "out" / "timing.csv"))}
+    rows = {r["case"]: r for r in read_csv(tmp_path / "out" / "timing.csv")}
     assert rows[good.name]["status"] == "ok" and float(rows[good.name]["seconds"]) > 0
     assert rows["2DBox_CT_bad.npz"]["status"] == "failed"
     assert {p.name: p.read_bytes() for p in inputs.iterdir()} == before  # inputs untouched
@@ -135,12 +134,12 @@ def test_class_prompt_model_says_which_modality_it_used(tmp_path):
     for name in ("no_modality_here.npz", "2DBox_OCT_unseen.npz", "2DBox_US_x.npz"):
         write_npz(inputs / name, imgs=image, boxes=np.array([[5, 5, 30, 30]]))
     assert main(["-i", str(inputs), "-o", str(tmp_path / "out"), "--model", str(model_path), "--threads", "1"]) == 0
-    rows = {r["case"]: r for r in csv.DictReader(open(tmp_path / "out" / "timing.csv"))}
+    rows = {r["case"]: r for r in read_csv(tmp_path / "out" / "timing.csv")}
     assert rows["no_modality_here.npz"]["modality_source"] == "head"
     assert rows["no_modality_here.npz"]["modality"] in MODALITIES
     assert (rows["2DBox_OCT_unseen.npz"]["modality"], rows["2DBox_OCT_unseen.npz"]["modality_source"]) == ("OCT", "file")
     assert main(["-i", str(inputs), "-o", str(tmp_path / "out2"), "--model", str(model_path), "--modality", "head"]) == 0
-    head_rows = {r["case"]: r for r in csv.DictReader(open(tmp_path / "out2" / "timing.csv"))}
+    head_rows = {r["case"]: r for r in read_csv(tmp_path / "out2" / "timing.csv")}
     assert {r["modality_source"] for r in head_rows.values()} == {"head"}
     # the head's own guess is reported even where the file named the modality
     assert rows["2DBox_OCT_unseen.npz"]["head_modality"] == head_rows["2DBox_OCT_unseen.npz"]["modality"] in MODALITIES
@@ -156,7 +155,7 @@ def test_bad_input_corpus(tmp_path, capsys):
     assert main(["-i", str(tmp_path / "in"), "-o", str(out), "--model", model, "--threads", "1"]) == 1
     assert_reported(capsys.readouterr().err, bad)
     assert sorted(p.name for p in out.iterdir()) == sorted(good + ["timing.csv"])  # no partial or temporary file
-    rows = {r["case"]: r["status"] for r in csv.DictReader(open(out / "timing.csv"))}
+    rows = {r["case"]: r["status"] for r in read_csv(out / "timing.csv")}
     assert rows == {**{name: "failed" for name in bad}, **{name: "ok" for name in good}}
     assert np.load(out / "2DBox_US_one_pixel.npz")["segs"].shape == (1, 1)
     blocker = tmp_path / "a_file"
