@@ -6,7 +6,9 @@ Writes OUT/cases.csv (case, modality, model, dsc, nsd, seconds), OUT/leaderboard
 plots (OUT/radar.png, OUT/latency_vs_dsc.png, and OUT/confusion_<model>.png for models with a modality head, whose
 accuracy over the cases is the leaderboard's head_accuracy). Each variant runs in its own process, through the same inference
 path as zoo.predict, so its peak memory is its own and a crash does not stop the others. Without --all a fixed,
-seeded sample of --cases-per-modality cases per modality is taken.
+seeded sample of --cases-per-modality cases per modality is taken (every modality, 2D images and 3D volumes; a
+volume is drawn from the quarter of its modality's volumes with the fewest slices to segment, which keeps the
+default run to minutes), and latencies are medians of 3 timed runs instead of 5.
 
 Image embeddings are kept in --cache-dir (float32, keyed by the encoder's weights and the image), so variants that
 share an encoder, and later runs, embed each image once; scores are the same as without the cache. The per-case
@@ -17,7 +19,6 @@ times the model itself on fixed inputs (a 256² image with one box; a 24×256×2
 from __future__ import annotations
 
 import argparse
-import csv
 import multiprocessing
 import os
 import random
@@ -37,12 +38,12 @@ from benchmarks.evaluate import summarize
 from benchmarks.latency import measure_latency
 from benchmarks.metrics import case_scores
 from benchmarks.plots import confusion_plot, latency_plot, radar_plot
+from zoo.cli import RUNS_DIR, run_cli
 from zoo.embedding_cache import ENCODER_CACHE_DIR, CachedEncoder
-from zoo.io import SHARED_DATA, CaseError, load_case, save_npz_atomic, write_csv_atomic
-from zoo.modalities import MODALITIES, modality_from_name, modality_id
+from zoo.io import SHARED_DATA, CaseError, load_case, read_csv, save_npz_atomic, write_csv_atomic
+from zoo.modalities import MODALITIES, head_accuracy, modality_confusion, modality_from_name, modality_id
 from zoo.predict import ModalityChoice, segment_case
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = SHARED_DATA / "val"
 REFERENCE_PARAMS_M = 10.99  # the class-prompt TinyViT paper's model
 CASE_FIELDS = ["case", "modality", "model", "dsc", "nsd", "seconds"]
@@ -68,8 +69,35 @@ def default_data_dir() -> Path:
     )
 
 
-def select_cases(data_dir: Path, per_modality: int | None, seed: int = 0) -> list[Path]:
-    """Every npz in data_dir (per_modality None), or a seeded sample of per_modality files per modality."""
+def slices_to_segment(path: Path) -> int:
+    """How many slices a 3D case's boxes span (what segmenting it costs); 0 for a 2D case."""
+    if not path.name.startswith("3D"):
+        return 0
+    with np.load(path) as arrays:
+        boxes = np.asarray(arrays["boxes"]).reshape(-1, 6)
+    return int((boxes[:, 5] - boxes[:, 2] + 1).sum())
+
+
+def sample_candidates(group: list[Path]) -> list[Path]:
+    """A modality's cases a sample draws from: its 2D images, and the quarter (at least one) of its 3D volumes with
+    the fewest slices to segment. An unreadable volume ranks last: when drawn, the run reports it."""
+    images = [p for p in group if not p.name.startswith("3D")]
+    volumes = [p for p in group if p.name.startswith("3D")]
+
+    def cost(path: Path) -> float:
+        try:
+            return slices_to_segment(path)
+        except (OSError, ValueError, KeyError, IndexError):
+            return float("inf")
+
+    volumes = sorted(volumes, key=lambda p: (cost(p), p.name))[: max(1, len(volumes) // 4)] if volumes else []
+    return images + volumes
+
+
+def select_cases(data_dir: Path, per_modality: int | None, seed: int = 0, small_volumes: bool = True) -> list[Path]:
+    """Every npz in data_dir (per_modality None), or a seeded sample of per_modality files per modality, drawn
+    from each modality's sample_candidates (small_volumes) or from all its files (the sample before volumes were
+    chosen by size: benchmarks/compression's runs)."""
     files = sorted(p for p in data_dir.iterdir() if p.suffix == ".npz")
     if not files:
         raise SystemExit(f"error: {data_dir}: no .npz files to benchmark")
@@ -79,7 +107,10 @@ def select_cases(data_dir: Path, per_modality: int | None, seed: int = 0) -> lis
     for path in files:
         groups[modality_from_name(path.name) or "unknown"].append(path)
     rng = random.Random(seed)
-    chosen = [p for name in sorted(groups) for p in rng.sample(groups[name], min(per_modality, len(groups[name])))]
+    chosen = []
+    for name in sorted(groups):
+        candidates = sample_candidates(groups[name]) if small_volumes else groups[name]
+        chosen += rng.sample(candidates, min(per_modality, len(candidates)))
     return sorted(chosen)
 
 
@@ -94,7 +125,7 @@ def variant_label(name: str) -> str:
     return label + at + version
 
 
-def benchmark_variant(name: str, files: list[Path], threads: int, repeats: int, segs_dir: Path | None,
+def benchmark_variant(name: str, files: list[Path], threads: int, timing: dict, segs_dir: Path | None,
                       cache_dir: Path | None) -> dict:
     """Runs in a child process: every case through zoo's inference path, then latency, FLOPs and size.
 
@@ -109,7 +140,7 @@ def benchmark_variant(name: str, files: list[Path], threads: int, repeats: int, 
     modalities = ModalityChoice(scored)
     label = variant_label(name)
     cases, errors = [], []
-    confusion = np.zeros((len(MODALITIES), len(MODALITIES)), dtype=np.int64)
+    confusion = modality_confusion()
     for path in tqdm(files, desc=f"{name}", unit="case", leave=False):
         try:
             case = load_case(path)
@@ -128,7 +159,7 @@ def benchmark_variant(name: str, files: list[Path], threads: int, repeats: int, 
             confusion[modality_id(case.modality), modality_id(result.head_modality)] += 1
         cases.append({"case": path.name, "modality": case.modality or "unknown", "model": label,
                       "dsc": dsc, "nsd": nsd, "seconds": seconds})
-    latency = measure_latency(model, repeats=repeats)
+    latency = measure_latency(model, **timing)
     size = model_size(model)
     row = {
         "model": label, "backend": model.backend, "precision": model.precision, "params_M": size["params"] / 1e6,
@@ -137,7 +168,7 @@ def benchmark_variant(name: str, files: list[Path], threads: int, repeats: int, 
         **latency,
         # This child's peak; ru_maxrss also covers the parent's RSS when it spawned the child, which is much smaller.
         "peak_RSS_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "head_accuracy": float(np.trace(confusion) / confusion.sum()) if confusion.sum() else "",
+        "head_accuracy": head_accuracy(confusion) if confusion.sum() else "",
         "parent": variant_label(model_parent(name) or ""),
     }
     return {"cases": cases, "row": row, "errors": errors, "confusion": confusion if confusion.sum() else None}
@@ -191,9 +222,9 @@ def merge_previous(out: Path, cases: list[dict], rows: list[dict]) -> tuple[list
     benchmarked again (check_mergeable has made sure, before the run, that the earlier cases are this run's)."""
     if not (out / "leaderboard.csv").exists():
         return cases, rows
-    old_rows = [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(open(out / "leaderboard.csv"))]
+    old_rows = [{k: _number(v) for k, v in r.items()} for r in read_csv(out / "leaderboard.csv")]
     this_run = {r["model"] for r in rows}
-    kept = [c for c in csv.DictReader(open(out / "cases.csv")) if c["model"] not in this_run]
+    kept = [c for c in read_csv(out / "cases.csv") if c["model"] not in this_run]
     return kept + [_fmt(c) for c in cases], [r for r in old_rows if r["model"] not in this_run] + rows
 
 
@@ -202,26 +233,27 @@ def check_mergeable(out: Path, files: list[Path]) -> None:
     compare)."""
     if not (out / "cases.csv").exists():
         return
-    earlier = {c["case"] for c in csv.DictReader(open(out / "cases.csv"))}
+    earlier = {c["case"] for c in read_csv(out / "cases.csv")}
     if not earlier <= {f.name for f in files}:
         raise SystemExit(f"error: --merge: {out / 'cases.csv'} was scored on other cases than this run's; "
                          "benchmark into another --out or with the same --data and --all / --cases-per-modality")
 
 
-def main(argv: list[str] | None = None) -> int:
-    from zoo.index import zoo_names
-
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=None,
                         help="directory of challenge npz files with gts (default: $MEDSEG_DATA, else ../shared/data/medseg-real/val)")
     parser.add_argument("--models", default=None, help="comma-separated zoo names or checkpoint paths (default: every zoo variant)")
-    parser.add_argument("--out", type=Path, default=REPO / "runs" / "benchmark", help="output directory")
-    parser.add_argument("--cases-per-modality", type=int, default=2, help="seeded sample size per modality")
-    parser.add_argument("--all", action="store_true", help="every case instead of a sample")
+    parser.add_argument("--out", type=Path, default=RUNS_DIR / "benchmark", help="output directory (default runs/benchmark)")
+    parser.add_argument("--cases-per-modality", type=int, default=1, help="seeded sample size per modality")
+    parser.add_argument("--all", action="store_true", help="every case instead of a sample, latencies over 5 runs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--volumes", choices=("small", "any"), default="small",
+                        help="draw a sample's 3D volumes from those with the fewest slices to segment, or from all")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads for every variant")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per latency measurement (median)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed repeats per latency measurement (median; default 3, with --all 5)")
     parser.add_argument("--save-segs", type=Path, default=None, metavar="DIR",
                         help="also write each variant's segs npz files to DIR/<model>/")
     parser.add_argument("--cache-dir", type=Path, default=ENCODER_CACHE_DIR,
@@ -230,27 +262,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", action="store_true",
                         help="add this run's models to OUT's leaderboard (same cases), replacing their earlier rows")
     args = parser.parse_args(argv)
-    if args.repeats < 5:
-        parser.error("--repeats must be at least 5")
+    if args.repeats is not None and args.repeats < 3:
+        parser.error("--repeats must be at least 3")
+    return args
 
-    data_dir = args.data or default_data_dir()
-    if not data_dir.is_dir():
-        raise SystemExit(f"error: {data_dir}: not a directory")
-    models = [m.strip() for m in (args.models.split(",") if args.models else zoo_names()) if m.strip()]
-    files = select_cases(data_dir, None if args.all else args.cases_per_modality, args.seed)
-    if args.merge:
-        check_mergeable(args.out, files)
-    args.out.mkdir(parents=True, exist_ok=True)
-    print(f"benchmarking {', '.join(models)} on {len(files)} cases of {data_dir} with {args.threads} threads")
 
+def latency_timing(args: argparse.Namespace) -> dict:
+    """measure_latency's repeats and warm-up runs: the full run's 5 and 2; a sample's 3 and 1, as its latencies
+    only have to place the variants (the shipped leaderboard's come from --all)."""
+    full = {"repeats": 5, "warmup": 2} if args.all else {"repeats": 3, "warmup": 1}
+    return {**full, "repeats": args.repeats or full["repeats"]}
+
+
+def benchmark_models(models: list[str], files: list[Path], args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    """Each variant benchmarked in its own child process; (their results, the names of variants that failed)."""
     results, failed = [], []
     context = multiprocessing.get_context("spawn")
+    cache_dir = None if args.no_embedding_cache else args.cache_dir
     for name in tqdm(models, desc="models", unit="model"):
         segs_dir = args.save_segs / variant_label(name) if args.save_segs else None
-        cache_dir = None if args.no_embedding_cache else args.cache_dir
         try:
             with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-                result = pool.submit(benchmark_variant, name, files, args.threads, args.repeats, segs_dir, cache_dir).result()
+                result = pool.submit(benchmark_variant, name, files, args.threads, latency_timing(args), segs_dir,
+                                     cache_dir).result()
         except Exception as err:  # a broken variant is reported; the others still run
             failed.append(name)
             tqdm.write(f"error: variant {name} failed: {type(err).__name__}: {err}", file=sys.stderr)
@@ -259,28 +293,69 @@ def main(argv: list[str] | None = None) -> int:
         for message in result["errors"]:
             tqdm.write(f"error: {message}", file=sys.stderr)
         results.append(result)
+    return results, failed
 
-    if results:
-        cases = [c for r in results for c in r["cases"]]
-        rows = [leaderboard_row(r) for r in results]
-        all_cases, all_rows = merge_previous(args.out, cases, rows) if args.merge else ([_fmt(c) for c in cases], rows)
-        compare_with_parents(all_rows, {r["model"] for r in rows})
-        write_csv_atomic(args.out / "cases.csv", all_cases, CASE_FIELDS)
-        write_csv_atomic(args.out / "leaderboard.csv", [_fmt(r) for r in all_rows], LEADERBOARD_FIELDS)
-        radar_plot(all_rows, args.out / "radar.png")
-        latency_plot(all_rows, args.out / "latency_vs_dsc.png", args.threads)
-        for result, row in zip(results, rows):
-            if result["confusion"] is not None:
-                confusion_plot(result["confusion"], args.out / f"confusion_{row['model']}.png",
-                               f"{row['model']}: modality head on {int(result['confusion'].sum())} cases, "
-                               f"accuracy {row['head_accuracy']:.3f}")
-        for row in rows:
-            print(f"{row['model']:>14}: DSC {row['dsc_mean_modalities']:.4f} NSD {row['nsd_mean_modalities']:.4f} "
-                  f"(mean over modalities), 2D {row['latency_2d_ms']:.0f} ms, encoder {row['encoder_GFLOPs']:.1f} GFLOPs")
-        print(f"wrote {args.out / 'leaderboard.csv'}, cases.csv, radar.png, latency_vs_dsc.png")
-    if failed or any(r["errors"] for r in results):
-        return 1
-    return 0
+
+def write_outputs(out: Path, results: list[dict], merge: bool, threads: int) -> list[dict]:
+    """OUT/cases.csv, OUT/leaderboard.csv (this run's rows, with --merge added to OUT's earlier ones) and the
+    plots; returns this run's leaderboard rows."""
+    cases = [c for r in results for c in r["cases"]]
+    rows = [leaderboard_row(r) for r in results]
+    all_cases, all_rows = merge_previous(out, cases, rows) if merge else ([_fmt(c) for c in cases], rows)
+    compare_with_parents(all_rows, {r["model"] for r in rows})
+    write_csv_atomic(out / "cases.csv", all_cases, CASE_FIELDS)
+    write_csv_atomic(out / "leaderboard.csv", [_fmt(r) for r in all_rows], LEADERBOARD_FIELDS)
+    radar_plot(all_rows, out / "radar.png")
+    latency_plot(all_rows, out / "latency_vs_dsc.png", threads)
+    for result, row in zip(results, rows):
+        if result["confusion"] is not None:
+            confusion_plot(result["confusion"], out / f"confusion_{row['model']}.png",
+                           f"{row['model']}: modality head on {int(result['confusion'].sum())} cases, "
+                           f"accuracy {row['head_accuracy']:.3f}")
+    return rows
+
+
+def summary_table(rows: list[dict]) -> str:
+    """This run's variants, one line each: mean DSC / NSD over modalities, latencies, encoder FLOPs ('-' for what
+    a variant without scored cases lacks)."""
+    columns = [("model", "model", "<28"), ("DSC", "dsc_mean_modalities", ">6.4f"), ("NSD", "nsd_mean_modalities", ">6.4f"),
+               ("2D ms", "latency_2d_ms", ">7.0f"), ("3D s", "latency_3d_s", ">6.1f"),
+               ("enc GFLOPs", "encoder_GFLOPs", ">10.1f"), ("cases", "cases", ">5")]
+    width = {title: spec.lstrip("<>").split(".")[0].rstrip("f") for title, _, spec in columns}
+    lines = [" ".join(f"{title:{spec[0]}{width[title]}}" for title, _, spec in columns)]
+    for row in rows:
+        lines.append(" ".join(f"{row[key]:{spec}}" if row[key] != "" else f"{'-':{spec[0]}{width[title]}}"
+                              for title, key, spec in columns))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    from zoo.index import zoo_names
+
+    data_dir = args.data or default_data_dir()
+    if not data_dir.is_dir():
+        raise SystemExit(f"error: {data_dir}: not a directory")
+    models = [m.strip() for m in (args.models.split(",") if args.models else zoo_names()) if m.strip()]
+    files = select_cases(data_dir, None if args.all else args.cases_per_modality, args.seed, args.volumes == "small")
+    if args.merge:
+        check_mergeable(args.out, files)
+    args.out.mkdir(parents=True, exist_ok=True)
+    kind = "every case" if args.all else f"a seeded sample of {args.cases_per_modality} per modality"
+    print(f"benchmarking {', '.join(models)} on {len(files)} cases ({kind}) of {data_dir} with {args.threads} threads")
+    results, failed = benchmark_models(models, files, args)
+    args.skipped += failed + [message for r in results for message in r["errors"]]
+    rows = write_outputs(args.out, results, args.merge, args.threads) if results else []
+    if rows:
+        print(summary_table(rows) + "\n(DSC / NSD: means over modalities; 2D ms: a 256² image with one box; "
+              "3D s: a 24-slice volume with a box over 12)")
+        print(f"leaderboard: {args.out / 'leaderboard.csv'} (per case: {args.out / 'cases.csv'})")
+        plots = ["radar.png", "latency_vs_dsc.png"] + [f"confusion_{r['model']}.png" for r in rows if r["head_accuracy"] != ""]
+        print(f"plots: {', '.join(str(args.out / name) for name in plots)}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,3 @@
-import csv
 
 import numpy as np
 import pytest
@@ -6,6 +5,7 @@ import pytest
 from benchmarks.run import LEADERBOARD_FIELDS, compare_with_parents, main, merge_previous, select_cases, variant_label
 from tests.helpers import tiny_model, write_npz
 from zoo.checkpoint import save_checkpoint
+from zoo.io import read_csv
 
 
 @pytest.fixture
@@ -34,12 +34,14 @@ def test_run_writes_leaderboard_cases_and_plots_and_survives_a_broken_variant(ti
     code = main(["--data", str(tiny_data), "--models", f"{broken},{model_path}", "--out", str(out), "--all",
                  "--save-segs", str(tmp_path / "segs"), "--cache-dir", str(tmp_path / "cache")])
     assert code == 1
-    err = capsys.readouterr().err
+    printed = capsys.readouterr()
+    err = printed.err
+    assert f"leaderboard: {out / 'leaderboard.csv'}" in printed.out and "tiny " in printed.out
     assert "variant" in err and "broken.pt" in err and "2DBox_US_bad.npz: no 'gts'" in err
-    cases = list(csv.DictReader(open(out / "cases.csv")))
+    cases = read_csv(out / "cases.csv")
     assert sorted(c["case"] for c in cases) == ["2DBox_US_one.npz", "3DBox_CT_two.npz"]
     assert all(0 <= float(c["dsc"]) <= 1 and float(c["seconds"]) > 0 for c in cases)
-    (row,) = list(csv.DictReader(open(out / "leaderboard.csv")))
+    (row,) = read_csv(out / "leaderboard.csv")
     assert list(row) == LEADERBOARD_FIELDS
     assert row["model"] == "tiny" and row["backend"] == "pytorch" and row["precision"] == "fp32"
     assert float(row["encoder_GFLOPs"]) > 0 and float(row["latency_2d_ms"]) > 0 and float(row["latency_3d_s"]) > 0
@@ -60,6 +62,22 @@ def test_sample_is_seeded_and_per_modality(tmp_path):
     assert len(select_cases(tmp_path, None)) == 10
 
 
+def test_a_sample_covers_2d_and_3d_and_draws_volumes_with_few_slices(tmp_path):
+    volume = np.zeros((40, 8, 8), np.uint8)
+    for i, slices in enumerate((30, 3, 12, 25, 40, 5, 20, 35)):  # the quarter with the fewest: 3 and 5 slices
+        write_npz(tmp_path / f"3DBox_MR_{i}.npz", imgs=volume, boxes=np.array([[1, 1, 0, 6, 6, slices - 1]]))
+    write_npz(tmp_path / "3DBox_CT_big.npz", imgs=volume, boxes=np.array([[1, 1, 0, 6, 6, 39]]))
+    for i in range(3):
+        (tmp_path / f"2DBox_CT_{i}.npz").touch()
+    draws = {seed: select_cases(tmp_path, 1, seed) for seed in range(12)}
+    assert {p.name for d in draws.values() for p in d if "_MR_" in p.name} == {"3DBox_MR_1.npz", "3DBox_MR_5.npz"}
+    assert all(len(d) == 2 for d in draws.values())
+    assert {p.name for p in select_cases(tmp_path, 4, 0)} >= {"3DBox_CT_big.npz", "2DBox_CT_0.npz"}  # CT: 2D and 3D
+    assert len(select_cases(tmp_path, None)) == 12
+    anywhere = {p.name for seed in range(12) for p in select_cases(tmp_path, 1, seed, small_volumes=False) if "_MR_" in p.name}
+    assert len(anywhere) > 2  # --volumes any: the earlier sample, from every volume
+
+
 
 def test_bad_input_corpus(tmp_path, capsys):
     from tests.helpers import assert_reported, write_corpus
@@ -71,7 +89,7 @@ def test_bad_input_corpus(tmp_path, capsys):
                  "--threads", "1", "--cache-dir", str(tmp_path / "cache")])
     assert code == 1
     assert_reported(capsys.readouterr().err, bad)
-    assert sorted(c["case"] for c in csv.DictReader(open(out / "cases.csv"))) == sorted(good)
+    assert sorted(c["case"] for c in read_csv(out / "cases.csv")) == sorted(good)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
@@ -83,7 +101,7 @@ def test_merge_adds_and_replaces_rows_of_the_same_cases(tiny_data, tmp_path, cap
     common = ["--data", str(tiny_data), "--out", str(out), "--all", "--cache-dir", str(tmp_path / "cache")]
     assert main(common + ["--models", str(first)]) == 0
     assert main(common + ["--models", str(second), "--merge"]) == 0
-    rows = list(csv.DictReader(open(out / "leaderboard.csv")))
+    rows = read_csv(out / "leaderboard.csv")
     assert [r["model"] for r in rows] == ["first", "second"]
     assert rows[0]["parent"] == "" and rows[1]["parent"] == "first"
     change = float(rows[1]["dsc_mean_modalities"]) - float(rows[0]["dsc_mean_modalities"])
@@ -93,7 +111,7 @@ def test_merge_adds_and_replaces_rows_of_the_same_cases(tiny_data, tmp_path, cap
     merged_cases, merged_rows = merge_previous(out, [{"case": "2DBox_US_one.npz", "model": "first"}], [again])
     assert [r["model"] for r in merged_rows] == ["second", "first"] and merged_rows[1] is again
     assert sorted(c["model"] for c in merged_cases) == ["first", "second", "second"]
-    cases = list(csv.DictReader(open(out / "cases.csv")))
+    cases = read_csv(out / "cases.csv")
     assert sorted((c["model"], c["case"]) for c in cases) == [(m, c) for m in ("first", "second")
                                                               for c in ("2DBox_US_one.npz", "3DBox_CT_two.npz")]
     other = tmp_path / "other"
