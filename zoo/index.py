@@ -32,6 +32,7 @@ from zoo.checkpoint import (
     save_checkpoint,
     sha256_file,
 )
+from zoo.cli import run_cli
 from zoo.embedding_cache import DEFAULT_CACHE_DIR
 from zoo.export import export_variant, runtime_version
 from zoo.exported import BACKENDS, MANIFEST, ExportedModel, check_backend, read_manifest
@@ -256,7 +257,7 @@ def add_model(name: str, source: Path, half: bool = False, encoder_from: str | N
     return next(e for e in refresh_index() if e["name"] == name)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m zoo.index", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command")
@@ -270,17 +271,23 @@ def main(argv: list[str] | None = None) -> int:
                      help="leave out an encoder that is LiteMedSAM's, unchanged (checked)")
     add.add_argument("--replace", action="store_true")
     add.add_argument("--description", default=None, help="how the model was made, for the index")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "add":
-            print(json.dumps(add_model(args.name, args.source, args.half, args.encoder_from, args.replace, args.description, args.export)))
-        else:
-            for entry in refresh_index():
-                print(json.dumps(entry))
-    except (CheckpointError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """`add`: the new entry; otherwise every entry re-measured. Each is printed as a JSON line."""
+    if args.command == "add":
+        entries = [add_model(args.name, args.source, args.half, args.encoder_from, args.replace, args.description,
+                             args.export)]
+    else:
+        entries = refresh_index()
+    for entry in entries:
+        print(json.dumps(entry))
+    return entries
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, parse_args(argv))
 
 
 if __name__ == "__main__":
