@@ -29,6 +29,8 @@ OPSET = 17
 
 
 class EncoderGraph(nn.Module):
+    """image (1, 3, 256, 256) -> embedding (1, 256, 64, 64)."""
+
     def __init__(self, model: ClassPromptSAM):
         super().__init__()
         self.model = model
@@ -38,6 +40,8 @@ class EncoderGraph(nn.Module):
 
 
 class HeadGraph(nn.Module):
+    """embedding (1, 256, 64, 64) -> modality logits (1, 11)."""
+
     def __init__(self, model: ClassPromptSAM):
         super().__init__()
         self.model = model
