@@ -1,5 +1,6 @@
 import csv
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -45,7 +46,17 @@ def losses(out_dir):
     return [(int(r["step"]), r["loss"]) for r in csv.DictReader(open(out_dir / "log.csv"))]
 
 
-def test_resume_continues_exactly(setup, tmp_path):
+@pytest.fixture
+def one_thread():
+    """Bit-exact comparisons need one thread: on some CPUs (an AVX-512 EPYC here) two identical 2-thread runs
+    already differ in the last bits, since parallel reductions may sum in another order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_resume_continues_exactly(setup, tmp_path, one_thread):
     full = make_trainer(setup, tmp_path / "full")
     full.fit(progress=False)
     assert full.step == 6
@@ -71,6 +82,21 @@ def test_only_the_encoder_learns(setup, tmp_path):
     for k, v in trainer.student.mask_decoder.state_dict().items():
         assert torch.equal(v, decoder_before[k])
     assert not torch.equal(trainer.student.image_encoder.patch_embed.seq[0].conv.weight, encoder_before)
+
+
+def test_train_parts_moves_only_that_part_and_freezes_the_rest_batch_norms_included(setup, tmp_path):
+    """--train-parts fusion: a high-resolution path learns on a trained student whose weights and batch-norm
+    running statistics stay exactly as they were."""
+    samples, keys, cache = setup
+    torch.manual_seed(0)
+    model = ClassPromptSAM(replace(TINY, encoder=replace(TINY.encoder, fuse_stages=(0,), fuse_dim=4)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = TrainSettings(out_dir=tmp_path / "run", epochs=1, batch_size=2, lr=1e-2, train_parts="fusion")
+    Trainer(model, samples, keys, cache, settings).fit(progress=False)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("image_encoder.fusion.") for k in changed)
+    with pytest.raises(ValueError, match="no part named 'fusoin'"):
+        Trainer(ClassPromptSAM(TINY), samples, keys, cache, replace(settings, train_parts="fusoin"))
 
 
 def test_corrupt_last_checkpoint_falls_back_to_previous(setup, tmp_path):
