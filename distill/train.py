@@ -49,6 +49,9 @@ class TrainSettings:
     flip: bool = True
     balanced: bool = True
     mask_loss_weight: float = 0.0
+    # Encoder parts that train, as comma-separated module names under image_encoder ('fusion' adds a
+    # high-resolution path to a trained student without moving it); empty: the whole encoder.
+    train_parts: str = ""
 
     def to_dict(self) -> dict:
         values = asdict(self)
@@ -138,6 +141,8 @@ class Trainer:
         self.samples, self.keys, self.cache, self.settings = samples, keys, cache, settings
         for name, p in self.student.named_parameters():
             p.requires_grad_(self.is_trainable(name))
+        if not any(p.requires_grad for p in self.student.parameters()):
+            raise ValueError(f"nothing to train: the model has no part named {settings.train_parts!r} in its encoder")
         self.encoder = self.student.image_encoder
         self.rank, self.world_size = world()
         if self.world_size > 1:
@@ -163,7 +168,17 @@ class Trainer:
         self.epoch_loss = [0.0, 0]  # sum, count over the current epoch (for the plateau scheduler)
 
     def is_trainable(self, name: str) -> bool:
-        return name.startswith("image_encoder.")
+        parts = tuple(f"image_encoder.{part.strip()}." for part in self.settings.train_parts.split(",") if part.strip())
+        return name.startswith(parts or ("image_encoder.",))
+
+    def train_mode(self) -> None:
+        """Training mode for the modules that train; the frozen ones stay in eval mode, so their batch norms
+        neither use batch statistics nor move their running ones."""
+        self.student.train()
+        for module in self.student.modules():
+            params = list(module.parameters())
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
 
     def param_groups(self) -> list[dict]:
         return [{"params": [p for p in self.student.parameters() if p.requires_grad]}]
@@ -246,7 +261,7 @@ class Trainer:
         if self.rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
             self._trim_log(log_path)
-        self.encoder.train()
+        self.train_mode()
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.stage, unit="step", disable=not progress or self.rank != 0)
         last_loss = math.nan
         while self.step < self.total_steps:
