@@ -25,7 +25,17 @@ import numpy as np
 from tqdm import tqdm
 
 from zoo.cli import run_cli
-from zoo.formats import ImageFile, list_inputs, parse_window, read_image, read_label_map, relabel_consecutive, tight_boxes, to_uint8
+from zoo.formats import (
+    ImageFile,
+    label_map_for,
+    list_inputs,
+    parse_window,
+    read_image,
+    read_label_map,
+    relabel_consecutive,
+    tight_boxes,
+    to_uint8,
+)
 from zoo.io import CaseError, save_npz_atomic
 from zoo.modalities import MODALITIES, canonical_modality
 
@@ -34,16 +44,6 @@ def npz_name(image: ImageFile, modality: str) -> str:
     """'brain.nii.gz' -> '3DBox_MR_brain.npz'; '3DBox_MR_brain.nii.gz' stays '3DBox_MR_brain.npz'."""
     prefix = f"{'3D' if image.is_3d else '2D'}Box_{modality}_"
     return f"{image.stem if image.stem.startswith(prefix) else prefix + image.stem}.npz"
-
-
-def label_file(labels: Path, image: ImageFile) -> Path:
-    """LABELS itself, or in a LABELS folder the map named like the image or like its segmentation output."""
-    if not labels.is_dir():
-        return labels
-    for name in (image.path.name, image.labels_name):
-        if (labels / name).exists():
-            return labels / name
-    raise CaseError(image.path, f"no label map named {image.path.name!r} or {image.labels_name!r} in {labels}")
 
 
 def challenge_arrays(image: ImageFile, label_path: Path, modality: str,
@@ -73,7 +73,7 @@ def convert_files(images: list[Path], labels: Path, output_dir: Path, modality: 
     for path in tqdm(images, desc="converting", unit="image", disable=not progress):
         try:
             image = read_image(path)
-            arrays = challenge_arrays(image, label_file(labels, image), modality, window)
+            arrays = challenge_arrays(image, label_map_for(labels, image), modality, window)
             written.append(save_npz_atomic(output_dir / npz_name(image, modality), **arrays))
         except CaseError as err:
             tqdm.write(f"error: {err}", file=sys.stderr)

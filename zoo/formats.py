@@ -228,6 +228,17 @@ def read_label_map(path: str | Path, image: ImageFile) -> np.ndarray:
     return array
 
 
+def label_map_for(labels: Path, image: ImageFile, what: str = "label map") -> Path:
+    """The label map that goes with `image`: `labels` itself, or in a `labels` folder the file named like the image
+    or like its labels output (`image.labels_name`: a DICOM's <name>.nii.gz, a JPEG's .png)."""
+    if not labels.is_dir():
+        return labels
+    for name in (image.path.name, image.labels_name):
+        if (labels / name).exists():
+            return labels / name
+    raise CaseError(image.path, f"no {what} named {image.path.name!r} or {image.labels_name!r} in {labels}")
+
+
 def relabel_consecutive(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Label map with any non-negative values -> (labels 1..N in ascending order of the original values, uint8, or
     uint16 beyond 255 objects; the original values (N,)). 0 stays background."""

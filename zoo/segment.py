@@ -27,7 +27,18 @@ import torch
 from tqdm import tqdm
 
 from zoo.cli import run_cli
-from zoo.formats import ImageFile, list_inputs, parse_window, read_image, read_label_map, relabel_consecutive, tight_boxes, to_uint8, write_labels
+from zoo.formats import (
+    ImageFile,
+    label_map_for,
+    list_inputs,
+    parse_window,
+    read_image,
+    read_label_map,
+    relabel_consecutive,
+    tight_boxes,
+    to_uint8,
+    write_labels,
+)
 from zoo.io import Case, CaseError, write_csv_atomic
 from zoo.modalities import MODALITIES, canonical_modality
 from zoo.overlay import encode_png, overlay_picture, write_bytes_atomic
@@ -45,7 +56,7 @@ def read_boxes_json(path: Path) -> dict[str, list]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: not a readable JSON file ({err})")
     if not isinstance(entries, dict):
-        raise ValueError(f"{path}: expected a JSON object {{\"<input file name>\": [[x0, y0, x1, y1], ...]}}")
+        raise ValueError(f"{path}: expected a JSON object {{\"<input file name>\": [[x0, y0, x1, y1], ...]}}")  # noqa: TRY004 (bad input: exit 2)
     return entries
 
 
@@ -76,16 +87,6 @@ def boxes_from_json(entries: dict, json_path: Path, image: ImageFile) -> tuple[n
     return boxes, np.arange(1, len(boxes) + 1)
 
 
-def prompt_mask_file(prompt_mask: Path, image: ImageFile) -> Path:
-    """The prompt mask for `image`: MASK itself, or for a folder the mask named like the input or its output."""
-    if not prompt_mask.is_dir():
-        return prompt_mask
-    for name in (image.path.name, image.labels_name):
-        if (prompt_mask / name).exists():
-            return prompt_mask / name
-    raise CaseError(image.path, f"no prompt mask named {image.path.name!r} or {image.labels_name!r} in {prompt_mask}")
-
-
 def boxes_from_prompt_mask(mask_path: Path, image: ImageFile) -> tuple[np.ndarray, np.ndarray]:
     """A label map in the image's geometry -> (one tight box per label value (N, 4|6) float64, the values (N,))."""
     consecutive, values = relabel_consecutive(read_label_map(mask_path, image))
@@ -103,7 +104,7 @@ def segment_file(model, path: Path, output_dir: Path, modalities: ModalityChoice
     if output.resolve() in protected:
         raise CaseError(path, f"output {output} would overwrite an input; choose another output folder")
     if prompt_mask is not None:
-        boxes, values = boxes_from_prompt_mask(prompt_mask_file(prompt_mask, image), image)
+        boxes, values = boxes_from_prompt_mask(label_map_for(prompt_mask, image, "prompt mask"), image)
     else:
         boxes, values = boxes_from_json(*boxes_json, image)
     given = None if modalities.choice in ("auto", "head") else canonical_modality(modalities.choice)

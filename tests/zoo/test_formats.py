@@ -5,8 +5,17 @@ import SimpleITK as sitk
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from zoo.formats import (apply_window, list_inputs, read_image, read_label_map, relabel_consecutive,
-                         scale_percentiles, tight_boxes, to_uint8, write_labels)
+from zoo.formats import (
+    apply_window,
+    list_inputs,
+    read_image,
+    read_label_map,
+    relabel_consecutive,
+    scale_percentiles,
+    tight_boxes,
+    to_uint8,
+    write_labels,
+)
 from zoo.io import CaseError, load_case
 
 

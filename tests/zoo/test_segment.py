@@ -36,9 +36,9 @@ def read_rows(path):
 
 
 def test_ct_volume_in_hounsfield_units_scores_as_predict_on_the_npz(val_dir, fast_model, tmp_path):
-    """A real CT volume (a 7-slice slab, for speed) stored as NIfTI in HU: the same DSC as zoo.predict on its npz."""
+    """A real CT volume (a 5-slice slab, for speed) stored as NIfTI in HU: the same DSC as zoo.predict on its npz."""
     case = np.load(val_dir / "3DBox_CT_IBSISTS_STS032.npz")
-    imgs, gts = case["imgs"][24:31], case["gts"][24:31]
+    imgs, gts = case["imgs"][24:29], case["gts"][24:29]
     npz = write_npz(tmp_path / "3DBox_CT_slab.npz", imgs=imgs, gts=gts, boxes=tight_boxes(gts), spacing=case["spacing"])
     hounsfield = np.rint(imgs / 255 * 400 + (40 - 200)).astype(np.int16)  # the soft-tissue window undone
     spacing = tuple(float(s) for s in case["spacing"][::-1])
@@ -118,11 +118,12 @@ def test_prompt_mask_values_are_kept_and_a_volume_overlay_is_a_montage(bright_ru
     mask = np.zeros_like(volume)
     mask[1:4, 4:12, 4:12] = 9
     mask[2:6, 20:30, 30:44] = 4
+    volume[4, 2:6, 100:120], mask[4, 2:6, 100:120] = 200, 5  # one slice: a 3D box with z0 == z1
     (tmp_path / "in").mkdir()
     image = write_volume(tmp_path / "in" / "v.mha", volume)
     mask_path = write_volume(tmp_path / "mask.mha", mask)
     rows = segment_files(bright_runtime, [image], tmp_path / "out", prompt_mask=mask_path, overlay=True, progress=False)
-    assert rows[0]["n_objects"] == 2 and rows[0]["modality_source"] == "unused"
+    assert rows[0]["n_objects"] == 3 and rows[0]["modality_source"] == "unused"
     assert np.array_equal(read_image(tmp_path / "out" / "v.mha").array, mask)
     montage = np.asarray(Image.open(tmp_path / "out" / "v_overlay.png"))
     assert montage.shape == (2 * 32, 3 * 256, 3)  # slices 1..5 hold labels: 3 columns, 2 rows
