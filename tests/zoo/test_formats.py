@@ -57,6 +57,19 @@ def test_volume_axes_are_z_y_x_and_labels_go_back_in_the_same_geometry(tmp_path,
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [path.name]  # no temporary left behind
 
 
+def test_nibabel_sees_the_documented_transpose_and_the_same_affine(tmp_path):
+    nibabel = pytest.importorskip("nibabel")  # a test dependency: the docs tell nibabel users the transpose
+    volume = np.random.default_rng(0).integers(-1000, 1000, (4, 5, 6)).astype(np.int16)
+    path = write_volume(tmp_path / "ct.nii.gz", volume)
+    image = read_image(path)
+    stored = nibabel.load(path)
+    assert np.array_equal(np.asanyarray(stored.dataobj).transpose(2, 1, 0), image.array)
+    out = write_labels((image.array > 0).astype(np.uint8), image, tmp_path / "out" / "ct.nii.gz")
+    written = nibabel.load(out)
+    assert np.array_equal(written.affine, stored.affine) and written.shape == stored.shape
+    assert np.array_equal(np.asanyarray(written.dataobj).transpose(2, 1, 0), image.array > 0)
+
+
 def test_dicom_file_is_read_in_hounsfield_units_with_its_modality():
     path = get_testdata_file("CT_small.dcm")
     dataset = pydicom.dcmread(path)
