@@ -134,7 +134,7 @@ def _sitk_problem(err: RuntimeError) -> str:
 
 def _dicom_modality(path: Path) -> str | None:
     try:
-        code = pydicom.dcmread(path, stop_before_pixels=True).get("Modality")
+        code = pydicom.dcmread(path, stop_before_pixels=True, force=True).get("Modality")  # GDCM read it already
     except (pydicom.errors.InvalidDicomError, OSError) as err:
         raise CaseError(path, f"not a readable DICOM file ({err})")
     return DICOM_MODALITIES.get(str(code).upper()) if code else None
@@ -175,13 +175,15 @@ def _read_picture(path: Path, fmt: str, labels: bool) -> ImageFile:
             if getattr(picture, "n_frames", 1) > 1:
                 raise CaseError(path, f"holds {picture.n_frames} frames; one 2D image per file is supported")
             if labels:  # label values as stored: a palette image's indices, never its colours
-                if picture.mode not in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L"):
+                if picture.mode not in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L", "F"):
                     raise CaseError(path, f"a label map needs one channel; this {fmt} has mode {picture.mode}")
             elif picture.mode in ("1", "LA"):
                 picture = picture.convert("L")  # alpha dropped
             elif picture.mode not in ("L", "I", "I;16", "I;16B", "I;16L", "F", "RGB"):
                 picture = picture.convert("RGB")  # palette, RGBA (alpha dropped), CMYK, YCbCr
             array = np.asarray(picture)
+            if array.dtype == bool:  # a 1-bit label map: labels 0 and 1
+                array = array.astype(np.uint8)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise CaseError(path, f"not a readable {fmt} image ({err})")
     return ImageFile(path, fmt, array)

@@ -142,6 +142,8 @@ def test_pictures_and_label_maps(tmp_path):
     assert set(np.unique(read_image(tmp_path / "mask.png", labels=True).array)) == {0, 3, 5}  # indices, not colours
     with pytest.raises(CaseError, match="differs from the image's"):
         read_label_map(tmp_path / "mask.png", grey)
+    Image.fromarray(np.eye(6, 8, dtype=bool)).save(tmp_path / "binary.png")
+    assert read_image(tmp_path / "binary.png", labels=True).array.tolist() == np.eye(6, 8, dtype=np.uint8).tolist()
     Image.fromarray(rgba).save(tmp_path / "rgb_mask.png")
     with pytest.raises(CaseError, match="needs one channel"):
         read_image(tmp_path / "rgb_mask.png", labels=True)
