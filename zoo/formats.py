@@ -312,11 +312,14 @@ def to_uint8(image: ImageFile, modality: str | None = None,
 
 def write_labels(labels: np.ndarray, image: ImageFile, path: str | Path) -> Path:
     """Label map (image.spatial_shape, integer) -> `path` in `image`'s geometry (SimpleITK formats: origin,
-    spacing, direction copied) or as an 8/16-bit PNG / TIFF; uint8, or uint16 when a value exceeds 255. Atomic."""
+    spacing, direction copied) or as an 8/16-bit PNG / TIFF; the smallest unsigned type that holds the values. Atomic."""
     path = Path(path)
     if labels.shape != image.spatial_shape:
         raise ValueError(f"labels shape {labels.shape} differs from the image's {image.spatial_shape}")
-    labels = labels.astype(np.uint8 if labels.max() <= np.iinfo(np.uint8).max else np.uint16)
+    dtype = next(t for t in (np.uint8, np.uint16, np.uint32, np.uint64) if labels.max() <= np.iinfo(t).max)
+    if image.geometry is None and dtype not in (np.uint8, np.uint16):
+        raise CaseError(path, f"label values up to {labels.max()} do not fit a 16-bit {image.format} label map")
+    labels = labels.astype(dtype)
     with atomic_path(path, suffix=".tmp" + file_suffix(path)) as tmp:
         if image.geometry is not None:
             out = sitk.GetImageFromArray(labels.reshape(image.geometry.GetSize()[::-1]))

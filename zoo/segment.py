@@ -97,12 +97,19 @@ def boxes_from_prompt_mask(mask_path: Path, image: ImageFile) -> tuple[np.ndarra
 
 def segment_file(model, path: Path, output_dir: Path, modalities: ModalityChoice, *, prompt_mask: Path | None = None,
                  boxes_json: tuple[dict, Path] | None = None, window: tuple[float, float] | None = None,
-                 overlay: bool = False, protected: frozenset[Path] = frozenset()) -> dict:
-    """Segment one input into output_dir; returns its report row. CaseError before anything is written."""
+                 overlay: bool = False, protected: set[Path] | None = None, taken: set[Path] | None = None) -> dict:
+    """Segment one input into output_dir; returns its report row. CaseError before anything is written.
+    `protected`: resolved paths never to write (inputs, masks); `taken`: outputs of earlier inputs of this run
+    (a.jpg and a.png both make a.png), to which this input's are added."""
+    protected, taken = protected or set(), taken if taken is not None else set()
     image = read_image(path)
     output = output_dir / image.labels_name
-    if output.resolve() in protected:
-        raise CaseError(path, f"output {output} would overwrite an input; choose another output folder")
+    overlay_path = output_dir / f"{image.stem}_overlay.png"
+    for target in (output, overlay_path) if overlay else (output,):
+        if target.resolve() in protected:
+            raise CaseError(path, f"output {target} would overwrite an input; choose another output folder")
+        if target.resolve() in taken:
+            raise CaseError(path, f"output {target} was already written for another input of the same name")
     if prompt_mask is not None:
         boxes, values = boxes_from_prompt_mask(label_map_for(prompt_mask, image, "prompt mask"), image)
     else:
@@ -120,8 +127,10 @@ def segment_file(model, path: Path, output_dir: Path, modalities: ModalityChoice
     labels = np.concatenate([[0], values])[result.segs]  # label i (box order) -> its value
     picture = encode_png(overlay_picture(pixels, labels)) if overlay else None
     write_labels(labels, image, output)
+    taken.add(output.resolve())
     if picture is not None:
-        write_bytes_atomic(output_dir / f"{image.stem}_overlay.png", picture)
+        write_bytes_atomic(overlay_path, picture)
+        taken.add(overlay_path.resolve())
     return {"input": path.name, "output": output.name, "modality": result.modality or "",
             "modality_source": result.modality_source, "head_modality": result.head_modality or "",
             "intensity": intensity, "n_objects": len(values), "seconds": f"{seconds:.3f}", "status": "ok", "error": ""}
@@ -138,11 +147,11 @@ def segment_files(model, inputs: list[Path], output_dir: Path, *, modality: str 
     protected = {p.resolve() for p in inputs}
     if prompt_mask is not None:
         protected |= {prompt_mask.resolve()} | ({p.resolve() for p in prompt_mask.iterdir()} if prompt_mask.is_dir() else set())
-    rows = []
+    rows, taken = [], set()
     for path in tqdm(inputs, desc="segmenting", unit="image", disable=not progress):
         try:
             row = segment_file(model, path, output_dir, modalities, prompt_mask=prompt_mask, boxes_json=boxes_json,
-                               window=window, overlay=overlay, protected=frozenset(protected))
+                               window=window, overlay=overlay, protected=protected, taken=taken)
             tqdm.write(f"{path.name}: {row['n_objects']} object(s), modality {row['modality'] or 'none'} "
                        f"({row['modality_source']}), intensity {row['intensity']} -> {output_dir / row['output']}")
         except CaseError as err:

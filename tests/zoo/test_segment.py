@@ -170,3 +170,16 @@ def test_bad_inputs_are_reported_one_line_each_and_the_rest_segmented(tiny_check
     assert main([str(inputs), "-o", str(inputs), "--prompt-mask", str(masks), "--model", str(tiny_checkpoint)]) == 2
     assert "inputs are never overwritten" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in inputs.iterdir()} == before
+
+
+def test_two_inputs_with_one_output_name_are_not_written_over(bright_runtime, tmp_path):
+    (tmp_path / "in").mkdir()
+    picture = np.zeros((20, 30), np.uint8)
+    picture[5:10, 5:15] = 255
+    Image.fromarray(picture).save(tmp_path / "in" / "a.jpg", quality=100)
+    Image.fromarray(picture).save(tmp_path / "in" / "a.png")
+    Image.fromarray((picture > 0).astype(np.uint8)).save(tmp_path / "mask.png")  # one mask serves both
+    rows = segment_files(bright_runtime, sorted((tmp_path / "in").iterdir()), tmp_path / "out",
+                         prompt_mask=tmp_path / "mask.png", progress=False)
+    assert [row["status"] for row in rows] == ["ok", "failed"]  # a.jpg wrote a.png first
+    assert "already written for another input" in rows[1]["error"]
