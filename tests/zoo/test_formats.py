@@ -83,15 +83,20 @@ def test_dicom_file_is_read_in_hounsfield_units_with_its_modality():
     assert rule == "window 40,400" and np.array_equal(pixels, apply_window(hounsfield, 40, 400))
 
 
-def test_dicom_series_folder_is_one_input(tmp_path):
-    series = tmp_path / "series"
+def write_dicom_series(series, depth=3):
+    """pydicom's CT_small as `depth` slices of one series, 5 mm apart."""
     series.mkdir()
     dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    for z in range(3):  # three slices of one series, 5 mm apart
+    for z in range(depth):
         dataset.InstanceNumber = z + 1
         dataset.SOPInstanceUID = f"{dataset.SOPInstanceUID.rsplit('.', 1)[0]}.{z + 1}"
         dataset.ImagePositionPatient = [-158.135803, -179.035797, -75.699997 + 5 * z]
         dataset.save_as(series / f"slice{z}.dcm")
+    return series
+
+
+def test_dicom_series_folder_is_one_input(tmp_path):
+    series = write_dicom_series(tmp_path / "series")
     assert list_inputs(series) == [series]
     image = read_image(series)
     assert image.is_3d and image.array.shape == (3, 128, 128) and image.modality == "CT"

@@ -10,7 +10,7 @@ from pydicom.data import get_testdata_file
 
 from benchmarks.metrics import case_scores
 from tests.conftest import write_npz
-from tests.zoo.test_formats import nifti_header, write_volume
+from tests.zoo.test_formats import nifti_header, write_dicom_series, write_volume
 from zoo.formats import read_image, tight_boxes
 from zoo.predict import predict_files
 from zoo.segment import main, segment_files
@@ -183,3 +183,17 @@ def test_two_inputs_with_one_output_name_are_not_written_over(bright_runtime, tm
                          prompt_mask=tmp_path / "mask.png", progress=False)
     assert [row["status"] for row in rows] == ["ok", "failed"]  # a.jpg wrote a.png first
     assert "already written for another input" in rows[1]["error"]
+
+
+def test_dicom_series_is_segmented_into_a_nifti_of_the_series_geometry(bright_runtime, tmp_path):
+    series = write_dicom_series(tmp_path / "scan")
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"scan": [[20, 20, 0, 100, 100, 2]]}))
+    rows = segment_files(bright_runtime, [series], tmp_path / "out", boxes_file=boxes, progress=False)
+    assert rows[0]["output"] == "scan.nii.gz" and rows[0]["intensity"] == "window 40,400"
+    written = sitk.ReadImage(str(tmp_path / "out" / "scan.nii.gz"))
+    source = read_image(series).geometry
+    assert written.GetSize() == source.GetSize() == (128, 128, 3)
+    for get in ("GetSpacing", "GetOrigin", "GetDirection"):
+        assert getattr(written, get)() == pytest.approx(getattr(source, get)(), abs=1e-4), get
+    assert sitk.GetArrayFromImage(written)[1:, 20:101, 20:101].any()
