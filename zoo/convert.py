@@ -25,17 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from zoo.cli import run_cli
-from zoo.formats import (
-    ImageFile,
-    label_map_for,
-    list_inputs,
-    parse_window,
-    read_image,
-    read_label_map,
-    relabel_consecutive,
-    tight_boxes,
-    to_uint8,
-)
+from zoo.formats import ImageFile, label_map_boxes, label_map_for, list_inputs, parse_window, read_image, to_uint8
 from zoo.io import CaseError, save_npz_atomic
 from zoo.modalities import MODALITIES, canonical_modality
 
@@ -52,10 +42,7 @@ def challenge_arrays(image: ImageFile, label_path: Path, modality: str,
     pixels, _ = to_uint8(image, modality, window)
     if not image.is_3d and pixels.ndim == 2:
         pixels = np.repeat(pixels[..., None], 3, axis=-1)
-    gts, values = relabel_consecutive(read_label_map(label_path, image))
-    if len(values) == 0:
-        raise CaseError(label_path, f"label map for {image.path.name} is empty: no labelled pixels")
-    boxes = tight_boxes(gts)
+    gts, values, boxes = label_map_boxes(label_path, image)
     half = boxes.shape[1] // 2
     for label, box in enumerate(boxes, start=1):
         flat = [axis for axis, low, high in zip("xyz", box[:half], box[half:]) if low >= high]
@@ -100,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("labels", type=Path, help="its label map, or a folder of label maps named like the images")
     parser.add_argument("-o", "--output", required=True, type=Path, help="folder for the challenge npz files")
     parser.add_argument("--modality", required=True, help="one of " + ", ".join(MODALITIES))
-    parser.add_argument("--window", type=parse_window, default=None, help="intensity window LEVEL,WIDTH (CT default 40,400)")
+    parser.add_argument("--window", type=parse_window, default=None,
+                        help="intensity window LEVEL,WIDTH (CT default 40,400)")
     return run_cli(run, parser.parse_args(argv))
 
 

@@ -128,7 +128,8 @@ class ImageFile:
 def _sitk_problem(err: RuntimeError) -> str:
     """SimpleITK's multi-line exception text -> its one informative line."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    useful = [line for line in lines if not line.startswith(("Exception thrown", "itk::", "Location:", "File:", "Line:"))]
+    noise = ("Exception thrown", "itk::", "Location:", "File:", "Line:")
+    useful = [line for line in lines if not line.startswith(noise)]
     return (useful or lines or ["unknown error"])[-1][:300]
 
 
@@ -165,7 +166,8 @@ def _read_sitk(path: Path, fmt: str) -> ImageFile:
     if dimension == 3 and array.shape[0] == 1:
         array = array[0]  # one slice: a 2D image; `geometry` keeps the (1, H, W) layout for writing back
     if components not in (1, 3) or (components == 3 and array.ndim != 3):
-        raise CaseError(path, f"{components} components per voxel in a {dimension}D image; grey volumes or RGB 2D images are supported")
+        raise CaseError(path, f"{components} components per voxel in a {dimension}D image; "
+                              "grey volumes or RGB 2D images are supported")
     return ImageFile(path, fmt, array, image, modality)
 
 
@@ -204,7 +206,8 @@ def read_image(path: str | Path, labels: bool = False) -> ImageFile:
         result = _read_sitk(path, VOLUME_FORMATS.get(suffix, "dicom"))
     else:
         supported = ", ".join(sorted(set(VOLUME_FORMATS) | set(PICTURE_FORMATS)))
-        raise CaseError(path, f"unsupported file type {suffix or '(no suffix, not DICOM)'}; supported: {supported}, a DICOM series folder")
+        raise CaseError(path, f"unsupported file type {suffix or '(no suffix, not DICOM)'}; "
+                              f"supported: {supported}, a DICOM series folder")
     if result.array.size == 0:
         raise CaseError(path, f"empty image (shape {result.array.shape})")
     if result.array.dtype.kind not in "iuf":
@@ -220,7 +223,8 @@ def read_label_map(path: str | Path, image: ImageFile) -> np.ndarray:
     labels = read_image(path, labels=True)
     array = labels.array
     if array.shape != image.spatial_shape:
-        raise CaseError(labels.path, f"label map shape {array.shape} differs from the image's {image.spatial_shape} ({image.path.name})")
+        raise CaseError(labels.path, f"label map shape {array.shape} differs from the image's {image.spatial_shape} "
+                                     f"({image.path.name})")
     if array.dtype.kind == "f":
         if not np.array_equal(array, np.round(array)):
             raise CaseError(labels.path, "label map has non-integer values")
@@ -275,6 +279,16 @@ def parse_window(text: str) -> tuple[float, float]:
     return level, width
 
 
+def label_map_boxes(path: str | Path, image: ImageFile,
+                    what: str = "label map") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A label map for `image` (see read_label_map) -> (its labels relabelled 1..N, the original values (N,), their
+    tight boxes (N, 4) or (N, 6)); CaseError naming the file when it labels nothing."""
+    consecutive, values = relabel_consecutive(read_label_map(path, image))
+    if len(values) == 0:
+        raise CaseError(path, f"{what} for {image.path.name} is empty: no labelled pixels")
+    return consecutive, values, tight_boxes(consecutive)
+
+
 def apply_window(array: np.ndarray, level: float, width: float) -> np.ndarray:
     """Clip to [level - width/2, level + width/2] and scale to 0..255 (rounded) -> uint8 of the same shape."""
     low = level - width / 2
@@ -312,7 +326,8 @@ def to_uint8(image: ImageFile, modality: str | None = None,
 
 def write_labels(labels: np.ndarray, image: ImageFile, path: str | Path) -> Path:
     """Label map (image.spatial_shape, integer) -> `path` in `image`'s geometry (SimpleITK formats: origin,
-    spacing, direction copied) or as an 8/16-bit PNG / TIFF; the smallest unsigned type that holds the values. Atomic."""
+    spacing, direction copied) or as an 8/16-bit PNG / TIFF; the smallest unsigned type that holds the values.
+    Atomic."""
     path = Path(path)
     if labels.shape != image.spatial_shape:
         raise ValueError(f"labels shape {labels.shape} differs from the image's {image.spatial_shape}")

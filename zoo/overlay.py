@@ -17,7 +17,8 @@ MONTAGE_SLICES = 16
 
 def label_colours(values: np.ndarray) -> dict[int, tuple[int, int, int]]:
     """A distinct RGB colour per label value (hues a golden angle apart, stable for a value)."""
-    return {int(v): tuple(int(255 * c) for c in colorsys.hsv_to_rgb((int(v) * 0.618034) % 1.0, 0.9, 1.0)) for v in values}
+    hues = {int(v): (int(v) * 0.618034) % 1.0 for v in values}
+    return {v: tuple(int(255 * c) for c in colorsys.hsv_to_rgb(hue, 0.9, 1.0)) for v, hue in hues.items()}
 
 
 def contour_overlay(image: np.ndarray, labels: np.ndarray, colours: dict[int, tuple[int, int, int]]) -> np.ndarray:

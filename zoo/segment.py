@@ -29,13 +29,11 @@ from tqdm import tqdm
 from zoo.cli import run_cli
 from zoo.formats import (
     ImageFile,
+    label_map_boxes,
     label_map_for,
     list_inputs,
     parse_window,
     read_image,
-    read_label_map,
-    relabel_consecutive,
-    tight_boxes,
     to_uint8,
     write_labels,
 )
@@ -56,7 +54,8 @@ def read_boxes_json(path: Path) -> dict[str, list]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: not a readable JSON file ({err})")
     if not isinstance(entries, dict):
-        raise ValueError(f"{path}: expected a JSON object {{\"<input file name>\": [[x0, y0, x1, y1], ...]}}")  # noqa: TRY004 (bad input: exit 2)
+        # a ValueError, as for every bad argument: run_cli stops with exit 2
+        raise ValueError(f"{path}: expected a JSON object of box lists by input file name")  # noqa: TRY004
     return entries
 
 
@@ -87,14 +86,6 @@ def boxes_from_json(entries: dict, json_path: Path, image: ImageFile) -> tuple[n
     return boxes, np.arange(1, len(boxes) + 1)
 
 
-def boxes_from_prompt_mask(mask_path: Path, image: ImageFile) -> tuple[np.ndarray, np.ndarray]:
-    """A label map in the image's geometry -> (one tight box per label value (N, 4|6) float64, the values (N,))."""
-    consecutive, values = relabel_consecutive(read_label_map(mask_path, image))
-    if len(values) == 0:
-        raise CaseError(mask_path, f"prompt mask for {image.path.name} is empty: no labelled pixels")
-    return tight_boxes(consecutive).astype(np.float64), values
-
-
 def segment_file(model, path: Path, output_dir: Path, modalities: ModalityChoice, *, prompt_mask: Path | None = None,
                  boxes_json: tuple[dict, Path] | None = None, window: tuple[float, float] | None = None,
                  overlay: bool = False, protected: set[Path] | None = None, taken: set[Path] | None = None) -> dict:
@@ -111,7 +102,8 @@ def segment_file(model, path: Path, output_dir: Path, modalities: ModalityChoice
         if target.resolve() in taken:
             raise CaseError(path, f"output {target} was already written for another input of the same name")
     if prompt_mask is not None:
-        boxes, values = boxes_from_prompt_mask(label_map_for(prompt_mask, image, "prompt mask"), image)
+        _, values, boxes = label_map_boxes(label_map_for(prompt_mask, image, "prompt mask"), image, "prompt mask")
+        boxes = boxes.astype(np.float64)
     else:
         boxes, values = boxes_from_json(*boxes_json, image)
     given = None if modalities.choice in ("auto", "head") else canonical_modality(modalities.choice)
@@ -136,7 +128,8 @@ def segment_file(model, path: Path, output_dir: Path, modalities: ModalityChoice
             "intensity": intensity, "n_objects": len(values), "seconds": f"{seconds:.3f}", "status": "ok", "error": ""}
 
 
-def segment_files(model, inputs: list[Path], output_dir: Path, *, modality: str = "auto", prompt_mask: Path | None = None,
+def segment_files(model, inputs: list[Path], output_dir: Path, *, modality: str = "auto",
+                  prompt_mask: Path | None = None,
                   boxes_file: Path | None = None, window: tuple[float, float] | None = None, overlay: bool = False,
                   progress: bool = True) -> list[dict]:
     """Segment every input; a bad one is reported on one line naming it and skipped. One report row per input."""
@@ -146,7 +139,8 @@ def segment_files(model, inputs: list[Path], output_dir: Path, *, modality: str 
     boxes_json = (read_boxes_json(boxes_file), boxes_file) if boxes_file is not None else None
     protected = {p.resolve() for p in inputs}
     if prompt_mask is not None:
-        protected |= {prompt_mask.resolve()} | ({p.resolve() for p in prompt_mask.iterdir()} if prompt_mask.is_dir() else set())
+        masks = list(prompt_mask.iterdir()) if prompt_mask.is_dir() else [prompt_mask]
+        protected |= {p.resolve() for p in masks}
     rows, taken = [], set()
     for path in tqdm(inputs, desc="segmenting", unit="image", disable=not progress):
         try:
@@ -165,9 +159,10 @@ def run(args: argparse.Namespace) -> None:
     from zoo.index import load  # here, so that --help is fast
 
     inputs = list_inputs(args.input)
-    folders = {args.input.resolve()} | ({args.prompt_mask.resolve()} if args.prompt_mask and args.prompt_mask.is_dir() else set())
+    folders = {args.input.resolve()} | ({args.prompt_mask.resolve()} if args.prompt_mask else set())
     if args.output.resolve() in folders:
-        raise ValueError(f"{args.output}: the output folder holds the inputs or masks; choose another so inputs are never overwritten")
+        raise ValueError(f"{args.output}: the output folder holds the inputs or masks; "
+                         "choose another so inputs are never overwritten")
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load(args.model)
@@ -184,14 +179,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("input", type=Path, help="an image file, a DICOM series folder, or a folder of inputs")
     parser.add_argument("-o", "--output", required=True, type=Path, help="folder for the label maps and segment.csv")
     prompts = parser.add_mutually_exclusive_group(required=True)
-    prompts.add_argument("--prompt-mask", type=Path, help="label map in the input's geometry (a folder for a folder INPUT)")
+    prompts.add_argument("--prompt-mask", type=Path,
+                         help="label map in the input's geometry (a folder for a folder INPUT)")
     prompts.add_argument("--boxes", type=Path, help="JSON {\"<input file name>\": [[x0, y0, (z0,) x1, y1, (z1)], ...]}")
-    parser.add_argument("--model", default="cp_tinyvit", help="zoo name (cp_tinyvit, litemedsam, ...) or checkpoint path")
+    parser.add_argument("--model", default="cp_tinyvit",
+                        help="zoo name (cp_tinyvit, litemedsam, ...) or checkpoint path")
     parser.add_argument("--modality", default="auto",
-                        help="auto (a DICOM header's, else the modality head's), head, or one of " + ", ".join(MODALITIES))
+                        help="auto (a DICOM header's, else the modality head's), head, or one of "
+                        + ", ".join(MODALITIES))
     parser.add_argument("--window", type=parse_window, default=None,
                         help="intensity window LEVEL,WIDTH (default for CT: 40,400, soft tissue)")
-    parser.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png (contours over the image)")
+    parser.add_argument("--overlay", action="store_true",
+                        help="also write <name>_overlay.png (contours over the image)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     return run_cli(run, parser.parse_args(argv))
 

@@ -16,7 +16,8 @@ def test_volume_round_trip_npz_nifti_npz_is_exact(val_dir, tmp_path):
     (tmp_path / "labels").mkdir()
     write_volume(tmp_path / "images" / "sts001.nii.gz", source["imgs"], spacing)
     write_volume(tmp_path / "labels" / "sts001.nii.gz", source["gts"], spacing)
-    assert main([str(tmp_path / "images"), str(tmp_path / "labels"), "-o", str(tmp_path / "npz"), "--modality", "pet"]) == 0
+    images, labels, npz = (str(tmp_path / name) for name in ("images", "labels", "npz"))
+    assert main([images, labels, "-o", npz, "--modality", "pet"]) == 0
     converted = np.load(tmp_path / "npz" / "3DBox_PET_sts001.npz")
     for key in ("imgs", "gts", "boxes"):
         assert converted[key].dtype == source[key].dtype and np.array_equal(converted[key], source[key]), key

@@ -182,7 +182,8 @@ def test_relabel_and_tight_boxes_match_the_challenge_boxes(val_dir):
         case = load_case(val_dir / name)
         gts = case.gts * 10  # values 10, 20, ...: relabelled 1..N in ascending order
         consecutive, values = relabel_consecutive(gts)
-        assert np.array_equal(consecutive, case.gts) and values.tolist() == list(range(10, 10 * len(case.boxes) + 1, 10))
+        assert np.array_equal(consecutive, case.gts)
+        assert values.tolist() == list(range(10, 10 * len(case.boxes) + 1, 10))
         assert np.array_equal(tight_boxes(consecutive), case.boxes), name
     many = np.arange(300, dtype=np.int32).reshape(15, 20)
     consecutive, values = relabel_consecutive(many)

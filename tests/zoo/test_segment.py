@@ -156,7 +156,8 @@ def test_bad_inputs_are_reported_one_line_each_and_the_rest_segmented(tiny_check
         assert any(name in line and problem in line for line in lines), (name, err)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.png", "good_overlay.png", "segment.csv"]
     rows = read_rows(tmp_path / "out" / "segment.csv")
-    assert rows["good.png"]["status"] == "ok" and rows["good.png"]["modality_source"] == "head"  # auto: the head decides
+    assert rows["good.png"]["status"] == "ok"
+    assert rows["good.png"]["modality_source"] == "head"  # auto: the head decides
     assert rows["good.png"]["modality"] == rows["good.png"]["head_modality"] != ""
     assert rows["broken.png"]["status"] == "failed"
     assert {p.name: p.read_bytes() for p in inputs.iterdir()} == before  # inputs untouched
