@@ -217,20 +217,20 @@ def read_image(path: str | Path, labels: bool = False) -> ImageFile:
     return result
 
 
-def read_label_map(path: str | Path, image: ImageFile) -> np.ndarray:
+def read_label_map(path: str | Path, image: ImageFile, what: str = "label map") -> np.ndarray:
     """A label map for `image` -> non-negative integer array of `image.spatial_shape`; CaseError (naming the label
     file) when it cannot be read, has another shape, non-integer or negative values."""
     labels = read_image(path, labels=True)
     array = labels.array
     if array.shape != image.spatial_shape:
-        raise CaseError(labels.path, f"label map shape {array.shape} differs from the image's {image.spatial_shape} "
+        raise CaseError(labels.path, f"{what} shape {array.shape} differs from the image's {image.spatial_shape} "
                                      f"({image.path.name})")
     if array.dtype.kind == "f":
         if not np.array_equal(array, np.round(array)):
-            raise CaseError(labels.path, "label map has non-integer values")
+            raise CaseError(labels.path, f"{what} has non-integer values")
         array = array.astype(np.int64)
     if array.min() < 0:
-        raise CaseError(labels.path, f"label map has negative values (min {array.min()})")
+        raise CaseError(labels.path, f"{what} has negative values (min {array.min()})")
     return array
 
 
@@ -283,7 +283,7 @@ def label_map_boxes(path: str | Path, image: ImageFile,
                     what: str = "label map") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A label map for `image` (see read_label_map) -> (its labels relabelled 1..N, the original values (N,), their
     tight boxes (N, 4) or (N, 6)); CaseError naming the file when it labels nothing."""
-    consecutive, values = relabel_consecutive(read_label_map(path, image))
+    consecutive, values = relabel_consecutive(read_label_map(path, image, what))
     if len(values) == 0:
         raise CaseError(path, f"{what} for {image.path.name} is empty: no labelled pixels")
     return consecutive, values, tight_boxes(consecutive)

@@ -150,7 +150,7 @@ def test_bad_inputs_are_reported_one_line_each_and_the_rest_segmented(tiny_check
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 1 and len(lines) == 5, err
-    for name, problem in {"shape.png": "label map shape (30, 50) differs from the image's (40, 50)",
+    for name, problem in {"shape.png": "prompt mask shape (30, 50) differs from the image's (40, 50)",
                           "empty.png": "is empty: no labelled pixels", "broken.png": "not a readable png image",
                           "notes.txt": "unsupported file type .txt", "no_mask.jpg": "no prompt mask named"}.items():
         assert any(name in line and problem in line for line in lines), (name, err)
