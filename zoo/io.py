@@ -164,13 +164,14 @@ def load_case(path: str | Path) -> Case:
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     """A temporary path in `path`'s folder to write to; renamed to `path` when the block succeeds, removed when it
     fails. Every file the toolkit writes whole goes through here (only training logs are appended row by row), so
-    a half-written file never carries its final name."""
+    a half-written file never carries its final name. `suffix` ends the temporary name: writers that choose the
+    format by extension (SimpleITK: '.tmp.nii.gz') need the final one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
