@@ -34,11 +34,12 @@ DEFAULT_TRAIN = SHARED_DATA / "train"
 
 
 def teacher_id(kind: str, checkpoint: str | None, teacher) -> str:
-    """Names the cache folder: the teacher kind and its weights' hash, so different weights never share entries.
-    LiteMedSAM's is its encoder's, shared with fine-tuning and pruning (zoo.embedding_cache.encoder_cache_id)."""
+    """Names the cache folder: the teacher kind, its weights' hash and the torch version computing it, so different
+    weights never share entries. LiteMedSAM's is its encoder's, shared with fine-tuning and pruning
+    (zoo.embedding_cache.encoder_cache_id)."""
     if kind == "litemedsam":
         return encoder_cache_id(teacher)
-    return f"{kind}-{sha256_file(checkpoint)[:16]}"
+    return f"{kind}-{sha256_file(checkpoint)[:16]}-torch{torch.__version__}"
 
 
 def build_student(name: str, init: str) -> ClassPromptSAM:

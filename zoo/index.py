@@ -58,9 +58,11 @@ def load(name_or_path: str | Path):
     if entry is not None and entry.get("derived_from"):
         folder = _derived_folder(entry)
         try:
-            return ExportedModel(folder)
-        except CheckpointError as err:
-            raise CheckpointError(f"{err} (a cached export of {name!r}: delete {folder} to export it again)") from err
+            return ExportedModel(folder)  # checks every file's sha256 against the manifest
+        except CheckpointError as err:  # a damaged cached export is discarded and made again from its checked parent
+            print(f"warning: {err}; the cached export {folder} is deleted and made again", file=sys.stderr)
+            shutil.rmtree(folder)
+            return ExportedModel(_derived_folder(entry))
     if entry is not None:
         return _load_path(_shipped_file(entry))
     path = Path(name)
