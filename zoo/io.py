@@ -182,6 +182,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         Path(tmp).unlink(missing_ok=True)
 
 
+def label_dtype(n_labels: int) -> np.dtype:
+    """The dtype of a label map with labels 1..n_labels: uint8 as the challenge writes it, uint16 beyond 255."""
+    if n_labels > np.iinfo(np.uint16).max:
+        raise ValueError(f"{n_labels} labels do not fit a uint16 label map")
+    return np.dtype(np.uint8 if n_labels <= np.iinfo(np.uint8).max else np.uint16)
+
+
 def save_npz_atomic(path: str | Path, **arrays: np.ndarray) -> Path:
     """A compressed npz (never pickled), written atomically."""
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:

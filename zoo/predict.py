@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from zoo.io import Case, CaseError, load_case, save_npz_atomic, write_csv_atomic
+from zoo.io import Case, CaseError, label_dtype, load_case, save_npz_atomic, write_csv_atomic
 from zoo.modalities import MODALITIES, canonical_modality, modality_id
 from zoo.preprocess import box_from_mask, postprocess_logits, preprocess_image, scale_boxes
 from zoo.runtime import SegmentationRuntime
@@ -33,7 +33,7 @@ DECODE_CHUNK = 16  # boxes decoded at once; bounds memory for images with many o
 
 @dataclass
 class Segmentation:
-    segs: np.ndarray  # (H, W) or (D, H, W) uint8 labels
+    segs: np.ndarray  # (H, W) or (D, H, W) labels: uint8, uint16 for more than 255 boxes (zoo.io.label_dtype)
     modality: str | None  # the modality given to the class prompt; None for a model without one
     modality_source: str  # 'given', 'file', 'head' or 'unused'
     head_modality: str | None = None  # the modality head's prediction on the first embedded image, if it has one
@@ -79,7 +79,7 @@ def segment_2d(model: SegmentationRuntime, case: Case, modalities: ModalityChoic
     embedding = model.embed(image)
     modality, source, predicted = modalities.resolve(case, embedding)
     masks = decode_masks(model, embedding, scale_boxes(case.boxes, (height, width)), modality, resized, (height, width))
-    segs = np.zeros((height, width), dtype=np.uint8)
+    segs = np.zeros((height, width), dtype=label_dtype(len(case.boxes)))
     for label, mask in enumerate(masks, start=1):
         segs[mask] = label
     return Segmentation(segs, modality, source, predicted)
@@ -129,7 +129,7 @@ def segment_3d(model: SegmentationRuntime, case: Case, modalities: ModalityChoic
     embeddings = embeddings or SliceEmbeddings(model, volume)
     plan = propagation_plan(case.boxes, depth)
     start_boxes = scale_boxes(case.boxes[:, [0, 1, 3, 4]], (height, width))
-    segs = np.zeros(volume.shape, dtype=np.uint8)
+    segs = np.zeros(volume.shape, dtype=label_dtype(len(case.boxes)))
     modality, source, predicted = modalities.resolve(case, embeddings[plan[0][0]])
 
     def sweep(slices_of_box: list[range], previous: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
@@ -148,7 +148,7 @@ def segment_3d(model: SegmentationRuntime, case: Case, modalities: ModalityChoic
                 label = b + 1
                 # The official script carries the box from its label map (values = label), and INTER_AREA's
                 # rounding when shrinking it depends on that value: keep it for identical boxes.
-                previous[b] = mask.astype(np.uint8) * label
+                previous[b] = mask.astype(segs.dtype) * label
                 first_masks.setdefault(b, previous[b])
                 segs[z][mask] = np.maximum(segs[z][mask], label)  # the later (higher) box wins
         return first_masks

@@ -66,6 +66,34 @@ def test_2d_labels_follow_box_order(bright_runtime, tmp_path):
     assert segs[20, 20] == 1 and segs[40, 40] == 2 and segs[80, 80] == 0
 
 
+def grid_of_objects(n: int, depth: int | None = None):
+    """An image (or volume of `depth` slices) with n bright 6×6 squares on a grid of 10-px cells, and a box per cell."""
+    rows, cols = -(-n // 20), 20
+    image = np.zeros((rows * 10, cols * 10), np.uint8)
+    boxes = []
+    for i in range(n):
+        y, x = divmod(i, cols)
+        image[10 * y + 2 : 10 * y + 8, 10 * x + 2 : 10 * x + 8] = 255
+        boxes.append([10 * x, 10 * y, 10 * x + 9, 10 * y + 9])
+    if depth is None:
+        return image, np.array(boxes)
+    return np.repeat(image[None], depth, axis=0), np.array([[x0, y0, 0, x1, y1, depth - 1] for x0, y0, x1, y1 in boxes])
+
+
+@pytest.mark.parametrize("depth", [None, 3])
+def test_300_boxes_get_uint16_labels_1_to_300(bright_runtime, tmp_path, depth):
+    image, boxes = grid_of_objects(300, depth)
+    path = write_npz(tmp_path / "2DBox_US_many.npz", imgs=image, boxes=boxes)
+    segs = segment_case(bright_runtime, load_case(path), ModalityChoice(bright_runtime)).segs
+    assert segs.dtype == np.uint16
+    assert set(np.unique(segs)) == set(range(301))
+    # row 1, column 1: the 22nd box (on every slice but 0, which propagation never reaches, as officially)
+    assert (segs[..., 14:16, 14:16] == 22).all() if depth is None else (segs[1:, 14:16, 14:16] == 22).all()
+    few, few_boxes = grid_of_objects(255)
+    few_path = write_npz(tmp_path / "2DBox_US_few.npz", imgs=few, boxes=few_boxes)
+    assert segment_case(bright_runtime, load_case(few_path), ModalityChoice(bright_runtime)).segs.dtype == np.uint8
+
+
 def test_cli_segments_good_files_reports_bad_ones_and_fails_at_the_end(val_dir, tmp_path, capsys):
     inputs = tmp_path / "in"
     inputs.mkdir()
