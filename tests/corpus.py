@@ -44,6 +44,9 @@ BAD_ARRAYS: dict[str, tuple[dict, str]] = {
     "2DBox_CT_negative_box.npz": (dict(imgs=_image(), boxes=np.array([[-4, 5, 39, 19]]), gts=_gts()), "outside the image"),
     "2DBox_CT_box_beyond.npz": (dict(imgs=_image(), boxes=np.array([[10, 5, 70, 19]]), gts=_gts()), "outside the image"),
     "2DBox_CT_x0_after_x1.npz": (dict(imgs=_image(), boxes=np.array([[39, 5, 10, 19]]), gts=_gts()), "x0 >= x1"),
+    # H×W×3 with 6-column boxes that fit it read as a volume 3 pixels wide: once segmented silently as (40, 60, 3)
+    "2DBox_CT_color_image_3d_boxes.npz": (dict(imgs=_image(), boxes=np.array([[0, 5, 10, 2, 19, 30]])),
+                                          "H×W×3 color image but boxes have 6 columns"),
     "3DBox_CT_z0_after_z1.npz": (dict(imgs=np.zeros((6, 20, 30), np.uint8), boxes=np.array([[4, 3, 4, 9, 8, 2]]),
                                       spacing=np.ones(3)), "z0 >= z1"),
 }

@@ -86,6 +86,7 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def _check_image(path: Path, imgs: np.ndarray, is_3d: bool) -> np.ndarray:
+    """2D or 3D is read from the image's shape and the box columns together; a contradiction is refused."""
     if imgs.dtype.kind == "f" and not np.isfinite(imgs).all():
         raise CaseError(path, "imgs contains NaN or Inf values")
     if imgs.dtype != np.uint8:
@@ -94,13 +95,17 @@ def _check_image(path: Path, imgs: np.ndarray, is_3d: bool) -> np.ndarray:
         raise CaseError(path, f"imgs is empty (shape {imgs.shape})")
     if is_3d:
         if imgs.ndim != 3:
-            raise CaseError(path, f"3D boxes need imgs of shape D×H×W, got shape {imgs.shape}")
+            raise CaseError(path, f"3D boxes (6 columns) need imgs of shape D×H×W, got shape {imgs.shape}")
+        if imgs.shape[2] == 3:
+            raise CaseError(path, f"imgs of shape {imgs.shape} is an H×W×3 color image but boxes have 6 columns "
+                                  "(3D); 2D boxes have 4 columns [x0, y0, x1, y1]")
         return imgs
     if imgs.ndim == 2:
         return np.repeat(imgs[:, :, None], 3, axis=-1)
     if imgs.ndim == 3 and imgs.shape[2] == 3:
         return imgs
-    raise CaseError(path, f"2D boxes need imgs of shape H×W or H×W×3, got shape {imgs.shape}")
+    hint = "; a D×H×W volume needs boxes of 6 columns" if imgs.ndim == 3 else ""
+    raise CaseError(path, f"2D boxes (4 columns) need imgs of shape H×W or H×W×3, got shape {imgs.shape}{hint}")
 
 
 def _check_boxes(path: Path, boxes: np.ndarray, image_shape: tuple[int, ...], is_3d: bool) -> np.ndarray:

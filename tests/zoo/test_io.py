@@ -34,6 +34,15 @@ def test_valid_3d_case(tmp_path):
     assert case.is_3d and case.spacing.tolist() == [2.0, 1.0, 1.0]
 
 
+def test_2d_or_3d_is_read_from_image_shape_and_box_columns_together(tmp_path):
+    color = write_npz(tmp_path / "2DBox_US_color.npz", imgs=image2d(300, 300), boxes=np.array([[0, 0, 0, 2, 100, 200]]))
+    with pytest.raises(CaseError, match=r"2DBox_US_color.npz: imgs of shape \(300, 300, 3\) is an H×W×3 color image"):
+        load_case(color)
+    volume = write_npz(tmp_path / "3DBox_CT_4cols.npz", imgs=np.zeros((6, 20, 30), np.uint8), boxes=np.array([[1, 1, 5, 5]]))
+    with pytest.raises(CaseError, match="3DBox_CT_4cols.npz: .* a D×H×W volume needs boxes of 6 columns"):
+        load_case(volume)
+
+
 # Checks of load_case that the shared bad-input corpus (tests/corpus.py, run through every command) leaves out.
 BAD_ONLY_HERE = {
     "2DBox_CT_4_channels.npz": (dict(imgs=np.zeros((10, 10, 4), np.uint8), boxes=np.array([[1, 1, 5, 5]])), "H×W or H×W×3"),
