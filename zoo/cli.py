@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from zoo.checkpoint import CheckpointError
 from zoo.io import CaseError
+
+
+def positive_int(text: str) -> int:
+    """argparse type of counts such as --threads: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def run_cli(run_fn, args) -> int:

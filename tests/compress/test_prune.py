@@ -117,4 +117,4 @@ def test_bad_input_corpus(tmp_path, capsys):
     assert main([str(parent_path), "--data", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache"),
                  "--max-steps", "1", "--batch-size", "2", "--out", str(out)]) == 1
     assert_reported(capsys.readouterr().err, bad)
-    assert load_checkpoint(out)[1]["samples"] == 4 + 1  # four 2D images and slice 5, the one of 0, 5, 10 with an object
+    assert load_checkpoint(out)[1]["samples"] == 5 + 1  # five 2D images and slice 5, the one of 0, 5, 10 with an object

@@ -75,4 +75,4 @@ def test_bad_input_corpus(setup, tmp_path, capsys):
     out = tmp_path / "int8"
     assert main([str(model_path), "--calib", str(tmp_path / "calib"), "--n-calib", "8", "--out", str(out)]) == 1
     assert_reported(capsys.readouterr().err, bad)
-    assert zoo.index.load(out).manifest["metadata"]["calibration_images"] == 5  # of 7 usable, the constant and the 1×1 image say nothing of ranges
+    assert zoo.index.load(out).manifest["metadata"]["calibration_images"] == 6  # of 8 usable, the constant and the 1×1 image say nothing of ranges

@@ -80,7 +80,7 @@ def test_bad_input_corpus(tmp_path, capsys):
     assert code == 1  # trained on the usable files, and says that some were not
     assert_reported(capsys.readouterr().err, bad)
     _, meta = load_checkpoint(tmp_path / "out" / "student.pt")
-    assert meta["samples"] == 4 + 3  # four 2D images and slices 0, 5, 10 of the volume
+    assert meta["samples"] == 5 + 3  # five 2D images and slices 0, 5, 10 of the volume
 
 
 def test_sigkill_at_a_random_step_then_resume_matches_an_uninterrupted_run(small_data, tmp_path):

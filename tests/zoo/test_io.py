@@ -84,3 +84,32 @@ def test_atomic_save_failure_keeps_previous_file(tmp_path):
         save_npz_atomic(target, segs=np.array([object()]))  # object arrays are never pickled: fails mid-write
     assert np.load(target)["segs"].sum() == 4
     assert [p.name for p in tmp_path.iterdir()] == ["case.npz"]
+
+
+def test_the_overwrite_guard_follows_links_and_refuses_the_folder_holding_inputs(tmp_path):
+    from zoo.io import OverwriteError, refuse_overwriting_inputs
+
+    data = tmp_path / "data"
+    data.mkdir()
+    case = write_npz(data / "2DBox_US_a.npz", imgs=image2d(), boxes=np.array([[1, 2, 30, 20]]))
+    (tmp_path / "link.npz").symlink_to(case)
+    (tmp_path / "hard.npz").hardlink_to(case)
+    for output in (case, data, tmp_path / "link.npz", tmp_path / "hard.npz", tmp_path / "data" / ".." / "data"):
+        with pytest.raises(OverwriteError, match="--flag is the"):
+            refuse_overwriting_inputs(output, [data, case], "--flag")
+    for output in (data / "out", data / "timing.csv", tmp_path / "other.npz", tmp_path):
+        refuse_overwriting_inputs(output, [data, case], "--flag")  # beside or above the inputs: allowed
+
+
+def test_npz_inputs_names_what_it_does_not_read(tmp_path, capsys):
+    from zoo.io import TEMP_PREFIX, npz_inputs
+
+    write_npz(tmp_path / "2DBox_US_a.npz", imgs=image2d(), boxes=np.array([[1, 2, 30, 20]]))
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "old_run").mkdir()
+    (tmp_path / f"{TEMP_PREFIX}1.x.npz.abc").touch()  # the tool's own temporary file: not an input, not named
+    files, others = npz_inputs(tmp_path)
+    assert [p.name for p in files] == ["2DBox_US_a.npz"] and [p.name for p in others] == ["notes.txt", "old_run"]
+    assert capsys.readouterr().err == f"skipped 2 non-npz file(s): {tmp_path / 'notes.txt'}, {tmp_path / 'old_run'}\n"
+    with pytest.raises(CaseError, match="no such directory"):
+        npz_inputs(tmp_path / "absent")
