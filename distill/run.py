@@ -26,7 +26,7 @@ from zoo.cli import run_cli
 from zoo.class_prompt import ClassPromptSAM, ModelConfig
 from zoo.encoders import ENCODER_CONFIGS, TinyViTEncoder
 from zoo.embedding_cache import DEFAULT_CACHE_DIR, encoder_cache_id
-from zoo.io import SHARED_DATA
+from zoo.io import SHARED_DATA, refuse_overwriting_inputs
 from zoo.teachers import CHECKPOINT_ENV, TEACHERS, build_teacher
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,6 +98,7 @@ def run(args) -> Path:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
+    refuse_overwriting_inputs(args.out, [*args.data, *filter(None, [args.teacher_checkpoint])], "--out")
     teacher = build_teacher(args.teacher, args.teacher_checkpoint)  # a missing checkpoint fails here, first
     ident = teacher_id(args.teacher, args.teacher_checkpoint or os.environ.get(CHECKPOINT_ENV), teacher)
     samples = find_samples(args.data, args.slice_step, parse_fractions(args.fractions), args.seed,

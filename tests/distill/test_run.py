@@ -116,3 +116,14 @@ def test_sigkill_at_a_random_step_then_resume_matches_an_uninterrupted_run(small
     whole = torch.load(tmp_path / "whole" / "student.pt", weights_only=True)["state_dict"]
     resumed = torch.load(tmp_path / "killed" / "student.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_out_is_never_an_input(small_data, tmp_path, capsys):
+    small_sam_checkpoint(tmp_path / "medsam_small.pth")
+    before = sorted(p.name for p in small_data.iterdir())
+    common = ["--teacher", "medsam", "--teacher-checkpoint", str(tmp_path / "medsam_small.pth"), "--data",
+              str(small_data), "--cache-dir", str(tmp_path / "cache"), "--max-steps", "1"]
+    for out in (small_data, tmp_path):  # the data folder; the folder holding the teacher checkpoint
+        assert main(common + ["--out", str(out)]) == 2
+        assert "--out is the" in capsys.readouterr().err
+    assert sorted(p.name for p in small_data.iterdir()) == before and not (tmp_path / "last.pt").exists()
