@@ -1,4 +1,5 @@
 import csv
+import re
 
 import numpy as np
 import pytest
@@ -77,6 +78,29 @@ def test_no_output_is_an_input_and_threads_are_checked(tiny_data, tmp_path, caps
     with pytest.raises(SystemExit) as exit_info:
         main(common + ["--threads", "-1"])
     assert exit_info.value.code == 2 and "--threads: must be at least 1" in capsys.readouterr().err
+
+
+def test_a_damaged_embedding_cache_gives_a_clean_runs_scores(tiny_data, tmp_path, capfd):
+    """Issue #18's report: 1 MiB flipped in cached embeddings, sizes kept; each entry is named once and recomputed."""
+    from tests.zoo.test_embedding_cache import flip_bytes
+
+    (tiny_data / "2DBox_US_bad.npz").unlink()
+    model_path = save_checkpoint(tmp_path / "tiny.pt", tiny_model())
+    common = ["--data", str(tiny_data), "--models", str(model_path), "--all", "--threads", "1",
+              "--cache-dir", str(tmp_path / "cache")]
+    assert main(common + ["--out", str(tmp_path / "clean")]) == 0
+    entries = sorted((tmp_path / "cache").rglob("*.emb"))
+    assert entries
+    for entry in entries:
+        flip_bytes(entry)
+    capfd.readouterr()
+    assert main(common + ["--out", str(tmp_path / "again")]) == 0
+    # (a child's progress bar may share a line with the warning: the path is read from "warning: PATH: damaged")
+    named = re.findall(r"warning: (\S+): damaged embedding-cache entry", capfd.readouterr().err)
+    assert sorted(named) == list(map(str, entries))
+    scores = [[(c["case"], c["dsc"], c["nsd"]) for c in csv.DictReader(open(tmp_path / out / "cases.csv"))]
+              for out in ("clean", "again")]
+    assert scores[0] == scores[1]
 
 
 def test_bad_input_corpus(tmp_path, capsys):
