@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from benchmarks.metrics import case_scores
+from zoo.cli import run_main
 from zoo.io import CaseError, OverwriteError, WriteError, npz_inputs, read_npz, refuse_overwriting_inputs, write_csv_atomic
 from zoo.modalities import MODALITIES, modality_from_name
 
@@ -113,4 +114,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

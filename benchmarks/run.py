@@ -38,7 +38,7 @@ from benchmarks.latency import measure_latency
 from benchmarks.metrics import case_scores
 from benchmarks.plots import confusion_plot, latency_plot, radar_plot
 from zoo.embedding_cache import ENCODER_CACHE_DIR, CachedEncoder
-from zoo.cli import positive_int
+from zoo.cli import positive_int, run_main
 from zoo.io import (SHARED_DATA, CaseError, OverwriteError, WriteError, load_case, npz_inputs, refuse_overwriting_inputs,
                     save_npz_atomic, write_csv_atomic)
 from zoo.modalities import MODALITIES, modality_from_name, modality_id
@@ -302,4 +302,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from zoo.checkpoint import CheckpointError
-from zoo.cli import positive_int
+from zoo.cli import interrupted, positive_int
 from zoo.io import (TEMP_PREFIX, Case, CaseError, OverwriteError, WriteError, clean_stale_temps, label_dtype, load_case,
                     npz_inputs, refuse_overwriting_inputs, save_npz_atomic, write_csv_atomic)
 from zoo.modalities import MODALITIES, canonical_modality, modality_id
@@ -231,8 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except KeyboardInterrupt:  # before or after the cases (during them _run writes what was done)
-        print("interrupted", file=sys.stderr)
-        return 130
+        return interrupted()
 
 
 def _run(args) -> int:
