@@ -5,6 +5,7 @@ from distill.cache import EmbeddingCache
 from zoo.embedding_cache import image_key
 from distill.data import find_samples
 from tests.conftest import write_npz
+from zoo.io import TEMP_PREFIX
 
 
 class CountingTeacher:
@@ -38,7 +39,7 @@ def test_build_computes_misses_once_then_hits(tmp_path):
     other = EmbeddingCache(tmp_path / "cache", "teacher-b")  # another teacher never shares entries
     other.build(samples, teacher, progress=False)
     assert other.misses == 4
-    assert not list((tmp_path / "cache").rglob("*.tmp"))
+    assert not list((tmp_path / "cache").rglob(f"{TEMP_PREFIX}*"))
 
 
 def test_flipped_bytes_in_teacher_embeddings_are_recomputed_to_a_clean_builds_values(tmp_path, capsys):

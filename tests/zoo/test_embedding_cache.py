@@ -94,5 +94,6 @@ def test_key_covers_dtype_and_runtime(tmp_path):
     assert EmbeddingCache(tmp_path, "enc", torch.float32).get(key) is None  # fp16 entries never read as fp32
     model = tiny_model()
     ident = encoder_cache_id(model)
+    assert encoder_cache_id(tiny_model().half()) != ident  # the same weights in another dtype
     model.backend = "onnxruntime"  # the same weights computed by another runtime (and its version)
     assert encoder_cache_id(model) != ident
