@@ -38,7 +38,9 @@ from benchmarks.latency import measure_latency
 from benchmarks.metrics import case_scores
 from benchmarks.plots import confusion_plot, latency_plot, radar_plot
 from zoo.embedding_cache import ENCODER_CACHE_DIR, CachedEncoder
-from zoo.io import SHARED_DATA, CaseError, load_case, save_npz_atomic, write_csv_atomic
+from zoo.cli import positive_int, run_main
+from zoo.io import (SHARED_DATA, CaseError, OverwriteError, WriteError, load_case, npz_inputs, refuse_overwriting_inputs,
+                    save_npz_atomic, write_csv_atomic)
 from zoo.modalities import MODALITIES, modality_from_name, modality_id
 from zoo.predict import ModalityChoice, segment_case
 
@@ -70,9 +72,10 @@ def default_data_dir() -> Path:
 
 def select_cases(data_dir: Path, per_modality: int | None, seed: int = 0) -> list[Path]:
     """Every npz in data_dir (per_modality None), or a seeded sample of per_modality files per modality."""
-    files = sorted(p for p in data_dir.iterdir() if p.suffix == ".npz")
-    if not files:
-        raise SystemExit(f"error: {data_dir}: no .npz files to benchmark")
+    try:
+        files, _ = npz_inputs(data_dir)
+    except CaseError as err:
+        raise SystemExit(f"error: {err}")
     if per_modality is None:
         return files
     groups: dict[str, list[Path]] = defaultdict(list)
@@ -122,7 +125,10 @@ def benchmark_variant(name: str, files: list[Path], threads: int, repeats: int, 
             errors.append(str(err))
             continue
         if segs_dir is not None:
-            save_npz_atomic(segs_dir / path.name, segs=result.segs)
+            try:
+                save_npz_atomic(segs_dir / path.name, segs=result.segs)
+            except WriteError as err:  # named; the case is still scored
+                errors.append(str(err))
         dsc, nsd = case_scores(case.gts, result.segs, case.spacing.tolist())
         if result.head_modality is not None and case.modality is not None:
             confusion[modality_id(case.modality), modality_id(result.head_modality)] += 1
@@ -220,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases-per-modality", type=int, default=2, help="seeded sample size per modality")
     parser.add_argument("--all", action="store_true", help="every case instead of a sample")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads for every variant")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads for every variant")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per latency measurement (median)")
     parser.add_argument("--save-segs", type=Path, default=None, metavar="DIR",
                         help="also write each variant's segs npz files to DIR/<model>/")
@@ -238,6 +244,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {data_dir}: not a directory")
     models = [m.strip() for m in (args.models.split(",") if args.models else zoo_names()) if m.strip()]
     files = select_cases(data_dir, None if args.all else args.cases_per_modality, args.seed)
+    outputs = [(args.out, "--out")] + [(args.save_segs / variant_label(m), "--save-segs") for m in models if args.save_segs]
+    try:
+        for output, option in outputs:
+            refuse_overwriting_inputs(output, [data_dir, *files, *(Path(m) for m in models if Path(m).exists())], option)
+    except OverwriteError as err:
+        raise SystemExit(f"error: {err}")
     if args.merge:
         check_mergeable(args.out, files)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -265,15 +277,21 @@ def main(argv: list[str] | None = None) -> int:
         rows = [leaderboard_row(r) for r in results]
         all_cases, all_rows = merge_previous(args.out, cases, rows) if args.merge else ([_fmt(c) for c in cases], rows)
         compare_with_parents(all_rows, {r["model"] for r in rows})
-        write_csv_atomic(args.out / "cases.csv", all_cases, CASE_FIELDS)
-        write_csv_atomic(args.out / "leaderboard.csv", [_fmt(r) for r in all_rows], LEADERBOARD_FIELDS)
-        radar_plot(all_rows, args.out / "radar.png")
-        latency_plot(all_rows, args.out / "latency_vs_dsc.png", args.threads)
+        writes = [(write_csv_atomic, args.out / "cases.csv", all_cases, CASE_FIELDS),
+                  (write_csv_atomic, args.out / "leaderboard.csv", [_fmt(r) for r in all_rows], LEADERBOARD_FIELDS),
+                  (radar_plot, all_rows, args.out / "radar.png"),
+                  (latency_plot, all_rows, args.out / "latency_vs_dsc.png", args.threads)]
         for result, row in zip(results, rows):
             if result["confusion"] is not None:
-                confusion_plot(result["confusion"], args.out / f"confusion_{row['model']}.png",
+                writes.append((confusion_plot, result["confusion"], args.out / f"confusion_{row['model']}.png",
                                f"{row['model']}: modality head on {int(result['confusion'].sum())} cases, "
-                               f"accuracy {row['head_accuracy']:.3f}")
+                               f"accuracy {row['head_accuracy']:.3f}"))
+        for write, *write_args in writes:
+            try:
+                write(*write_args)
+            except WriteError as err:  # named; the other outputs are still written
+                tqdm.write(f"error: {err}", file=sys.stderr)
+                failed.append(str(err.path))
         for row in rows:
             print(f"{row['model']:>14}: DSC {row['dsc_mean_modalities']:.4f} NSD {row['nsd_mean_modalities']:.4f} "
                   f"(mean over modalities), 2D {row['latency_2d_ms']:.0f} ms, encoder {row['encoder_GFLOPs']:.1f} GFLOPs")
@@ -284,4 +302,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

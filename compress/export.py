@@ -25,6 +25,7 @@ from zoo.checkpoint import sha256_file
 from zoo.class_prompt import ClassPromptSAM, EMBED_DIM
 from zoo.exported import BACKENDS, FORMAT, MANIFEST
 from zoo.flops import model_size
+from zoo.io import refuse_overwriting_inputs
 from zoo.preprocess import IMAGE_SIZE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,6 +163,7 @@ def parse_args(argv):
 
 def run(args) -> Path:
     out = args.out or REPO / "runs" / "compress" / f"{Path(args.model).stem}_{args.backend}_fp32"
+    refuse_overwriting_inputs(out, [Path(args.model)] if Path(args.model).exists() else [], "--out")
     export_variant(*load_parent(args.model), out=out, backend=args.backend)
     print(f"wrote {out}")
     return out

@@ -29,7 +29,7 @@ from distill.data import DataError, find_samples, sample_tensor
 from zoo.cli import run_cli
 from zoo.class_prompt import ClassPromptSAM
 from zoo.exported import BACKENDS
-from zoo.io import SHARED_DATA
+from zoo.io import SHARED_DATA, refuse_overwriting_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -133,6 +133,7 @@ def parse_args(argv):
 
 def run(args) -> Path:
     out = args.out or REPO / "runs" / "compress" / f"{Path(args.model).stem}_{args.backend}_int8"
+    refuse_overwriting_inputs(out, [*args.calib, *([Path(args.model)] if Path(args.model).exists() else [])], "--out")
     model, metadata = load_parent(args.model)
     images = calibration_images(args.calib, args.n_calib, args.seed, skipped=getattr(args, "skipped", None))
     metadata.update(calibration_data=[str(d) for d in args.calib], seed=args.seed)

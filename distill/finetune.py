@@ -39,7 +39,7 @@ from zoo.cli import run_cli
 from zoo.checkpoint import CheckpointError, build_litemedsam, load_checkpoint, save_checkpoint
 from zoo.class_prompt import ClassPromptSAM, ModalityHead, ModelConfig
 from zoo.embedding_cache import DEFAULT_CACHE_DIR, ENCODER_CACHE_DIR, CachedEncoder, encoder_cache_id
-from zoo.io import SHARED_DATA, write_csv_atomic
+from zoo.io import SHARED_DATA, refuse_overwriting_inputs, write_csv_atomic
 from zoo.modalities import MODALITIES, modality_id
 from zoo.predict import decode_masks
 from zoo.preprocess import resized_shape, scale_boxes
@@ -311,6 +311,8 @@ def run(args) -> Path:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    init = [Path(args.init)] if Path(args.init).exists() else []
+    refuse_overwriting_inputs(args.out, [*args.data, *args.val, *init], "--out")
     model = build_model(args.init, class_prompt=not args.no_class_prompt, decoder_token_stride=args.decoder_token_stride)
     skipped = getattr(args, "skipped", None)
     samples = find_samples(args.data, args.slice_step, parse_fractions(args.fractions), args.seed, foreground_only=True,

@@ -27,7 +27,7 @@ from zoo.class_prompt import ClassPromptSAM, ModelConfig
 from zoo.encoders import ENCODER_CONFIGS, TinyViTEncoder
 from zoo.index import load
 from zoo.embedding_cache import DEFAULT_CACHE_DIR, encoder_cache_id
-from zoo.io import SHARED_DATA
+from zoo.io import SHARED_DATA, refuse_overwriting_inputs
 from zoo.teachers import CHECKPOINT_ENV, TEACHERS, build_teacher
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,11 +35,11 @@ DEFAULT_TRAIN = SHARED_DATA / "train"
 
 
 def teacher_id(kind: str, checkpoint: str | None, teacher) -> str:
-    """Names the cache folder: the teacher kind and its weights' hash, so different weights never share entries.
-    LiteMedSAM's and a zoo model's is its encoder's, shared with fine-tuning and pruning
-    (zoo.embedding_cache.encoder_cache_id)."""
+    """Names the cache folder: the teacher kind, its weights' hash and the torch version computing it, so different
+    weights never share entries. LiteMedSAM's and a zoo model's is its encoder's (whose fingerprint names its
+    runtime), shared with fine-tuning and pruning (zoo.embedding_cache.encoder_cache_id)."""
     if kind in ("medsam", "sam"):
-        return f"{kind}-{sha256_file(checkpoint)[:16]}"
+        return f"{kind}-{sha256_file(checkpoint)[:16]}-torch{torch.__version__}"
     return encoder_cache_id(teacher)
 
 
@@ -120,6 +120,7 @@ def run(args) -> Path:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
+    refuse_overwriting_inputs(args.out, [*args.data, *filter(None, [args.teacher_checkpoint])], "--out")
     teacher = build_teacher(args.teacher, args.teacher_checkpoint)  # a missing checkpoint fails here, first
     ident = teacher_id(args.teacher, args.teacher_checkpoint or os.environ.get(CHECKPOINT_ENV), teacher)
     samples = find_samples(args.data, args.slice_step, parse_fractions(args.fractions), args.seed,

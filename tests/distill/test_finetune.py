@@ -140,3 +140,10 @@ def test_fit_modality_head_learns_separable_modalities():
     fit_modality_head(head, features, labels)
     with torch.inference_mode():
         assert (head.mlp(features).argmax(dim=1) == labels).float().mean() == 1.0
+
+
+def test_out_is_never_an_input(data, capsys):
+    for out in (data / "train", data / "val", data):  # data folders; the folder holding the --init checkpoint
+        assert main(_args(data, out)) == 2
+        assert "--out is the" in capsys.readouterr().err
+    assert not (data / "best.pt").exists() and not list((data / "train").glob("*.pt"))

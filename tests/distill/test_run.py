@@ -80,7 +80,7 @@ def test_bad_input_corpus(tmp_path, capsys):
     assert code == 1  # trained on the usable files, and says that some were not
     assert_reported(capsys.readouterr().err, bad)
     _, meta = load_checkpoint(tmp_path / "out" / "student.pt")
-    assert meta["samples"] == 4 + 3  # four 2D images and slices 0, 5, 10 of the volume
+    assert meta["samples"] == 5 + 3  # five 2D images and slices 0, 5, 10 of the volume
 
 
 def test_sigkill_at_a_random_step_then_resume_matches_an_uninterrupted_run(small_data, tmp_path):
@@ -143,3 +143,14 @@ def test_student_from_a_trained_model_with_another_models_decoder(tmp_path):
         assert torch.equal(student.decode(embedding, box, 3), finetuned.decode(embedding, box, 3))
     with pytest.raises(CheckpointError, match="missing.pt"):
         build_student("fast_hr", str(tmp_path / "missing.pt"))
+
+
+def test_out_is_never_an_input(small_data, tmp_path, capsys):
+    small_sam_checkpoint(tmp_path / "medsam_small.pth")
+    before = sorted(p.name for p in small_data.iterdir())
+    common = ["--teacher", "medsam", "--teacher-checkpoint", str(tmp_path / "medsam_small.pth"), "--data",
+              str(small_data), "--cache-dir", str(tmp_path / "cache"), "--max-steps", "1"]
+    for out in (small_data, tmp_path):  # the data folder; the folder holding the teacher checkpoint
+        assert main(common + ["--out", str(out)]) == 2
+        assert "--out is the" in capsys.readouterr().err
+    assert sorted(p.name for p in small_data.iterdir()) == before and not (tmp_path / "last.pt").exists()

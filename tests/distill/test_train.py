@@ -13,6 +13,7 @@ from tests.conftest import write_npz
 from tests.distill.test_cache import CountingTeacher
 from zoo.class_prompt import ClassPromptSAM, ModelConfig
 from zoo.encoders import TinyViTConfig
+from zoo.io import TEMP_PREFIX
 
 TINY = ModelConfig(encoder=TinyViTConfig(embed_dims=(8, 16, 16, 16), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
                                          patch_stride=4))
@@ -71,7 +72,7 @@ def test_resume_continues_exactly(setup, tmp_path, one_thread):
     assert losses(tmp_path / "split") == losses(tmp_path / "full")  # same next-step losses, one log
     for key, value in full.student.state_dict().items():
         assert torch.equal(value, second.student.state_dict()[key]), key
-    assert not any(p.name.endswith(".tmp") for p in (tmp_path / "split").iterdir())
+    assert not any(p.name.startswith(TEMP_PREFIX) for p in (tmp_path / "split").iterdir())
 
 
 def test_only_the_encoder_learns(setup, tmp_path):
