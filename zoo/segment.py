@@ -37,7 +37,7 @@ from zoo.formats import (
     to_uint8,
     write_labels,
 )
-from zoo.io import Case, CaseError, write_csv_atomic
+from zoo.io import Case, CaseError, refuse_overwriting_inputs, write_csv_atomic
 from zoo.modalities import MODALITIES, canonical_modality
 from zoo.overlay import encode_png, overlay_picture, write_bytes_atomic
 from zoo.predict import ModalityChoice, segment_case
@@ -159,10 +159,7 @@ def run(args: argparse.Namespace) -> None:
     from zoo.index import load  # here, so that --help is fast
 
     inputs = list_inputs(args.input)
-    folders = {args.input.resolve()} | ({args.prompt_mask.resolve()} if args.prompt_mask else set())
-    if args.output.resolve() in folders:
-        raise ValueError(f"{args.output}: the output folder holds the inputs or masks; "
-                         "choose another so inputs are never overwritten")
+    refuse_overwriting_inputs(args.output, [p for p in (args.input, args.prompt_mask, args.boxes) if p], "-o")
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load(args.model)

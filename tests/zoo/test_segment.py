@@ -47,7 +47,7 @@ def test_ct_volume_in_hounsfield_units_scores_as_predict_on_the_npz(val_dir, fas
     (tmp_path / "masks").mkdir()
     mask = write_volume(tmp_path / "masks" / "slab.nii.gz", gts, spacing)
 
-    predict_files(fast_model, [npz], tmp_path / "predicted", modality="CT", progress=False)
+    list(predict_files(fast_model, [npz], tmp_path / "predicted", modality="CT", progress=False))  # a generator
     rows = segment_files(fast_model, [image], tmp_path / "out", modality="CT", prompt_mask=mask, progress=False)
     assert rows[0]["status"] == "ok" and rows[0]["intensity"] == "window 40,400"
     out = tmp_path / "out" / "slab.nii.gz"
@@ -69,7 +69,7 @@ def test_png_scores_as_predict_on_the_npz(val_dir, fast_model, tmp_path):
     (tmp_path / "masks").mkdir()
     Image.fromarray(case["imgs"]).save(tmp_path / "in" / "slice.png")
     Image.fromarray(case["gts"] * 40).save(tmp_path / "masks" / "slice.png")  # values 40, 80: kept in the output
-    predict_files(fast_model, [npz], tmp_path / "predicted", modality="CT", progress=False)
+    list(predict_files(fast_model, [npz], tmp_path / "predicted", modality="CT", progress=False))  # a generator
     rows = segment_files(fast_model, [tmp_path / "in" / "slice.png"], tmp_path / "out", modality="CT",
                          prompt_mask=tmp_path / "masks", overlay=True, progress=False)
     assert rows[0]["intensity"] == "as stored"
