@@ -1,9 +1,11 @@
 """Score existing segmentations against ground truth, as the challenge's compute_metrics workflow does.
 
-    python -m benchmarks.evaluate --segs DIR --gts DIR --out metrics.csv
+    python -m benchmarks.evaluate --segs DIR --gts DIR --out metrics.csv [--skip-missing]
 
 Every `segs` npz in --segs is scored against the `gts` npz of the same name in --gts: per-case DSC and NSD go to
---out, per-modality and overall means to <out>_summary.csv (and the terminal).
+--out, per-modality and overall means to <out>_summary.csv (and the terminal). A case of --gts without a
+segmentation is named and scored DSC 0, NSD 0, as the challenge scores a missing output (exit code 1);
+--skip-missing leaves such cases out of the means instead.
 """
 
 from __future__ import annotations
@@ -17,7 +19,16 @@ import numpy as np
 from tqdm import tqdm
 
 from benchmarks.metrics import case_scores
-from zoo.io import CaseError, read_npz, write_csv_atomic
+from zoo.cli import run_main
+from zoo.io import (
+    CaseError,
+    OverwriteError,
+    WriteError,
+    npz_inputs,
+    read_npz,
+    refuse_overwriting_inputs,
+    write_csv_atomic,
+)
 from zoo.modalities import MODALITIES, modality_from_name
 
 SUMMARY_FIELDS = ["group", "cases", "dsc", "nsd"]
@@ -63,14 +74,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--segs", required=True, type=Path, help="directory of npz files with 'segs'")
     parser.add_argument("--gts", required=True, type=Path, help="directory of npz files with 'gts' (and 'spacing' for 3D)")
     parser.add_argument("--out", required=True, type=Path, help="per-case CSV to write")
+    parser.add_argument("--skip-missing", action="store_true",
+                        help="leave cases without a segmentation out of the means (default: DSC 0, NSD 0)")
     args = parser.parse_args(argv)
 
-    for folder in (args.segs, args.gts):
-        if not folder.is_dir():
-            raise SystemExit(f"error: {folder}: not a directory")
-    seg_files = sorted(p for p in args.segs.iterdir() if p.suffix == ".npz")
-    if not seg_files:
-        raise SystemExit(f"error: {args.segs}: no .npz files to score")
+    summary_csv = args.out.with_name(args.out.stem + "_summary.csv")
+    try:
+        seg_files, _ = npz_inputs(args.segs)
+        gt_files, _ = npz_inputs(args.gts)
+        for output in (args.out, summary_csv):
+            refuse_overwriting_inputs(output, [args.segs, args.gts, *seg_files, *gt_files], "--out")
+    except (CaseError, OverwriteError) as err:
+        raise SystemExit(f"error: {err}")
+    missing = sorted({p.name for p in gt_files} - {p.name for p in seg_files})
     rows, failures = [], 0
     for seg_path in tqdm(seg_files, desc="scoring", unit="case"):
         gt_path = args.gts / seg_path.name
@@ -81,19 +97,29 @@ def main(argv: list[str] | None = None) -> int:
             tqdm.write(f"error: {err}", file=sys.stderr)
             continue
         rows.append({"case": seg_path.name, "modality": modality_from_name(seg_path.name) or "unknown",
-                     "dsc": dsc, "nsd": nsd})
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_csv_atomic(args.out, [{**r, "dsc": f"{r['dsc']:.4f}", "nsd": f"{r['nsd']:.4f}"} for r in rows],
-                     ["case", "modality", "dsc", "nsd"])
+                     "dsc": dsc, "nsd": nsd, "status": "ok"})
+    if missing:
+        scored = "left out (--skip-missing)" if args.skip_missing else "scored DSC 0, NSD 0"
+        print(f"{'note' if args.skip_missing else 'error'}: {len(missing)} of {len(gt_files)} cases have no "
+              f"segmentation in {args.segs} ({scored}): {', '.join(missing)}", file=sys.stderr)
+        if not args.skip_missing:
+            rows.extend({"case": name, "modality": modality_from_name(name) or "unknown", "dsc": 0.0, "nsd": 0.0,
+                         "status": "missing"} for name in missing)
+            rows.sort(key=lambda row: row["case"])
     summary = summarize(rows)
-    write_csv_atomic(args.out.with_name(args.out.stem + "_summary.csv"),
-                     [{**s, "dsc": f"{s['dsc']:.4f}", "nsd": f"{s['nsd']:.4f}"} for s in summary], SUMMARY_FIELDS)
+    for path, table, fields in ((args.out, rows, ["case", "modality", "dsc", "nsd", "status"]),
+                                (summary_csv, summary, SUMMARY_FIELDS)):
+        try:
+            write_csv_atomic(path, [{**r, "dsc": f"{r['dsc']:.4f}", "nsd": f"{r['nsd']:.4f}"} for r in table], fields)
+        except WriteError as err:  # named; the other table is still written
+            print(f"error: {err}", file=sys.stderr)
+            failures += 1
     for s in summary:
         print(f"{s['group']:>22}  n={s['cases']:<4} DSC {s['dsc']:.4f}  NSD {s['nsd']:.4f}")
     if failures:
-        print(f"{failures} file(s) could not be scored", file=sys.stderr)
-    return 1 if failures else 0
+        print(f"{failures} file(s) could not be scored or written", file=sys.stderr)
+    return 1 if failures or (missing and not args.skip_missing) else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -38,9 +38,19 @@ from benchmarks.evaluate import summarize
 from benchmarks.latency import measure_latency
 from benchmarks.metrics import case_scores
 from benchmarks.plots import confusion_plot, latency_plot, radar_plot
-from zoo.cli import RUNS_DIR, run_cli
+from zoo.cli import RUNS_DIR, positive_int, run_cli
 from zoo.embedding_cache import ENCODER_CACHE_DIR, CachedEncoder
-from zoo.io import SHARED_DATA, CaseError, load_case, read_csv, save_npz_atomic, write_csv_atomic
+from zoo.io import (
+    SHARED_DATA,
+    CaseError,
+    WriteError,
+    load_case,
+    npz_inputs,
+    read_csv,
+    refuse_overwriting_inputs,
+    save_npz_atomic,
+    write_csv_atomic,
+)
 from zoo.modalities import MODALITIES, head_accuracy, modality_confusion, modality_from_name, modality_id
 from zoo.predict import ModalityChoice, segment_case
 
@@ -98,9 +108,10 @@ def select_cases(data_dir: Path, per_modality: int | None, seed: int = 0, small_
     """Every npz in data_dir (per_modality None), or a seeded sample of per_modality files per modality, drawn
     from each modality's sample_candidates (small_volumes) or from all its files (the sample before volumes were
     chosen by size: benchmarks/compression's runs)."""
-    files = sorted(p for p in data_dir.iterdir() if p.suffix == ".npz")
-    if not files:
-        raise SystemExit(f"error: {data_dir}: no .npz files to benchmark")
+    try:
+        files, _ = npz_inputs(data_dir)
+    except CaseError as err:
+        raise SystemExit(f"error: {err}")
     if per_modality is None:
         return files
     groups: dict[str, list[Path]] = defaultdict(list)
@@ -153,7 +164,10 @@ def benchmark_variant(name: str, files: list[Path], threads: int, timing: dict, 
             errors.append(str(err))
             continue
         if segs_dir is not None:
-            save_npz_atomic(segs_dir / path.name, segs=result.segs)
+            try:
+                save_npz_atomic(segs_dir / path.name, segs=result.segs)
+            except WriteError as err:  # named; the case is still scored
+                errors.append(str(err))
         dsc, nsd = case_scores(case.gts, result.segs, case.spacing.tolist())
         if result.head_modality is not None and case.modality is not None:
             confusion[modality_id(case.modality), modality_id(result.head_modality)] += 1
@@ -251,7 +265,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--volumes", choices=("small", "any"), default="small",
                         help="draw a sample's 3D volumes from those with the fewest slices to segment, or from all")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads for every variant")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads for every variant")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed repeats per latency measurement (median; default 3, with --all 5)")
     parser.add_argument("--save-segs", type=Path, default=None, metavar="DIR",
@@ -296,22 +310,29 @@ def benchmark_models(models: list[str], files: list[Path], args: argparse.Namesp
     return results, failed
 
 
-def write_outputs(out: Path, results: list[dict], merge: bool, threads: int) -> list[dict]:
+def write_outputs(out: Path, results: list[dict], merge: bool, threads: int, skipped: list[str]) -> list[dict]:
     """OUT/cases.csv, OUT/leaderboard.csv (this run's rows, with --merge added to OUT's earlier ones) and the
-    plots; returns this run's leaderboard rows."""
+    plots; returns this run's leaderboard rows. An output that cannot be written is named and added to `skipped`;
+    the others are still written."""
     cases = [c for r in results for c in r["cases"]]
     rows = [leaderboard_row(r) for r in results]
     all_cases, all_rows = merge_previous(out, cases, rows) if merge else ([_fmt(c) for c in cases], rows)
     compare_with_parents(all_rows, {r["model"] for r in rows})
-    write_csv_atomic(out / "cases.csv", all_cases, CASE_FIELDS)
-    write_csv_atomic(out / "leaderboard.csv", [_fmt(r) for r in all_rows], LEADERBOARD_FIELDS)
-    radar_plot(all_rows, out / "radar.png")
-    latency_plot(all_rows, out / "latency_vs_dsc.png", threads)
+    writes = [(write_csv_atomic, out / "cases.csv", all_cases, CASE_FIELDS),
+              (write_csv_atomic, out / "leaderboard.csv", [_fmt(r) for r in all_rows], LEADERBOARD_FIELDS),
+              (radar_plot, all_rows, out / "radar.png"),
+              (latency_plot, all_rows, out / "latency_vs_dsc.png", threads)]
     for result, row in zip(results, rows):
         if result["confusion"] is not None:
-            confusion_plot(result["confusion"], out / f"confusion_{row['model']}.png",
+            writes.append((confusion_plot, result["confusion"], out / f"confusion_{row['model']}.png",
                            f"{row['model']}: modality head on {int(result['confusion'].sum())} cases, "
-                           f"accuracy {row['head_accuracy']:.3f}")
+                           f"accuracy {row['head_accuracy']:.3f}"))
+    for write, *write_args in writes:
+        try:
+            write(*write_args)
+        except WriteError as err:  # named; the other outputs are still written
+            tqdm.write(f"error: {err}", file=sys.stderr)
+            skipped.append(str(err.path))
     return rows
 
 
@@ -337,6 +358,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         raise SystemExit(f"error: {data_dir}: not a directory")
     models = [m.strip() for m in (args.models.split(",") if args.models else zoo_names()) if m.strip()]
     files = select_cases(data_dir, None if args.all else args.cases_per_modality, args.seed, args.volumes == "small")
+    outputs = [(args.out, "--out")] + [(args.save_segs / variant_label(m), "--save-segs") for m in models if args.save_segs]
+    for output, option in outputs:
+        refuse_overwriting_inputs(output, [data_dir, *files, *(Path(m) for m in models if Path(m).exists())], option)
     if args.merge:
         check_mergeable(args.out, files)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -344,7 +368,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     print(f"benchmarking {', '.join(models)} on {len(files)} cases ({kind}) of {data_dir} with {args.threads} threads")
     results, failed = benchmark_models(models, files, args)
     args.skipped += failed + [message for r in results for message in r["errors"]]
-    rows = write_outputs(args.out, results, args.merge, args.threads) if results else []
+    rows = write_outputs(args.out, results, args.merge, args.threads, args.skipped) if results else []
     if rows:
         print(summary_table(rows) + "\n(DSC / NSD: means over modalities; 2D ms: a 256² image with one box; "
               "3D s: a 24-slice volume with a box over 12)")

@@ -16,6 +16,7 @@ from zoo.cli import RUNS_DIR, run_cli
 from zoo.export import export_variant
 from zoo.exported import BACKENDS
 from zoo.index import load, model_file
+from zoo.io import refuse_overwriting_inputs
 
 
 def load_parent(name: str) -> tuple[ClassPromptSAM, dict]:
@@ -37,6 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> Path:
     out = args.out or RUNS_DIR / "compress" / f"{Path(args.model).stem}_{args.backend}_fp32"
+    refuse_overwriting_inputs(out, [Path(args.model)] if Path(args.model).exists() else [], "--out")
     export_variant(*load_parent(args.model), out=out, backend=args.backend)
     print(f"wrote {out}")
     return out

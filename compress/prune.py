@@ -38,7 +38,7 @@ from zoo.class_prompt import ClassPromptSAM
 from zoo.cli import RUNS_DIR, add_settings_options, redefault, run_cli, settings_from_args
 from zoo.embedding_cache import DEFAULT_CACHE_DIR, encoder_cache_id
 from zoo.flops import count_params, encoder_flops
-from zoo.io import SHARED_DATA
+from zoo.io import SHARED_DATA, refuse_overwriting_inputs
 from zoo.pruning import head_channels, narrow_unit, prunable_units, unit_width, unit_widths
 
 
@@ -144,6 +144,9 @@ def run(args) -> Path:
     torch.manual_seed(args.seed)
     out = args.out or RUNS_DIR / "prune" / f"{Path(args.model).stem}_p{round(args.ratio * 100)}.pt"
     work = args.work or out.with_suffix("")
+    inputs = [*args.data, *([Path(args.model)] if Path(args.model).exists() else [])]
+    for output, option in ((out, "--out"), (work, "--work")):
+        refuse_overwriting_inputs(output, inputs, option)
     if out.exists():
         raise FileExistsError(f"{out} exists; choose another --out (nothing is overwritten)")
     parent, metadata = load_parent(args.model)

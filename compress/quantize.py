@@ -30,7 +30,7 @@ from zoo.class_prompt import ClassPromptSAM
 from zoo.cli import RUNS_DIR, run_cli
 from zoo.export import export_onnx, onnx_to_openvino, write_variant
 from zoo.exported import BACKENDS, check_backend
-from zoo.io import SHARED_DATA
+from zoo.io import SHARED_DATA, refuse_overwriting_inputs
 
 
 def calibration_images(data_dirs: list[Path], count: int, seed: int = 0, skipped: list[str] | None = None) -> list[np.ndarray]:
@@ -131,6 +131,7 @@ def parse_args(argv):
 
 def run(args) -> Path:
     out = args.out or RUNS_DIR / "compress" / f"{Path(args.model).stem}_{args.backend}_int8"
+    refuse_overwriting_inputs(out, [*args.calib, *([Path(args.model)] if Path(args.model).exists() else [])], "--out")
     model, metadata = load_parent(args.model)
     images = calibration_images(args.calib, args.n_calib, args.seed, skipped=getattr(args, "skipped", None))
     metadata.update(calibration_data=[str(d) for d in args.calib], seed=args.seed)

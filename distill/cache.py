@@ -1,6 +1,6 @@
 """Teacher embeddings computed once and kept on disk in float16 (zoo.embedding_cache's layout, one folder per
 teacher id). An interrupted build leaves no half-written entry and simply resumes: entries already there are
-skipped."""
+skipped once their checksum is verified; a damaged one is reported, deleted and computed again."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class EmbeddingCache(zoo_cache.EmbeddingCache):
             image = sample_tensor(sample)
             key = image_key(image)
             keys.append(key)
-            if self.path(key).is_file() or any(key == k for k, _ in pending):
+            if any(key == k for k, _ in pending) or self.get(key) is not None:
                 self.hits += 1
             else:
                 self.misses += 1

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import torch
 
-from zoo.io import Case, CaseError, load_case
+from zoo.io import Case, CaseError, load_case, npz_inputs
 from zoo.preprocess import IMAGE_SIZE, label_box, pad_to_square, preprocess_image, resized_shape, scale_boxes
 
 
@@ -45,15 +45,8 @@ def parse_fractions(text: str | None) -> dict[str, float]:
 
 
 def npz_files(data_dirs: list[Path]) -> list[Path]:
-    files = []
-    for folder in data_dirs:
-        if not Path(folder).is_dir():
-            raise DataError(f"{folder}: data directory does not exist")
-        found = sorted(p for p in Path(folder).iterdir() if p.suffix == ".npz")
-        if not found:
-            raise DataError(f"{folder}: no .npz files in this data directory")
-        files.extend(found)
-    return files
+    """The npz files of every data directory (zoo.io.npz_inputs names what else they hold)."""
+    return [path for folder in data_dirs for path in npz_inputs(folder)[0]]
 
 
 @lru_cache(maxsize=32)

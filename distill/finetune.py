@@ -39,7 +39,7 @@ from zoo.checkpoint import CheckpointError, build_litemedsam, load_checkpoint, s
 from zoo.class_prompt import ClassPromptSAM, ModalityHead, ModelConfig
 from zoo.cli import RUNS_DIR, add_settings_options, option, redefault, run_cli, settings_from_args
 from zoo.embedding_cache import DEFAULT_CACHE_DIR, ENCODER_CACHE_DIR, CachedEncoder, encoder_cache_id
-from zoo.io import SHARED_DATA, write_csv_atomic
+from zoo.io import SHARED_DATA, refuse_overwriting_inputs, write_csv_atomic
 from zoo.modalities import MODALITIES, head_accuracy, modality_confusion, modality_id
 from zoo.predict import decode_masks
 from zoo.preprocess import label_box, resized_shape, scale_boxes
@@ -63,17 +63,20 @@ class FinetuneSettings(TrainSettings):
     train_encoder: bool = option(False, "train the encoder too (no embedding cache)")
 
 
-# The mask loss of distillation does not apply here: fine-tuning learns masks from ground truth.
-NOT_OPTIONS = ("mask_loss_weight",)
+# The mask loss and encoder parts of distillation do not apply here: fine-tuning learns masks from ground truth
+# (--train-encoder trains the whole encoder).
+NOT_OPTIONS = ("mask_loss_weight", "train_parts")
 
 
-def build_model(init: str, class_prompt: bool) -> ClassPromptSAM:
+def build_model(init: str, class_prompt: bool, decoder_token_stride: int | None = None) -> ClassPromptSAM:
     """LiteMedSAM ('litemedsam') or a zoo checkpoint (a path), with a fresh head and zero class prompt if asked
-    and the checkpoint has none."""
-    if init == "litemedsam":
+    and the checkpoint has none. `decoder_token_stride` 2 or more swaps in zoo.pooled_decoder's light decoder,
+    which starts from the checkpoint's decoder weights (it has the same)."""
+    if init == "litemedsam" and decoder_token_stride in (None, 1):
         return build_litemedsam(class_prompt=class_prompt)
-    source, _ = load_checkpoint(init)
-    model = ClassPromptSAM(ModelConfig(encoder=source.config.encoder, class_prompt=class_prompt))
+    source = build_litemedsam(class_prompt=class_prompt) if init == "litemedsam" else load_checkpoint(init)[0]
+    stride = source.config.decoder_token_stride if decoder_token_stride is None else decoder_token_stride
+    model = ClassPromptSAM(ModelConfig(encoder=source.config.encoder, class_prompt=class_prompt, decoder_token_stride=stride))
     weights = {k: v for k, v in source.state_dict().items() if not k.startswith(NEW_PARTS) or class_prompt}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or any(not k.startswith(NEW_PARTS) for k in missing):
@@ -190,7 +193,7 @@ class FineTuner(Trainer):
 
     def validate(self, epoch: int) -> None:
         result = evaluate(self.student, self.val_samples, self.val_embeddings)
-        self.student.train()
+        self.train_mode()
         row = {"step": self.step, "epoch": epoch, **{k: f"{result[k]:.4f}" for k in ("score", "dsc", "nsd", "head_accuracy")}}
         for m, (dsc, nsd) in result["per_modality"].items():
             row[f"dsc_{m}"], row[f"nsd_{m}"] = f"{dsc:.4f}", f"{nsd:.4f}"
@@ -205,7 +208,7 @@ class FineTuner(Trainer):
             metrics["confusion"] = result["confusion"].tolist()
             save_checkpoint(self.settings.out_dir / "best.pt", self.student.eval(), {
                 **self.metadata, "steps": self.step, "epoch": epoch, "val": metrics})
-            self.student.train()
+            self.train_mode()
             if self.student.has_modality_head:
                 confusion_plot(result["confusion"], self.settings.out_dir / "confusion.png",
                                f"modality head on val samples (step {self.step}): accuracy {result['head_accuracy']:.3f}")
@@ -278,6 +281,8 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init", default="litemedsam", help="'litemedsam' or a zoo checkpoint (e.g. a distilled student)")
     p.add_argument("--no-class-prompt", action="store_true", help="the ablation: the same fine-tuning without head and class prompt")
+    p.add_argument("--decoder-token-stride", type=int, default=None,
+                   help="2 or more: the light decoder (zoo.pooled_decoder) on a pooled token grid (default: the init's)")
     p.add_argument("--data", type=Path, nargs="+", default=[SHARED_DATA / "train"])
     p.add_argument("--val", type=Path, nargs="+", default=[SHARED_DATA / "val"], help="model selection data")
     p.add_argument("--out", type=Path, default=RUNS_DIR / "finetune")
@@ -295,7 +300,9 @@ def run(args) -> Path:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model = build_model(args.init, class_prompt=not args.no_class_prompt)
+    init = [Path(args.init)] if Path(args.init).exists() else []
+    refuse_overwriting_inputs(args.out, [*args.data, *args.val, *init], "--out")
+    model = build_model(args.init, class_prompt=not args.no_class_prompt, decoder_token_stride=args.decoder_token_stride)
     skipped = getattr(args, "skipped", None)
     samples = find_samples(args.data, args.slice_step, parse_fractions(args.fractions), args.seed, foreground_only=True,
                            skipped=skipped)
@@ -308,6 +315,7 @@ def run(args) -> Path:
         keys = cache.build(samples, model.to(args.device).eval(), args.device)
     settings = settings_from_args(FinetuneSettings, args, out_dir=args.out)
     metadata = {"stage": "finetune", "init": args.init, "class_prompt": not args.no_class_prompt,
+                "decoder_token_stride": model.config.decoder_token_stride,
                 "data": [str(d) for d in args.data], "val": [str(d) for d in args.val], "samples": len(samples),
                 "val_samples": len(val_samples), "slice_step": args.slice_step, "settings": settings.to_dict()}
     trainer = FineTuner(model, samples, keys, cache, settings, val_samples, metadata, args.cache_dir / "encoders")

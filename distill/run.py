@@ -21,44 +21,66 @@ import torch.distributed as dist
 from distill.cache import EmbeddingCache
 from distill.data import find_samples, parse_fractions
 from distill.train import Trainer, TrainSettings, world
-from zoo.checkpoint import init_from_litemedsam, save_checkpoint, sha256_file
+from zoo.checkpoint import copy_matching_weights, init_from_litemedsam, save_checkpoint, sha256_file
 from zoo.class_prompt import ClassPromptSAM, ModelConfig
 from zoo.cli import RUNS_DIR, add_settings_options, run_cli, settings_from_args
 from zoo.embedding_cache import DEFAULT_CACHE_DIR, encoder_cache_id
 from zoo.encoders import ENCODER_CONFIGS, TinyViTEncoder
-from zoo.io import SHARED_DATA
+from zoo.index import load
+from zoo.io import SHARED_DATA, refuse_overwriting_inputs
 from zoo.teachers import CHECKPOINT_ENV, TEACHERS, build_teacher
 
 DEFAULT_TRAIN = SHARED_DATA / "train"
 
 
 def teacher_id(kind: str, checkpoint: str | None, teacher) -> str:
-    """Names the cache folder: the teacher kind and its weights' hash, so different weights never share entries.
-    LiteMedSAM's is its encoder's, shared with fine-tuning and pruning (zoo.embedding_cache.encoder_cache_id)."""
-    if kind == "litemedsam":
-        return encoder_cache_id(teacher)
-    return f"{kind}-{sha256_file(checkpoint)[:16]}"
+    """Names the cache folder: the teacher kind, its weights' hash and the torch version computing it, so different
+    weights never share entries. LiteMedSAM's and a zoo model's is its encoder's (whose fingerprint names its
+    runtime), shared with fine-tuning and pruning (zoo.embedding_cache.encoder_cache_id)."""
+    if kind in ("medsam", "sam"):
+        return f"{kind}-{sha256_file(checkpoint)[:16]}-torch{torch.__version__}"
+    return encoder_cache_id(teacher)
 
 
-def build_student(name: str, init: str) -> ClassPromptSAM:
-    """A student encoder by config name with LiteMedSAM's prompt encoder and mask decoder; its encoder from
-    LiteMedSAM's weights where shapes match (--init litemedsam) or random (--init none)."""
+def build_student(name: str, init: str, decoder_from: str | None = None) -> ClassPromptSAM:
+    """A student encoder by config name with LiteMedSAM's prompt encoder and mask decoder.
+
+    init: 'litemedsam' (its encoder weights where shapes match), 'none' (a random encoder), or a zoo model / checkpoint
+    whose weights are copied where names and shapes match (a part the config adds, say a high-resolution path, keeps
+    its initialization). decoder_from: a zoo model / checkpoint whose prompt encoder, mask decoder and class-prompt
+    parts replace LiteMedSAM's, say a fine-tuned model whose masks the --mask-loss-weight term then matches."""
     if name not in ENCODER_CONFIGS:
         raise ValueError(f"unknown student {name!r}; expected one of {', '.join(ENCODER_CONFIGS)}")
-    student = ClassPromptSAM(ModelConfig(encoder=ENCODER_CONFIGS[name]))
+    source = None if decoder_from is None else load(decoder_from)
+    if source is not None and not isinstance(source, ClassPromptSAM):
+        raise ValueError(f"{decoder_from}: --decoder-from needs a PyTorch model, not an exported variant")
+    class_prompt = source is not None and source.has_modality_head
+    student = ClassPromptSAM(ModelConfig(encoder=ENCODER_CONFIGS[name], class_prompt=class_prompt))
     init_from_litemedsam(student)
     if init == "none":
         student.image_encoder = TinyViTEncoder(student.config.encoder)
+    elif init != "litemedsam":
+        initial = load(init)
+        if not isinstance(initial, ClassPromptSAM):
+            raise ValueError(f"{init}: --init needs a PyTorch model, not an exported variant")
+        if not copy_matching_weights(student, initial, ("image_encoder.",)):
+            raise ValueError(f"{init}: no encoder weight fits the {name!r} student")
+    if source is not None:
+        copy_matching_weights(student, source, ("prompt_encoder.", "mask_decoder.", "modality_head.", "class_prompt."))
     return student
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m distill.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", choices=TEACHERS, default="medsam")
+    p.add_argument("--teacher", default="medsam",
+                   help=f"{', '.join(TEACHERS)}, or a zoo model / checkpoint (its embed() is the teacher)")
     p.add_argument("--teacher-checkpoint", default=None, help=f"MedSAM/SAM checkpoint (default ${CHECKPOINT_ENV})")
     p.add_argument("--student", default="fast", help=f"student encoder config: {', '.join(ENCODER_CONFIGS)}")
-    p.add_argument("--init", choices=("litemedsam", "none"), default="litemedsam")
+    p.add_argument("--init", default="litemedsam",
+                   help="litemedsam, none (random encoder), or a zoo model / checkpoint to start the student from")
+    p.add_argument("--decoder-from", default=None,
+                   help="zoo model / checkpoint whose decoder, prompt encoder and class-prompt parts the student uses")
     p.add_argument("--data", type=Path, nargs="+", default=[DEFAULT_TRAIN], help="challenge npz directories")
     p.add_argument("--out", type=Path, default=RUNS_DIR / "distill")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
@@ -83,20 +105,24 @@ def run(args) -> Path:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
+    refuse_overwriting_inputs(args.out, [*args.data, *filter(None, [args.teacher_checkpoint])], "--out")
     teacher = build_teacher(args.teacher, args.teacher_checkpoint)  # a missing checkpoint fails here, first
     ident = teacher_id(args.teacher, args.teacher_checkpoint or os.environ.get(CHECKPOINT_ENV), teacher)
     samples = find_samples(args.data, args.slice_step, parse_fractions(args.fractions), args.seed,
                            skipped=getattr(args, "skipped", None))
     cache = EmbeddingCache(args.cache_dir, ident)
+    # An exported teacher (ONNX Runtime / OpenVINO) embeds one image at a time, on the CPU.
+    on_device = isinstance(teacher, torch.nn.Module)
+    batch = 4 if on_device else 1
     if rank == 0:
-        keys = cache.build(samples, teacher.to(args.device), args.device)
+        keys = cache.build(samples, teacher.to(args.device) if on_device else teacher, args.device, batch_size=batch)
     if distributed:
         dist.barrier()
     if rank != 0:
-        keys = cache.build(samples, teacher, args.device, progress=False)  # all hits: only the keys
+        keys = cache.build(samples, teacher, args.device, batch_size=batch, progress=False)  # all hits: only the keys
     del teacher
 
-    student = build_student(args.student, args.init)
+    student = build_student(args.student, args.init, args.decoder_from)
     settings = settings_from_args(TrainSettings, args, out_dir=args.out)
     trainer = Trainer(student, samples, keys, cache, settings)
     if args.resume:
@@ -106,7 +132,7 @@ def run(args) -> Path:
     if rank == 0:
         save_checkpoint(out, trainer.student.cpu().eval(), {
             "stage": "distill", "teacher": args.teacher, "teacher_id": ident, "student": args.student,
-            "init": args.init, "data": [str(d) for d in args.data], "samples": len(samples),
+            "init": args.init, "decoder_from": args.decoder_from, "data": [str(d) for d in args.data], "samples": len(samples),
             "slice_step": args.slice_step, "settings": settings.to_dict(), **result,
         })
         print(f"wrote {out} after {result['steps']} steps (final loss {result['final_loss']:.5g}); "

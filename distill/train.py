@@ -59,6 +59,8 @@ class TrainSettings:
     flip: bool = option(True, "no random flips", flag="--no-flip")
     balanced: bool = option(True, "sample uniformly instead of modality-balanced", flag="--no-balance")
     mask_loss_weight: float = option(0.0, "mask-level distillation through the frozen decoder")
+    train_parts: str = option("", "encoder parts that train, comma-separated module names under image_encoder "
+                                  "('fusion': a high-resolution path added to a trained student); default: all")
 
     def to_dict(self) -> dict:
         values = asdict(self)
@@ -148,6 +150,8 @@ class Trainer:
         self.samples, self.keys, self.cache, self.settings = samples, keys, cache, settings
         for name, p in self.student.named_parameters():
             p.requires_grad_(self.is_trainable(name))
+        if not any(p.requires_grad for p in self.student.parameters()):
+            raise ValueError(f"nothing to train: the model has no part named {settings.train_parts!r} in its encoder")
         self.encoder = self.student.image_encoder
         self.rank, self.world_size = world()
         if self.world_size > 1:
@@ -173,7 +177,17 @@ class Trainer:
         self.epoch_loss = [0.0, 0]  # sum, count over the current epoch (for the plateau scheduler)
 
     def is_trainable(self, name: str) -> bool:
-        return name.startswith("image_encoder.")
+        parts = tuple(f"image_encoder.{part.strip()}." for part in self.settings.train_parts.split(",") if part.strip())
+        return name.startswith(parts or ("image_encoder.",))
+
+    def train_mode(self) -> None:
+        """Training mode for the modules that train; the frozen ones stay in eval mode, so their batch norms
+        neither use batch statistics nor move their running ones."""
+        self.student.train()
+        for module in self.student.modules():
+            params = list(module.parameters())
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
 
     def param_groups(self) -> list[dict]:
         return [{"params": [p for p in self.student.parameters() if p.requires_grad]}]
@@ -256,7 +270,7 @@ class Trainer:
         if self.rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
             self._trim_log(log_path)
-        self.encoder.train()
+        self.train_mode()
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.stage, unit="step", disable=not progress or self.rank != 0)
         last_loss = math.nan
         while self.step < self.total_steps:

@@ -1,9 +1,9 @@
 """Helpers the tests share: small models and teachers built in memory, npz writing, and the bad-input corpus.
 
-The corpus: `write_corpus(folder)` writes challenge npz files that must be refused, each with the fragment of the
-one line that must name it, beside valid but unusual files (a constant image, a 1×1 image, float boxes, a small
-volume) that must still be processed. `assert_reported` checks a command's stderr: one line per bad file, naming
-the file and its problem. Nothing here is committed as data files.
+`write_corpus(folder)` writes challenge npz files that must be refused, each with the fragment of the one line
+that must name it, files that are not npz (named as not read), beside valid but unusual files (a constant image, a
+1×1 image, float boxes, a small volume, 300 boxes: uint16 labels) that must still be processed. `assert_reported` checks a command's stderr: one line per bad file, naming the
+file and its problem.
 """
 
 from __future__ import annotations
@@ -110,6 +110,9 @@ BAD_ARRAYS: dict[str, tuple[dict, str]] = {
     "2DBox_CT_negative_box.npz": (dict(imgs=_image(), boxes=np.array([[-4, 5, 39, 19]]), gts=_gts()), "outside the image"),
     "2DBox_CT_box_beyond.npz": (dict(imgs=_image(), boxes=np.array([[10, 5, 70, 19]]), gts=_gts()), "outside the image"),
     "2DBox_CT_x0_after_x1.npz": (dict(imgs=_image(), boxes=np.array([[39, 5, 10, 19]]), gts=_gts()), "x0 >= x1"),
+    # H×W×3 with 6-column boxes that fit it read as a volume 3 pixels wide: once segmented silently as (40, 60, 3)
+    "2DBox_CT_color_image_3d_boxes.npz": (dict(imgs=_image(), boxes=np.array([[0, 5, 10, 2, 19, 30]])),
+                                          "H×W×3 color image but boxes have 6 columns"),
     "3DBox_CT_z0_after_z1.npz": (dict(imgs=np.zeros((6, 20, 30), np.uint8), boxes=np.array([[4, 3, 4, 9, 8, 2]]),
                                       spacing=np.ones(3)), "z0 >= z1"),
 }
@@ -119,8 +122,9 @@ FILE_PROBLEMS = {  # name -> fragment; written by write_corpus below
     "2DBox_CT_plain_zip.npz": "not an npz",
     "2DBox_CT_directory.npz": "not a regular file",
 }
+NOT_NPZ = {"notes.txt": "skipped 2 non-npz file(s)", "2DBox_CT_scan.nii.gz": "skipped 2 non-npz file(s)"}
 GOOD_NAMES = ["2DBox_US_valid.npz", "2DBox_US_constant.npz", "2DBox_US_one_pixel.npz", "2DBox_US_float_boxes.npz",
-              "3DBox_MR_volume.npz"]
+              "2DBox_US_300_boxes.npz", "3DBox_MR_volume.npz"]
 
 
 def write_file_problems(folder: Path) -> dict[str, str]:
@@ -144,6 +148,13 @@ def write_good(folder: Path) -> list[str]:
     write_npz(folder / "2DBox_US_one_pixel.npz", imgs=np.full((1, 1, 3), 200, np.uint8), boxes=np.array([[0, 0, 1, 1]]),
               gts=np.ones((1, 1), np.uint8))
     write_npz(folder / "2DBox_US_float_boxes.npz", imgs=_image(), boxes=np.array([[10.4, 5.6, 38.7, 19.2]]), gts=_gts())
+    gts300 = np.zeros((60, 80), np.uint16)  # 300 objects of 3×3 pixels on a 4-px grid, one box each
+    for label in range(1, 301):
+        row, col = divmod(label - 1, 20)
+        gts300[4 * row : 4 * row + 3, 4 * col : 4 * col + 3] = label
+    boxes300 = [[4 * col, 4 * row, 4 * col + 2, 4 * row + 2] for row in range(15) for col in range(20)]
+    write_npz(folder / "2DBox_US_300_boxes.npz", imgs=(gts300 > 0).astype(np.uint8) * 200, boxes=np.array(boxes300),
+              gts=gts300)
     volume = np.random.default_rng(1).integers(0, 255, (11, 24, 32), dtype=np.uint8)
     gts = np.zeros_like(volume)
     gts[2:9, 5:15, 6:20] = 1
@@ -152,13 +163,22 @@ def write_good(folder: Path) -> list[str]:
     return list(GOOD_NAMES)
 
 
+def write_not_npz(folder: Path) -> dict[str, str]:
+    """Files a command does not read (each must still be named, on the one line listing them)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "notes.txt").write_text("not a case")
+    (folder / "2DBox_CT_scan.nii.gz").write_bytes(b"\x1f\x8b not read")
+    return dict(NOT_NPZ)
+
+
 def write_corpus(folder: Path) -> tuple[dict[str, str], list[str]]:
-    """({bad file name: message fragment}, [good file names]) written into `folder`."""
+    """({name of a bad or unread file: message fragment}, [good file names]) written into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, (arrays, _) in BAD_ARRAYS.items():
         write_npz(folder / name, **arrays)
     bad = {name: fragment for name, (_, fragment) in BAD_ARRAYS.items()}
     bad.update(write_file_problems(folder))
+    bad.update(write_not_npz(folder))
     return bad, write_good(folder)
 
 

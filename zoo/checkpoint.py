@@ -108,6 +108,16 @@ def init_from_litemedsam(model: ClassPromptSAM) -> list[str]:
     return sorted(k for k in own if k not in loaded)
 
 
+def copy_matching_weights(model: torch.nn.Module, source: torch.nn.Module, prefixes: tuple[str, ...] = ("",)) -> list[str]:
+    """Copy `source`'s weights into `model` wherever a key starting with one of `prefixes` exists in both with
+    the same shape (a student gaining a new part keeps that part as initialized); returns the keys copied."""
+    own = model.state_dict()
+    copied = {k: v for k, v in source.state_dict().items()
+              if k.startswith(prefixes) and k in own and own[k].shape == v.shape}
+    model.load_state_dict(copied, strict=False)
+    return sorted(copied)
+
+
 def code_revision() -> str:
     """The git commit of this checkout (with '+dirty' when it has uncommitted changes), or 'unknown'."""
     try:

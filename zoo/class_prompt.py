@@ -17,6 +17,7 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransfor
 from zoo.embedding_cache import module_fingerprint
 from zoo.encoders import ENCODER_CONFIGS, TinyViTConfig, TinyViTEncoder
 from zoo.modalities import MODALITIES
+from zoo.pooled_decoder import PooledMaskDecoder
 from zoo.preprocess import IMAGE_SIZE
 
 EMBED_DIM = 256
@@ -24,17 +25,22 @@ EMBED_DIM = 256
 
 @dataclass
 class ModelConfig:
-    """What a checkpoint needs to rebuild its model: the encoder's shape and whether it has a class prompt."""
+    """What a checkpoint needs to rebuild its model: the encoder's shape, whether it has a class prompt, and the
+    mask decoder's token stride (1: SAM's decoder; 2: zoo.pooled_decoder's light decoder)."""
 
     encoder: TinyViTConfig = field(default_factory=lambda: ENCODER_CONFIGS["litemedsam"])
     class_prompt: bool = False
+    decoder_token_stride: int = 1
 
     def to_dict(self) -> dict:
-        return {"encoder": self.encoder.to_dict(), "class_prompt": self.class_prompt}
+        return {"encoder": self.encoder.to_dict(), "class_prompt": self.class_prompt,
+                "decoder_token_stride": self.decoder_token_stride}
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":
-        return cls(encoder=TinyViTConfig.from_dict(values["encoder"]), class_prompt=bool(values["class_prompt"]))
+        # Checkpoints written before the light decoder existed have SAM's decoder.
+        return cls(encoder=TinyViTConfig.from_dict(values["encoder"]), class_prompt=bool(values["class_prompt"]),
+                   decoder_token_stride=int(values.get("decoder_token_stride", 1)))
 
 
 class ModalityHead(nn.Module):
@@ -72,11 +78,13 @@ class ClassPromptSAM(nn.Module):
             embed_dim=EMBED_DIM, image_embedding_size=(grid, grid), input_image_size=(IMAGE_SIZE, IMAGE_SIZE),
             mask_in_chans=16,
         )
-        self.mask_decoder = MaskDecoder(
+        decoder = dict(
             num_multimask_outputs=3,
             transformer=TwoWayTransformer(depth=2, embedding_dim=EMBED_DIM, mlp_dim=2048, num_heads=8),
             transformer_dim=EMBED_DIM, iou_head_depth=3, iou_head_hidden_dim=256,
         )
+        stride = config.decoder_token_stride
+        self.mask_decoder = MaskDecoder(**decoder) if stride == 1 else PooledMaskDecoder(token_stride=stride, **decoder)
         if config.class_prompt:
             self.modality_head = ModalityHead()
             self.class_prompt = nn.Embedding(len(MODALITIES), EMBED_DIM)

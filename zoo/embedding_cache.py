@@ -1,7 +1,10 @@
 """Image embeddings kept on disk, keyed by the preprocessed image's content and by the encoder that made them.
 
-Layout: CACHE_DIR/<encoder id>/<key[:2]>/<key>.npy with key = sha256(preprocessing version, preprocessed image).
-Entries are written under a temporary name and renamed, so an interrupted run leaves no half-written entry.
+Layout: CACHE_DIR/<encoder id>/<key[:2]>/<key>.<dtype>.emb with key = sha256(preprocessing version, preprocessed
+image); the encoder id covers the encoder's weights and dtypes, its runtime and that runtime's version. An entry is
+the sha256 of its .npy bytes followed by those bytes: one damaged on disk (a flipped bit reads back as a valid
+array) is found on read, reported once, deleted and recomputed. Entries are written under a temporary name and
+renamed, so an interrupted run leaves no half-written entry.
 Distillation keeps teacher embeddings in float16 (distill.cache); benchmarks keep float32, so that a variant
 scored from cached embeddings gets exactly the masks it would get without the cache.
 """
@@ -9,7 +12,10 @@ scored from cached embeddings gets exactly the masks it would get without the ca
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import io
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +45,16 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+RUNTIME_PACKAGES = {"pytorch": "torch", "onnxruntime": "onnxruntime", "openvino": "openvino"}
+
+
 def encoder_cache_id(model) -> str:
-    """The cache folder of a model's encoder: LiteMedSAM and every model fine-tuned on its frozen encoder share it."""
-    return f"encoder-{model.encoder_fingerprint()[:16]}"
+    """The cache folder of a model's encoder: LiteMedSAM and every model fine-tuned on its frozen encoder share it.
+
+    The fingerprint covers weights, dtypes and (exported models) the precision computed in; the runtime and its
+    version are added because another version may compute slightly different embeddings from the same weights."""
+    runtime = f"{model.backend}-{importlib.metadata.version(RUNTIME_PACKAGES[model.backend])}"
+    return f"encoder-{hashlib.sha256(f'{model.encoder_fingerprint()}|{runtime}'.encode()).hexdigest()[:16]}"
 
 
 class EmbeddingCache:
@@ -54,21 +67,40 @@ class EmbeddingCache:
         self.misses = 0
 
     def path(self, key: str) -> Path:
-        return self.dir / key[:2] / f"{key}.npy"
+        return self.dir / key[:2] / f"{key}.{str(self.dtype).removeprefix('torch.')}.emb"
 
     def get(self, key: str) -> torch.Tensor | None:
+        """The entry of `key`, or None when there is none or it is damaged (then it is reported and deleted)."""
         path = self.path(key)
-        if not path.is_file():
-            return None
         try:
-            return torch.from_numpy(np.load(path, allow_pickle=False))
-        except (ValueError, OSError, EOFError):
-            path.unlink(missing_ok=True)  # a damaged entry is recomputed, not trusted
+            data = path.read_bytes()
+        except FileNotFoundError:
             return None
+        except OSError as err:
+            return self._discard(path, err.strerror or str(err))
+        digest, payload = data[:32], data[32:]
+        if hashlib.sha256(payload).digest() != digest:
+            return self._discard(path, "checksum mismatch")
+        try:
+            array = np.load(io.BytesIO(payload), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:
+            return self._discard(path, f"unreadable ({err})")
+        if array.dtype != np.dtype(str(self.dtype).removeprefix("torch.")):
+            return self._discard(path, f"holds {array.dtype}, not {self.dtype}")
+        return torch.from_numpy(array)
+
+    def _discard(self, path: Path, problem: str) -> None:
+        print(f"warning: {path}: damaged embedding-cache entry ({problem}); deleted, it is computed again",
+              file=sys.stderr)
+        path.unlink(missing_ok=True)
+        return None
 
     def put(self, key: str, embedding: torch.Tensor) -> None:
-        with atomic_path(self.path(key)) as tmp, open(tmp, "wb") as handle:
-            np.save(handle, embedding.to(self.dtype).cpu().numpy(), allow_pickle=False)
+        buffer = io.BytesIO()
+        np.save(buffer, embedding.to(self.dtype).cpu().numpy(), allow_pickle=False)
+        payload = buffer.getvalue()
+        with atomic_path(self.path(key)) as tmp:
+            tmp.write_bytes(hashlib.sha256(payload).digest() + payload)
 
 
 class CachedEncoder:

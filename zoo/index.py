@@ -37,7 +37,7 @@ from zoo.embedding_cache import DEFAULT_CACHE_DIR
 from zoo.export import export_variant, runtime_version
 from zoo.exported import BACKENDS, MANIFEST, ExportedModel, check_backend, read_manifest
 from zoo.flops import model_size
-from zoo.io import atomic_path
+from zoo.io import atomic_path, refuse_overwriting_inputs
 
 INDEX_PATH = ZOO_DIR / "index.json"
 EXPORT_CACHE = DEFAULT_CACHE_DIR / "exported"
@@ -73,9 +73,11 @@ def load(name_or_path: str | Path):
     if entry is not None and entry.get("derived_from"):
         folder = _derived_folder(entry)
         try:
-            return ExportedModel(folder)
-        except CheckpointError as err:
-            raise CheckpointError(f"{err} (a cached export of {name!r}: delete {folder} to export it again)") from err
+            return ExportedModel(folder)  # checks every file's sha256 against the manifest
+        except CheckpointError as err:  # a damaged cached export is discarded and made again from its checked parent
+            print(f"warning: {err}; the cached export {folder} is deleted and made again", file=sys.stderr)
+            shutil.rmtree(folder)
+            return ExportedModel(_derived_folder(entry))
     if entry is not None:
         return _load_path(_shipped_file(entry))
     path = Path(name)
@@ -245,6 +247,9 @@ def add_model(name: str, source: Path, half: bool = False, encoder_from: str | N
     existing = next((e for e in entries if e["name"] == name), None)
     if existing is not None and not replace:
         raise ValueError(f"zoo model {name!r} exists already; pass --replace to ship a new version of it")
+    source = Path(source)
+    if export is None:  # a checkpoint or folder is only read, never replaced by its own shipped copy
+        refuse_overwriting_inputs(ZOO_DIR / (name if source.is_dir() else f"{name}.pt"), [source], "NAME")
     if export is not None:
         entry = derived_entry(name, str(source), export, description)
     else:

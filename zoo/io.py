@@ -9,9 +9,10 @@ from __future__ import annotations
 import csv
 import io
 import os
+import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,9 @@ from zoo.modalities import canonical_modality, modality_from_name
 
 # The project's real data, read in place (research-only licenses): ../shared/data/medseg-real/{train,val}.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "medseg-real"
+# Temporary files of this toolkit are named TEMP_PREFIX<pid>.<final name>.<random>: only its own are ever removed,
+# and only those of processes that are gone (one killed mid-write leaves its file behind).
+TEMP_PREFIX = ".cp-tinyvit-tmp-"
 
 
 class CaseError(ValueError):
@@ -31,6 +35,48 @@ class CaseError(ValueError):
         self.path = Path(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+
+class WriteError(CaseError):
+    """An output that could not be written (a folder in its place, no space, no permission); names the file."""
+
+
+class OverwriteError(ValueError):
+    """An output path that is one of the command's inputs (or the folder holding them)."""
+
+
+def npz_inputs(folder: str | Path) -> tuple[list[Path], list[Path]]:
+    """(the .npz files of `folder`, sorted; every other entry in it, which the tool does not read).
+
+    The entries not read are named on stderr, one line, so that no file is left out silently; the toolkit's own
+    temporary files are not counted. CaseError when the folder is missing or holds no .npz file."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CaseError(folder, "no such directory" if not folder.exists() else "not a directory")
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith(TEMP_PREFIX))
+    files = [p for p in entries if p.suffix == ".npz"]
+    others = [p for p in entries if p.suffix != ".npz"]
+    if others:
+        print(f"skipped {len(others)} non-npz file(s): {', '.join(map(str, others))}", file=sys.stderr)
+    if not files:
+        raise CaseError(folder, "no .npz files in this directory")
+    return files, others
+
+
+def refuse_overwriting_inputs(output: str | Path, inputs: Iterable[str | Path], option: str) -> None:
+    """OverwriteError when `output` (a file, or a folder a command writes into) could replace an input: it is an
+    input file or folder (links followed), or the folder an input file lies in (output folders receive files named
+    like the inputs). Every command checks each of its outputs with it before writing anything."""
+    output = Path(output).resolve()
+    for given in inputs:
+        source = Path(given).resolve()
+        holds = [source] + ([source.parent] if not source.is_dir() else [])
+        for path in holds:
+            same = output == path or (output.exists() and path.exists() and os.path.samefile(output, path))
+            if same:
+                what = "the folder holding the input" if path != source else "the input"
+                raise OverwriteError(f"{output}: {option} is {what} {given}; choose another path so that inputs "
+                                     "are never overwritten")
 
 
 @dataclass
@@ -86,6 +132,7 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def _check_image(path: Path, imgs: np.ndarray, is_3d: bool) -> np.ndarray:
+    """2D or 3D is read from the image's shape and the box columns together; a contradiction is refused."""
     if imgs.dtype.kind == "f" and not np.isfinite(imgs).all():
         raise CaseError(path, "imgs contains NaN or Inf values")
     if imgs.dtype != np.uint8:
@@ -94,13 +141,17 @@ def _check_image(path: Path, imgs: np.ndarray, is_3d: bool) -> np.ndarray:
         raise CaseError(path, f"imgs is empty (shape {imgs.shape})")
     if is_3d:
         if imgs.ndim != 3:
-            raise CaseError(path, f"3D boxes need imgs of shape D×H×W, got shape {imgs.shape}")
+            raise CaseError(path, f"3D boxes (6 columns) need imgs of shape D×H×W, got shape {imgs.shape}")
+        if imgs.shape[2] == 3:
+            raise CaseError(path, f"imgs of shape {imgs.shape} is an H×W×3 color image but boxes have 6 columns "
+                                  "(3D); 2D boxes have 4 columns [x0, y0, x1, y1]")
         return imgs
     if imgs.ndim == 2:
         return np.repeat(imgs[:, :, None], 3, axis=-1)
     if imgs.ndim == 3 and imgs.shape[2] == 3:
         return imgs
-    raise CaseError(path, f"2D boxes need imgs of shape H×W or H×W×3, got shape {imgs.shape}")
+    hint = "; a D×H×W volume needs boxes of 6 columns" if imgs.ndim == 3 else ""
+    raise CaseError(path, f"2D boxes (4 columns) need imgs of shape H×W or H×W×3, got shape {imgs.shape}{hint}")
 
 
 def _check_boxes(path: Path, boxes: np.ndarray, image_shape: tuple[int, ...], is_3d: bool) -> np.ndarray:
@@ -163,23 +214,60 @@ def load_case(path: str | Path) -> Case:
     return Case(path=path, image=image, boxes=boxes, gts=gts, spacing=spacing, modality=modality)
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def clean_stale_temps(folder: str | Path, own: bool = False) -> list[Path]:
+    """Remove the toolkit's temporary files in `folder` left by processes that no longer run (and, with `own`, this
+    process's: on an interrupt); returns them. Others' temporary files and those of running writers are kept."""
+    folder = Path(folder)
+    removed = []
+    for path in folder.glob(f"{TEMP_PREFIX}*") if folder.is_dir() else []:
+        pid = path.name[len(TEMP_PREFIX):].split(".", 1)[0]
+        if pid.isdigit() and (not _process_alive(int(pid)) or (own and int(pid) == os.getpid())) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     """A temporary path in `path`'s folder to write to; renamed to `path` when the block succeeds, removed when it
     fails. Every file the toolkit writes whole goes through here (only training logs are appended row by row), so
-    a half-written file never carries its final name."""
+    a half-written file never carries its final name. An OSError while writing becomes a WriteError naming `path`.
+    `suffix` ends the temporary name: writers that choose the format by extension (SimpleITK: '.tmp.nii.gz') need
+    the final one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}.{path.name}.", suffix=suffix, dir=path.parent)
+        os.close(fd)
+    except OSError as err:
+        raise WriteError(path, f"cannot be written ({err.strerror or err})") from err
     umask = os.umask(0)
     os.umask(umask)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the final file ordinary permissions
         os.replace(tmp, path)
+    except OSError as err:
+        raise WriteError(path, f"cannot be written ({err.strerror or err})") from err
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def label_dtype(n_labels: int) -> np.dtype:
+    """The dtype of a label map with labels 1..n_labels: uint8 as the challenge writes it, uint16 beyond 255."""
+    if n_labels > np.iinfo(np.uint16).max:
+        raise ValueError(f"{n_labels} labels do not fit a uint16 label map")
+    return np.dtype(np.uint8 if n_labels <= np.iinfo(np.uint8).max else np.uint16)
 
 
 def save_npz_atomic(path: str | Path, **arrays: np.ndarray) -> Path:

@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from zoo.io import Case, CaseError, load_case, save_npz_atomic, write_csv_atomic
+from zoo.checkpoint import CheckpointError
+from zoo.cli import interrupted, positive_int
+from zoo.io import (
+    TEMP_PREFIX,
+    Case,
+    CaseError,
+    OverwriteError,
+    WriteError,
+    clean_stale_temps,
+    label_dtype,
+    load_case,
+    npz_inputs,
+    refuse_overwriting_inputs,
+    save_npz_atomic,
+    write_csv_atomic,
+)
 from zoo.modalities import MODALITIES, canonical_modality, modality_id
 from zoo.preprocess import box_from_mask, postprocess_logits, preprocess_image, scale_boxes
 from zoo.runtime import SegmentationRuntime
@@ -33,7 +49,7 @@ DECODE_CHUNK = 16  # boxes decoded at once; bounds memory for images with many o
 
 @dataclass
 class Segmentation:
-    segs: np.ndarray  # (H, W) or (D, H, W) uint8 labels
+    segs: np.ndarray  # (H, W) or (D, H, W) labels: uint8, uint16 for more than 255 boxes (zoo.io.label_dtype)
     modality: str | None  # the modality given to the class prompt; None for a model without one
     modality_source: str  # 'given', 'file', 'head' or 'unused'
     head_modality: str | None = None  # the modality head's prediction on the first embedded image, if it has one
@@ -79,7 +95,7 @@ def segment_2d(model: SegmentationRuntime, case: Case, modalities: ModalityChoic
     embedding = model.embed(image)
     modality, source, predicted = modalities.resolve(case, embedding)
     masks = decode_masks(model, embedding, scale_boxes(case.boxes, (height, width)), modality, resized, (height, width))
-    segs = np.zeros((height, width), dtype=np.uint8)
+    segs = np.zeros((height, width), dtype=label_dtype(len(case.boxes)))
     for label, mask in enumerate(masks, start=1):
         segs[mask] = label
     return Segmentation(segs, modality, source, predicted)
@@ -129,7 +145,7 @@ def segment_3d(model: SegmentationRuntime, case: Case, modalities: ModalityChoic
     embeddings = embeddings or SliceEmbeddings(model, volume)
     plan = propagation_plan(case.boxes, depth)
     start_boxes = scale_boxes(case.boxes[:, [0, 1, 3, 4]], (height, width))
-    segs = np.zeros(volume.shape, dtype=np.uint8)
+    segs = np.zeros(volume.shape, dtype=label_dtype(len(case.boxes)))
     modality, source, predicted = modalities.resolve(case, embeddings[plan[0][0]])
 
     def sweep(slices_of_box: list[range], previous: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
@@ -148,7 +164,7 @@ def segment_3d(model: SegmentationRuntime, case: Case, modalities: ModalityChoic
                 label = b + 1
                 # The official script carries the box from its label map (values = label), and INTER_AREA's
                 # rounding when shrinking it depends on that value: keep it for identical boxes.
-                previous[b] = mask.astype(np.uint8) * label
+                previous[b] = mask.astype(segs.dtype) * label
                 first_masks.setdefault(b, previous[b])
                 segs[z][mask] = np.maximum(segs[z][mask], label)  # the later (higher) box wins
         return first_masks
@@ -166,35 +182,36 @@ def segment_case(model: SegmentationRuntime, case: Case, modalities: ModalityCho
 TIMING_FIELDS = ["case", "modality", "modality_source", "head_modality", "n_boxes", "seconds", "status", "error"]
 
 
-def _input_files(input_path: Path) -> list[Path]:
+def input_files(input_path: Path) -> tuple[list[Path], list[Path]]:
+    """(the npz files to segment, the entries of the input folder that are not npz files and are not read)."""
     if input_path.is_file():
-        return [input_path]
-    if not input_path.is_dir():
-        raise SystemExit(f"error: {input_path}: no such file or directory")
-    files = sorted(p for p in input_path.iterdir() if p.suffix == ".npz")
-    if not files:
-        raise SystemExit(f"error: {input_path}: no .npz files in this directory")
-    return files
+        return [input_path], []
+    if not input_path.exists():
+        raise CaseError(input_path, "no such file or directory")
+    return npz_inputs(input_path)
 
 
-def _check_output_dir(output_dir: Path, inputs: list[Path]) -> None:
+def prepare_output_dir(output_dir: Path) -> None:
+    """Create the output folder (only once the model has loaded, so a bad --model leaves none behind), check that
+    it is writable, and remove this tool's temporary files that a killed earlier run left there."""
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / f".write-test-{os.getpid()}"
+        probe = output_dir / f"{TEMP_PREFIX}{os.getpid()}.write-test"
         probe.touch()
         probe.unlink()
     except OSError as err:
         raise SystemExit(f"error: {output_dir}: output directory is not writable ({err.strerror or err})")
-    if any((output_dir / p.name).resolve() == p.resolve() for p in inputs):
-        raise SystemExit(f"error: {output_dir}: output directory holds the inputs; choose another so inputs are never overwritten")
+    stale = clean_stale_temps(output_dir)
+    if stale:
+        print(f"removed {len(stale)} temporary file(s) left by an interrupted run: {', '.join(map(str, stale))}",
+              file=sys.stderr)
 
 
 def predict_files(model: SegmentationRuntime, files: list[Path], output_dir: Path, modality: str = "auto",
-                  progress: bool = True) -> list[dict]:
-    """Segment each file into output_dir/<name>; a bad file is reported (one line) and skipped.
-    Returns one timing row per file."""
+                  progress: bool = True) -> Iterator[dict]:
+    """Segment each file into output_dir/<name>, yielding one timing row per file as it is done; a file that cannot
+    be read or whose output cannot be written is reported (one line naming it) and the next one follows."""
     modalities = ModalityChoice(model, modality)
-    rows = []
     for path in tqdm(files, desc="segmenting", unit="case", disable=not progress):
         row = {"case": path.name, "modality": "", "modality_source": "", "head_modality": "", "n_boxes": "", "seconds": "",
                "status": "ok", "error": ""}
@@ -203,14 +220,13 @@ def predict_files(model: SegmentationRuntime, files: list[Path], output_dir: Pat
             start = time.perf_counter()
             result = segment_case(model, case, modalities)
             row["seconds"] = f"{time.perf_counter() - start:.3f}"
-            save_npz_atomic(output_dir / path.name, segs=result.segs)
             row.update(modality=result.modality or case.modality or "", modality_source=result.modality_source,
                        head_modality=result.head_modality or "", n_boxes=len(case.boxes))
-        except CaseError as err:
-            row.update(status="failed", error=err.problem)
+            save_npz_atomic(output_dir / path.name, segs=result.segs)
+        except CaseError as err:  # WriteError, a CaseError, names the output file
+            row.update(status="failed", error=f"{err.path}: {err.problem}")
             tqdm.write(f"error: {err}", file=sys.stderr)
-        rows.append(row)
-    return rows
+        yield row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,27 +237,51 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="litemedsam", help="zoo name (litemedsam, ...) or checkpoint path")
     parser.add_argument("--modality", default="auto",
                         help="auto (the file's, else the modality head's), head, or one of " + ", ".join(MODALITIES))
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--timing-csv", type=Path, default=None, help="per-case timing CSV (default OUT/timing.csv)")
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:  # before or after the cases (during them _run writes what was done)
+        return interrupted()
 
+
+def _run(args) -> int:
     from zoo.index import load  # here, so that --help is fast
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    files = _input_files(args.input)
-    _check_output_dir(args.output, files)
+    timing_csv = args.timing_csv or args.output / "timing.csv"
     try:
+        files, not_read = input_files(args.input)
+        for output, option in ((args.output, "-o/--output"), (timing_csv, "--timing-csv")):
+            refuse_overwriting_inputs(output, [args.input, *files], option)
         model = load(args.model)
         ModalityChoice(model, args.modality)
-    except (RuntimeError, ValueError) as err:
+    except (CaseError, CheckpointError, OverwriteError, RuntimeError, ValueError) as err:
         raise SystemExit(f"error: {err}")
-    rows = predict_files(model, files, args.output, args.modality)
-    write_csv_atomic(args.timing_csv or args.output / "timing.csv", rows, TIMING_FIELDS)
-    failed = [row for row in rows if row["status"] != "ok"]
-    print(f"segmented {len(rows) - len(failed)} of {len(rows)} cases into {args.output}"
-          + (f"; {len(failed)} failed" if failed else ""))
-    return 1 if failed else 0
+    prepare_output_dir(args.output)
+    rows, interrupted = [], False
+    try:
+        for row in predict_files(model, files, args.output, args.modality):
+            rows.append(row)
+    except KeyboardInterrupt:  # the cases done are kept; the one in progress leaves no file
+        interrupted = True
+        clean_stale_temps(args.output, own=True)
+    failed = sum(row["status"] != "ok" for row in rows)
+    try:
+        write_csv_atomic(timing_csv, rows, TIMING_FIELDS)
+        timing_written = True
+    except WriteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        timing_written = False
+    summary = (f"segmented {len(rows) - failed} of {len(files) + len(not_read)} files into {args.output}"
+               + (f"; {failed} failed" if failed else "") + (f"; {len(not_read)} not npz, not read" if not_read else ""))
+    if interrupted:
+        print(f"interrupted: {summary}; {len(files) - len(rows)} not started", file=sys.stderr)
+        return 130
+    print(summary)
+    return 1 if failed or not timing_written else 0
 
 
 if __name__ == "__main__":

@@ -65,3 +65,15 @@ def test_official_scores_of_the_reference_masks(val_dir, reference_dir):
         segs = np.load(reference_dir / name)["segs"]
         dsc, nsd = case_scores(gt["gts"], segs, gt["spacing"].tolist() if gt["gts"].ndim == 3 else None)
         assert (round(dsc, 4), round(nsd, 4)) == (float(official[name]["dsc"]), float(official[name]["nsd"])), name
+
+
+def test_more_than_255_labels_in_uint16():
+    """A file with 300 boxes is segmented into uint16 labels (zoo.io.label_dtype); every one of them is scored."""
+    gts = np.zeros((60, 80), np.uint16)
+    for label in range(1, 301):
+        row, col = divmod(label - 1, 20)
+        gts[4 * row : 4 * row + 3, 4 * col : 4 * col + 3] = label
+    segs = gts.copy()
+    segs[segs == 300] = 0  # the last label (beyond uint8) missed: DSC 299/300
+    dsc, nsd = case_scores(gts, segs)
+    assert dsc == pytest.approx(299 / 300) and nsd == pytest.approx(299 / 300)

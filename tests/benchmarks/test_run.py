@@ -1,3 +1,4 @@
+import re
 
 import numpy as np
 import pytest
@@ -31,6 +32,8 @@ def test_run_writes_leaderboard_cases_and_plots_and_survives_a_broken_variant(ti
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"garbage")
     out = tmp_path / "out"
+    blocked = tmp_path / "segs" / "tiny" / "2DBox_US_one.npz"
+    blocked.mkdir(parents=True)  # an output that cannot be replaced: named, and the case still scored
     code = main(["--data", str(tiny_data), "--models", f"{broken},{model_path}", "--out", str(out), "--all",
                  "--save-segs", str(tmp_path / "segs"), "--cache-dir", str(tmp_path / "cache")])
     assert code == 1
@@ -38,6 +41,7 @@ def test_run_writes_leaderboard_cases_and_plots_and_survives_a_broken_variant(ti
     err = printed.err
     assert f"leaderboard: {out / 'leaderboard.csv'}" in printed.out and "tiny " in printed.out
     assert "variant" in err and "broken.pt" in err and "2DBox_US_bad.npz: no 'gts'" in err
+    assert f"error: {blocked}: cannot be written" in err
     cases = read_csv(out / "cases.csv")
     assert sorted(c["case"] for c in cases) == ["2DBox_US_one.npz", "3DBox_CT_two.npz"]
     assert all(0 <= float(c["dsc"]) <= 1 and float(c["seconds"]) > 0 for c in cases)
@@ -77,6 +81,43 @@ def test_a_sample_covers_2d_and_3d_and_draws_volumes_with_few_slices(tmp_path):
     anywhere = {p.name for seed in range(12) for p in select_cases(tmp_path, 1, seed, small_volumes=False) if "_MR_" in p.name}
     assert len(anywhere) > 2  # --volumes any: the earlier sample, from every volume
 
+
+
+def test_no_output_is_an_input_and_threads_are_checked(tiny_data, tmp_path, capsys):
+    model_path = save_checkpoint(tmp_path / "data.pt", tiny_model())  # its segs would go to SEGS/data/
+    before = {p.name: p.read_bytes() for p in tiny_data.iterdir()}
+    common = ["--data", str(tiny_data), "--models", str(model_path), "--all", "--cache-dir", str(tmp_path / "cache")]
+    with pytest.raises(SystemExit, match="--out is the input"):
+        main(common + ["--out", str(tiny_data)])
+    with pytest.raises(SystemExit, match="--save-segs is the input"):
+        main(common + ["--out", str(tmp_path / "out"), "--save-segs", str(tmp_path)])
+    assert {p.name: p.read_bytes() for p in tiny_data.iterdir()} == before and not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(common + ["--threads", "-1"])
+    assert exit_info.value.code == 2 and "--threads: must be at least 1" in capsys.readouterr().err
+
+
+def test_a_damaged_embedding_cache_gives_a_clean_runs_scores(tiny_data, tmp_path, capfd):
+    """Issue #18's report: 1 MiB flipped in cached embeddings, sizes kept; each entry is named once and recomputed."""
+    from tests.zoo.test_embedding_cache import flip_bytes
+
+    (tiny_data / "2DBox_US_bad.npz").unlink()
+    model_path = save_checkpoint(tmp_path / "tiny.pt", tiny_model())
+    common = ["--data", str(tiny_data), "--models", str(model_path), "--all", "--threads", "1",
+              "--cache-dir", str(tmp_path / "cache")]
+    assert main(common + ["--out", str(tmp_path / "clean")]) == 0
+    entries = sorted((tmp_path / "cache").rglob("*.emb"))
+    assert entries
+    for entry in entries:
+        flip_bytes(entry)
+    capfd.readouterr()
+    assert main(common + ["--out", str(tmp_path / "again")]) == 0
+    # (a child's progress bar may share a line with the warning: the path is read from "warning: PATH: damaged")
+    named = re.findall(r"warning: (\S+): damaged embedding-cache entry", capfd.readouterr().err)
+    assert sorted(named) == list(map(str, entries))
+    scores = [[(c["case"], c["dsc"], c["nsd"]) for c in read_csv(tmp_path / out / "cases.csv")]
+              for out in ("clean", "again")]
+    assert scores[0] == scores[1]
 
 
 def test_bad_input_corpus(tmp_path, capsys):

@@ -116,4 +116,14 @@ def test_bad_input_corpus(tmp_path, capsys):
     assert main([str(parent_path), "--data", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache"),
                  "--max-steps", "1", "--batch-size", "2", "--out", str(out)]) == 1
     assert_reported(capsys.readouterr().err, bad)
-    assert load_checkpoint(out)[1]["samples"] == 4 + 1  # four 2D images and slice 5, the one of 0, 5, 10 with an object
+    assert load_checkpoint(out)[1]["samples"] == 5 + 1  # five 2D images and slice 5, the one of 0, 5, 10 with an object
+
+
+def test_out_and_work_are_never_inputs(tmp_path, train_dir, capsys):
+    parent_path = save_checkpoint(tmp_path / "parent.pt", small_model())
+    before = sorted(p.name for p in train_dir.iterdir())
+    assert main([str(parent_path), "--data", str(train_dir), "--out", str(tmp_path / "p.pt"), "--work", str(train_dir)]) == 2
+    assert "--work is the input" in capsys.readouterr().err
+    assert main([str(parent_path), "--out", str(parent_path)]) == 2
+    assert "--out is the input" in capsys.readouterr().err
+    assert sorted(p.name for p in train_dir.iterdir()) == before and not (tmp_path / "p.pt").exists()

@@ -74,4 +74,13 @@ def test_bad_input_corpus(setup, tmp_path, capsys):
     out = tmp_path / "int8"
     assert main([str(model_path), "--calib", str(tmp_path / "calib"), "--n-calib", "8", "--out", str(out)]) == 1
     assert_reported(capsys.readouterr().err, bad)
-    assert zoo.index.load(out).manifest["metadata"]["calibration_images"] == 5  # of 7 usable, the constant and the 1×1 image say nothing of ranges
+    assert zoo.index.load(out).manifest["metadata"]["calibration_images"] == 6  # of 8 usable, the constant and the 1×1 image say nothing of ranges
+
+
+def test_out_is_never_an_input(setup, tmp_path, capsys):
+    root, calib, model_path = setup
+    before = sorted(p.name for p in calib.iterdir())
+    for out in (calib, model_path):
+        assert main([str(model_path), "--calib", str(calib), "--n-calib", "2", "--out", str(out)]) == 2
+        assert "--out is the input" in capsys.readouterr().err
+    assert sorted(p.name for p in calib.iterdir()) == before

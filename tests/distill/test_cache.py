@@ -4,7 +4,7 @@ import torch
 from distill.cache import EmbeddingCache
 from distill.data import find_samples
 from tests.helpers import CountingTeacher, write_npz
-from zoo.embedding_cache import image_key
+from zoo.io import TEMP_PREFIX
 
 
 def test_build_computes_misses_once_then_hits(tmp_path):
@@ -29,12 +29,27 @@ def test_build_computes_misses_once_then_hits(tmp_path):
     other = EmbeddingCache(tmp_path / "cache", "teacher-b")  # another teacher never shares entries
     other.build(samples, teacher, progress=False)
     assert other.misses == 4
-    assert not list((tmp_path / "cache").rglob("*.tmp"))
+    assert not list((tmp_path / "cache").rglob(f"{TEMP_PREFIX}*"))
 
 
-def test_damaged_entry_is_recomputed(tmp_path):
-    cache = EmbeddingCache(tmp_path, "t")
-    key = image_key(torch.zeros(3, 256, 256))
-    cache.put(key, torch.ones(256, 64, 64))
-    cache.path(key).write_bytes(b"garbage")
-    assert cache.get(key) is None and not cache.path(key).exists()
+def test_flipped_bytes_in_teacher_embeddings_are_recomputed_to_a_clean_builds_values(tmp_path, capsys):
+    from tests.zoo.test_embedding_cache import flip_bytes
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        write_npz(data / f"2DBox_US_{i}.npz", imgs=rng.integers(0, 255, (30, 30, 3), dtype=np.uint8), boxes=np.array([[1, 1, 9, 9]]))
+    samples = find_samples([data])
+    teacher = CountingTeacher()
+    cache = EmbeddingCache(tmp_path / "cache", "t")
+    keys = cache.build(samples, teacher, progress=False)
+    clean = [cache.get(key) for key in keys]
+    flip_bytes(cache.path(keys[0]))  # an entry of 2 MB: 1 MiB of it inverted, its size unchanged
+    capsys.readouterr()
+    again = EmbeddingCache(tmp_path / "cache", "t")
+    assert again.build(samples, teacher, progress=False) == keys
+    assert (again.hits, again.misses, teacher.images) == (1, 1, 3)
+    (line,) = capsys.readouterr().err.splitlines()
+    assert f"{cache.path(keys[0])}: damaged embedding-cache entry" in line
+    assert all(torch.equal(again.get(key), value) for key, value in zip(keys, clean))

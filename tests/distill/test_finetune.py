@@ -93,6 +93,22 @@ def test_ablation_has_no_class_prompt(data):
     assert not (out / "confusion.png").exists()
 
 
+def test_light_decoder_starts_from_the_checkpoints_decoder_and_is_kept(data):
+    """--decoder-token-stride 2 fine-tunes zoo.pooled_decoder's decoder from the init's SAM decoder weights; the
+    result records the stride, so zoo.load rebuilds the light decoder."""
+    from zoo.pooled_decoder import PooledMaskDecoder
+
+    start = build_model(str(data / "tiny.pt"), class_prompt=True, decoder_token_stride=2)
+    source, _ = load_checkpoint(data / "tiny.pt")
+    assert isinstance(start.mask_decoder, PooledMaskDecoder)
+    for name, tensor in source.mask_decoder.state_dict().items():
+        assert torch.equal(tensor, start.mask_decoder.state_dict()[name]), name
+    out = data / "light"
+    assert main(_args(data, out, "--decoder-token-stride", "2", "--epochs", "1")) == 0
+    model, meta = load_checkpoint(out / "best.pt")
+    assert isinstance(model.mask_decoder, PooledMaskDecoder) and meta["decoder_token_stride"] == 2
+
+
 def test_build_model_from_litemedsam_starts_as_litemedsam(litemedsam):
     model = build_model("litemedsam", class_prompt=True)
     assert model.has_modality_head and not model.class_prompt.weight.any()
@@ -122,3 +138,10 @@ def test_fit_modality_head_learns_separable_modalities():
     fit_modality_head(head, features, labels)
     with torch.inference_mode():
         assert (head.mlp(features).argmax(dim=1) == labels).float().mean() == 1.0
+
+
+def test_out_is_never_an_input(data, capsys):
+    for out in (data / "train", data / "val", data):  # data folders; the folder holding the --init checkpoint
+        assert main(_args(data, out)) == 2
+        assert "--out is the" in capsys.readouterr().err
+    assert not (data / "best.pt").exists() and not list((data / "train").glob("*.pt"))

@@ -6,7 +6,7 @@ import pytest
 
 from distill.run import main
 from tests.helpers import REPO, small_sam_checkpoint, write_npz
-from zoo.checkpoint import load_checkpoint
+from zoo.checkpoint import CheckpointError, load_checkpoint
 from zoo.io import load_case, read_csv
 from zoo.predict import ModalityChoice, segment_case
 
@@ -79,7 +79,7 @@ def test_bad_input_corpus(tmp_path, capsys):
     assert code == 1  # trained on the usable files, and says that some were not
     assert_reported(capsys.readouterr().err, bad)
     _, meta = load_checkpoint(tmp_path / "out" / "student.pt")
-    assert meta["samples"] == 4 + 3  # four 2D images and slices 0, 5, 10 of the volume
+    assert meta["samples"] == 5 + 3  # five 2D images and slices 0, 5, 10 of the volume
 
 
 def test_sigkill_at_a_random_step_then_resume_matches_an_uninterrupted_run(small_data, tmp_path):
@@ -114,3 +114,41 @@ def test_sigkill_at_a_random_step_then_resume_matches_an_uninterrupted_run(small
     whole = torch.load(tmp_path / "whole" / "student.pt", weights_only=True)["state_dict"]
     resumed = torch.load(tmp_path / "killed" / "student.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_student_from_a_trained_model_with_another_models_decoder(tmp_path):
+    """--init copies the encoder weights that fit (the new high-resolution path stays zero, so the student starts
+    as the model it came from); --decoder-from brings a fine-tuned decoder and its class-prompt parts."""
+    import torch
+
+    from distill.run import build_student
+    from zoo.checkpoint import save_checkpoint
+    from zoo.class_prompt import ClassPromptSAM, ModelConfig
+    from zoo.encoders import ENCODER_CONFIGS
+
+    torch.manual_seed(0)
+    trained = ClassPromptSAM(ModelConfig(encoder=ENCODER_CONFIGS["fast"])).eval()
+    finetuned = ClassPromptSAM(ModelConfig(encoder=ENCODER_CONFIGS["fast"], class_prompt=True)).eval()
+    torch.nn.init.normal_(finetuned.class_prompt.weight)
+    save_checkpoint(tmp_path / "trained.pt", trained)
+    save_checkpoint(tmp_path / "finetuned.pt", finetuned)
+    student = build_student("fast_hr", str(tmp_path / "trained.pt"), str(tmp_path / "finetuned.pt")).eval()
+    assert student.has_modality_head and student.image_encoder.fusion is not None
+    image, box = torch.rand(1, 3, 256, 256), torch.tensor([[20.0, 30.0, 140.0, 160.0]])
+    with torch.no_grad():
+        embedding = student.embed(image)
+        assert torch.equal(embedding, trained.embed(image))
+        assert torch.equal(student.decode(embedding, box, 3), finetuned.decode(embedding, box, 3))
+    with pytest.raises(CheckpointError, match="missing.pt"):
+        build_student("fast_hr", str(tmp_path / "missing.pt"))
+
+
+def test_out_is_never_an_input(small_data, tmp_path, capsys):
+    small_sam_checkpoint(tmp_path / "medsam_small.pth")
+    before = sorted(p.name for p in small_data.iterdir())
+    common = ["--teacher", "medsam", "--teacher-checkpoint", str(tmp_path / "medsam_small.pth"), "--data",
+              str(small_data), "--cache-dir", str(tmp_path / "cache"), "--max-steps", "1"]
+    for out in (small_data, tmp_path):  # the data folder; the folder holding the teacher checkpoint
+        assert main(common + ["--out", str(out)]) == 2
+        assert "--out is the" in capsys.readouterr().err
+    assert sorted(p.name for p in small_data.iterdir()) == before and not (tmp_path / "last.pt").exists()

@@ -1,4 +1,5 @@
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from distill.data import find_samples
 from distill.train import Trainer, TrainSettings, epoch_batches, load_training_state
 from tests.helpers import TINY_STUDENT, CountingTeacher, write_npz
 from zoo.class_prompt import ClassPromptSAM
-from zoo.io import read_csv
+from zoo.io import TEMP_PREFIX, read_csv
 
 
 @pytest.fixture
@@ -40,7 +41,17 @@ def losses(out_dir):
     return [(int(r["step"]), r["loss"]) for r in read_csv(out_dir / "log.csv")]
 
 
-def test_resume_continues_exactly(setup, tmp_path):
+@pytest.fixture
+def one_thread():
+    """Bit-exact comparisons need one thread: on some CPUs (an AVX-512 EPYC here) two identical 2-thread runs
+    already differ in the last bits, since parallel reductions may sum in another order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_resume_continues_exactly(setup, tmp_path, one_thread):
     full = make_trainer(setup, tmp_path / "full")
     full.fit(progress=False)
     assert full.step == 6
@@ -55,7 +66,7 @@ def test_resume_continues_exactly(setup, tmp_path):
     assert losses(tmp_path / "split") == losses(tmp_path / "full")  # same next-step losses, one log
     for key, value in full.student.state_dict().items():
         assert torch.equal(value, second.student.state_dict()[key]), key
-    assert not any(p.name.endswith(".tmp") for p in (tmp_path / "split").iterdir())
+    assert not any(p.name.startswith(TEMP_PREFIX) for p in (tmp_path / "split").iterdir())
 
 
 def test_only_the_encoder_learns(setup, tmp_path):
@@ -66,6 +77,21 @@ def test_only_the_encoder_learns(setup, tmp_path):
     for k, v in trainer.student.mask_decoder.state_dict().items():
         assert torch.equal(v, decoder_before[k])
     assert not torch.equal(trainer.student.image_encoder.patch_embed.seq[0].conv.weight, encoder_before)
+
+
+def test_train_parts_moves_only_that_part_and_freezes_the_rest_batch_norms_included(setup, tmp_path):
+    """--train-parts fusion: a high-resolution path learns on a trained student whose weights and batch-norm
+    running statistics stay exactly as they were."""
+    samples, keys, cache = setup
+    torch.manual_seed(0)
+    model = ClassPromptSAM(replace(TINY_STUDENT, encoder=replace(TINY_STUDENT.encoder, fuse_stages=(0,), fuse_dim=4)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = TrainSettings(out_dir=tmp_path / "run", epochs=1, batch_size=2, lr=1e-2, train_parts="fusion")
+    Trainer(model, samples, keys, cache, settings).fit(progress=False)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("image_encoder.fusion.") for k in changed)
+    with pytest.raises(ValueError, match="no part named 'fusoin'"):
+        Trainer(ClassPromptSAM(TINY_STUDENT), samples, keys, cache, replace(settings, train_parts="fusoin"))
 
 
 def test_corrupt_last_checkpoint_falls_back_to_previous(setup, tmp_path):

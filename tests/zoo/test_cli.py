@@ -71,3 +71,31 @@ def test_finetune_keeps_its_own_defaults_and_switches():
     args = parse_args(["--train-encoder", "--box-jitter", "2"])
     assert args.train_encoder and args.box_jitter == 2 and args.lr == 1e-4 and args.scheduler == "cosine"
     assert not hasattr(args, "mask_loss_weight")  # distillation's mask loss is not a fine-tuning option
+def test_ctrl_c_ends_with_one_line_and_exit_130(capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    assert run_cli(interrupted, Namespace()) == 130
+    assert capsys.readouterr().err == "interrupted: every file written so far is complete\n"
+
+
+def test_commands_outside_run_cli_end_ctrl_c_the_same_way(tmp_path, monkeypatch, capsys):
+    """benchmarks.evaluate (its __main__ goes through run_main) interrupted while scoring: one line, exit 130."""
+    import numpy as np
+
+    import benchmarks.evaluate
+    from tests.conftest import write_npz
+    from zoo.cli import run_main
+
+    for folder in ("segs", "gts"):
+        (tmp_path / folder).mkdir()
+    write_npz(tmp_path / "gts" / "2DBox_US_a.npz", gts=np.ones((4, 4), np.uint8))
+    write_npz(tmp_path / "segs" / "2DBox_US_a.npz", segs=np.ones((4, 4), np.uint8))
+
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(benchmarks.evaluate, "score_file", ctrl_c)
+    argv = ["--segs", str(tmp_path / "segs"), "--gts", str(tmp_path / "gts"), "--out", str(tmp_path / "m.csv")]
+    assert run_main(lambda: benchmarks.evaluate.main(argv)) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "interrupted: every file written so far is complete"

@@ -72,6 +72,22 @@ def test_a_changed_graph_file_is_refused(model, tmp_path):
         ExportedModel(tmp_path)
 
 
+def test_out_and_a_shipped_copy_are_never_their_input(model, tmp_path, monkeypatch, capsys):
+    import compress.export  # the export CLI (zoo.export's command)
+
+    source = save_checkpoint(tmp_path / "tiny.pt", model)
+    before = source.read_bytes()
+    assert compress.export.main([str(source), "--backend", "onnxruntime", "--out", str(source)]) == 2
+    assert "--out is the input" in capsys.readouterr().err
+    index = tmp_path / "index.json"  # a zoo whose folder holds the checkpoint: `add tiny tiny.pt` would replace it
+    index.write_text(json.dumps({"models": []}))
+    monkeypatch.setattr(zoo.index, "INDEX_PATH", index)
+    monkeypatch.setattr(zoo.index, "ZOO_DIR", tmp_path)
+    assert zoo.index.main(["add", "tiny", str(source), "--half"]) == 2
+    assert "NAME is the input" in capsys.readouterr().err
+    assert source.read_bytes() == before and zoo.index.read_index() == []
+
+
 def test_nothing_is_overwritten_and_a_failed_export_leaves_nothing(model, tmp_path):
     out = export_variant(model, {}, tmp_path / "v", "onnxruntime")
     before = json.loads((out / "manifest.json").read_text())
@@ -128,9 +144,20 @@ def test_a_derived_entry_is_exported_once_on_first_load_and_follows_its_parent(m
     assert exported.backend == "openvino"
     assert exported.manifest["metadata"]["parent_sha256"] == zoo.index.read_index()[0]["sha256"]
 
-    (folder / "encoder.bin").write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match=f"delete {folder}"):
-        zoo.index.load("tiny_ov")
+    monkeypatch.undo()  # the real exporter again, for the damaged export below
+    monkeypatch.setattr(zoo.index, "INDEX_PATH", index)
+    monkeypatch.setattr(zoo.index, "ZOO_DIR", index.parent)
+    monkeypatch.setattr(zoo.index, "EXPORT_CACHE", tmp_path / "cache")
+    capsys.readouterr()
+    weights = bytearray((folder / "encoder.bin").read_bytes())  # bytes flipped in place, the size unchanged
+    weights[len(weights) // 2 : len(weights) // 2 + 64] = bytes(b ^ 0xFF for b in weights[len(weights) // 2 : len(weights) // 2 + 64])
+    (folder / "encoder.bin").write_bytes(bytes(weights))
+    with torch.inference_mode():  # discarded, exported again, and answering like a clean export
+        assert torch.allclose(zoo.index.load("tiny_ov").embed(image), model.embed(image), atol=1e-4)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and f"{folder / 'encoder.bin'}: sha256 does not match" in warnings[0]
+    zoo.index.load("tiny_ov")
+    assert "warning" not in capsys.readouterr().err  # the new export is clean
     (index.parent / "tiny.pt").write_bytes(b"changed")  # a changed parent is refused, not exported
     with pytest.raises(CheckpointError, match="does not match the zoo index"):
         zoo.index.load("tiny_ov")

@@ -33,6 +33,15 @@ def test_valid_3d_case(tmp_path):
     assert case.is_3d and case.spacing.tolist() == [2.0, 1.0, 1.0]
 
 
+def test_2d_or_3d_is_read_from_image_shape_and_box_columns_together(tmp_path):
+    color = write_npz(tmp_path / "2DBox_US_color.npz", imgs=image2d(300, 300), boxes=np.array([[0, 0, 0, 2, 100, 200]]))
+    with pytest.raises(CaseError, match=r"2DBox_US_color.npz: imgs of shape \(300, 300, 3\) is an H×W×3 color image"):
+        load_case(color)
+    volume = write_npz(tmp_path / "3DBox_CT_4cols.npz", imgs=np.zeros((6, 20, 30), np.uint8), boxes=np.array([[1, 1, 5, 5]]))
+    with pytest.raises(CaseError, match="3DBox_CT_4cols.npz: .* a D×H×W volume needs boxes of 6 columns"):
+        load_case(volume)
+
+
 # Checks of load_case that the shared bad-input corpus (tests/corpus.py, run through every command) leaves out.
 BAD_ONLY_HERE = {
     "2DBox_CT_4_channels.npz": (dict(imgs=np.zeros((10, 10, 4), np.uint8), boxes=np.array([[1, 1, 5, 5]])), "H×W or H×W×3"),
@@ -74,3 +83,32 @@ def test_atomic_save_failure_keeps_previous_file(tmp_path):
         save_npz_atomic(target, segs=np.array([object()]))  # object arrays are never pickled: fails mid-write
     assert np.load(target)["segs"].sum() == 4
     assert [p.name for p in tmp_path.iterdir()] == ["case.npz"]
+
+
+def test_the_overwrite_guard_follows_links_and_refuses_the_folder_holding_inputs(tmp_path):
+    from zoo.io import OverwriteError, refuse_overwriting_inputs
+
+    data = tmp_path / "data"
+    data.mkdir()
+    case = write_npz(data / "2DBox_US_a.npz", imgs=image2d(), boxes=np.array([[1, 2, 30, 20]]))
+    (tmp_path / "link.npz").symlink_to(case)
+    (tmp_path / "hard.npz").hardlink_to(case)
+    for output in (case, data, tmp_path / "link.npz", tmp_path / "hard.npz", tmp_path / "data" / ".." / "data"):
+        with pytest.raises(OverwriteError, match="--flag is the"):
+            refuse_overwriting_inputs(output, [data, case], "--flag")
+    for output in (data / "out", data / "timing.csv", tmp_path / "other.npz", tmp_path):
+        refuse_overwriting_inputs(output, [data, case], "--flag")  # beside or above the inputs: allowed
+
+
+def test_npz_inputs_names_what_it_does_not_read(tmp_path, capsys):
+    from zoo.io import TEMP_PREFIX, npz_inputs
+
+    write_npz(tmp_path / "2DBox_US_a.npz", imgs=image2d(), boxes=np.array([[1, 2, 30, 20]]))
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "old_run").mkdir()
+    (tmp_path / f"{TEMP_PREFIX}1.x.npz.abc").touch()  # the tool's own temporary file: not an input, not named
+    files, others = npz_inputs(tmp_path)
+    assert [p.name for p in files] == ["2DBox_US_a.npz"] and [p.name for p in others] == ["notes.txt", "old_run"]
+    assert capsys.readouterr().err == f"skipped 2 non-npz file(s): {tmp_path / 'notes.txt'}, {tmp_path / 'old_run'}\n"
+    with pytest.raises(CaseError, match="no such directory"):
+        npz_inputs(tmp_path / "absent")

@@ -1,0 +1,200 @@
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from benchmarks.metrics import case_scores
+from tests.conftest import write_npz
+from tests.zoo.test_formats import nifti_header, write_dicom_series, write_volume
+from zoo.formats import read_image, tight_boxes
+from zoo.predict import predict_files
+from zoo.segment import main, segment_files
+
+
+@pytest.fixture(scope="module")
+def fast_model():
+    from zoo.index import load
+
+    return load("cp_tinyvit_fast")
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    from tests.zoo.test_checkpoint import tiny_model
+    from zoo.checkpoint import save_checkpoint
+
+    return save_checkpoint(tmp_path / "tiny.pt", tiny_model())
+
+
+def read_rows(path):
+    return {row["input"]: row for row in csv.DictReader(open(path))}
+
+
+def test_ct_volume_in_hounsfield_units_scores_as_predict_on_the_npz(val_dir, fast_model, tmp_path):
+    """A real CT volume (a 5-slice slab, for speed) stored as NIfTI in HU: the same DSC as zoo.predict on its npz."""
+    case = np.load(val_dir / "3DBox_CT_IBSISTS_STS032.npz")
+    imgs, gts = case["imgs"][24:29], case["gts"][24:29]
+    npz = write_npz(tmp_path / "3DBox_CT_slab.npz", imgs=imgs, gts=gts, boxes=tight_boxes(gts), spacing=case["spacing"])
+    hounsfield = np.rint(imgs / 255 * 400 + (40 - 200)).astype(np.int16)  # the soft-tissue window undone
+    spacing = tuple(float(s) for s in case["spacing"][::-1])
+    (tmp_path / "in").mkdir()
+    image = write_volume(tmp_path / "in" / "slab.nii.gz", hounsfield, spacing)
+    (tmp_path / "masks").mkdir()
+    mask = write_volume(tmp_path / "masks" / "slab.nii.gz", gts, spacing)
+
+    list(predict_files(fast_model, [npz], tmp_path / "predicted", modality="CT", progress=False))  # a generator
+    rows = segment_files(fast_model, [image], tmp_path / "out", modality="CT", prompt_mask=mask, progress=False)
+    assert rows[0]["status"] == "ok" and rows[0]["intensity"] == "window 40,400"
+    out = tmp_path / "out" / "slab.nii.gz"
+    written = sitk.ReadImage(str(out))
+    segs = sitk.GetArrayFromImage(written)
+    assert segs.shape == hounsfield.shape and nifti_header(out) == nifti_header(image)
+    original = sitk.ReadImage(str(image))
+    assert all(getattr(written, g)() == getattr(original, g)() for g in ("GetSpacing", "GetOrigin", "GetDirection"))
+    predicted = np.load(tmp_path / "predicted" / npz.name)["segs"]
+    dsc_segment, _ = case_scores(gts, segs, case["spacing"])
+    dsc_predict, _ = case_scores(gts, predicted, case["spacing"])
+    assert dsc_predict > 0.5 and abs(dsc_segment - dsc_predict) <= 0.02, (dsc_segment, dsc_predict)
+
+
+def test_png_scores_as_predict_on_the_npz(val_dir, fast_model, tmp_path):
+    npz = val_dir / "2DBox_CT_COVID19MedSeg_slice005.npz"
+    case = np.load(npz)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(case["imgs"]).save(tmp_path / "in" / "slice.png")
+    Image.fromarray(case["gts"] * 40).save(tmp_path / "masks" / "slice.png")  # values 40, 80: kept in the output
+    list(predict_files(fast_model, [npz], tmp_path / "predicted", modality="CT", progress=False))  # a generator
+    rows = segment_files(fast_model, [tmp_path / "in" / "slice.png"], tmp_path / "out", modality="CT",
+                         prompt_mask=tmp_path / "masks", overlay=True, progress=False)
+    assert rows[0]["intensity"] == "as stored"
+    segs = np.asarray(Image.open(tmp_path / "out" / "slice.png"))
+    assert segs.shape == case["gts"].shape and set(np.unique(segs)) <= {0, 40, 80}
+    predicted = np.load(tmp_path / "predicted" / npz.name)["segs"]
+    assert np.array_equal(segs // 40, predicted)  # the same pixels, so the same DSC
+    assert case_scores(case["gts"], segs // 40)[0] == case_scores(case["gts"], predicted)[0]
+    overlay = np.asarray(Image.open(tmp_path / "out" / "slice_overlay.png"))
+    assert overlay.shape == case["imgs"].shape and (overlay != case["imgs"]).any(axis=-1).sum() > 0
+
+
+def test_dicom_file_is_segmented_into_a_nifti_of_its_geometry(fast_model, tmp_path):
+    dicom = get_testdata_file("CT_small.dcm")
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"CT_small.dcm": [[30, 40, 90, 100]]}))
+    rows = segment_files(fast_model, [Path(dicom)], tmp_path / "out", boxes_file=boxes,
+                         progress=False)
+    assert (rows[0]["modality"], rows[0]["modality_source"], rows[0]["intensity"]) == ("CT", "file", "window 40,400")
+    written = sitk.ReadImage(str(tmp_path / "out" / "CT_small.nii.gz"))
+    source = sitk.ReadImage(dicom)
+    assert written.GetSize() == source.GetSize() == (128, 128, 1)
+    for get in ("GetSpacing", "GetOrigin", "GetDirection"):
+        assert getattr(written, get)() == pytest.approx(getattr(source, get)(), abs=1e-4), get  # NIfTI stores float32
+    labels = sitk.GetArrayFromImage(written)[0]
+    assert labels[40:101, 30:91].any() and not labels[:40].any() and not labels[:, :30].any()  # inside its box
+
+
+def test_box_axes_are_column_row_slice(bright_runtime, tmp_path):
+    volume = np.zeros((8, 40, 256), np.uint8)  # 256 wide: the stand-in model works at scale 1
+    volume[2:6, 10:20, 30:50] = 255  # slices 2..5, rows 10..19, columns 30..49
+    image = write_volume(tmp_path / "vol.nii.gz", volume)
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"vol.nii.gz": [[30, 10, 2, 49, 19, 5]]}))
+    segment_files(bright_runtime, [image], tmp_path / "out", boxes_file=boxes, progress=False)
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "vol.nii.gz"))), volume // 255)
+    boxes.write_text(json.dumps({"vol.nii.gz": [[10, 30, 2, 19, 49, 5]]}))  # x and y swapped: y 49 > 39
+    rows = segment_files(bright_runtime, [image], tmp_path / "swapped", boxes_file=boxes, progress=False)
+    assert "y must satisfy 0 <= y0 <= y1 <= 39" in rows[0]["error"]
+
+
+def test_prompt_mask_values_are_kept_and_a_volume_overlay_is_a_montage(bright_runtime, tmp_path):
+    volume = np.zeros((6, 32, 256), np.uint8)
+    volume[1:4, 4:12, 4:12] = 200
+    volume[2:6, 20:30, 30:44] = 200
+    mask = np.zeros_like(volume)
+    mask[1:4, 4:12, 4:12] = 9
+    mask[2:6, 20:30, 30:44] = 4
+    volume[4, 2:6, 100:120], mask[4, 2:6, 100:120] = 200, 5  # one slice: a 3D box with z0 == z1
+    (tmp_path / "in").mkdir()
+    image = write_volume(tmp_path / "in" / "v.mha", volume)
+    mask_path = write_volume(tmp_path / "mask.mha", mask)
+    rows = segment_files(bright_runtime, [image], tmp_path / "out", prompt_mask=mask_path, overlay=True, progress=False)
+    assert rows[0]["n_objects"] == 3 and rows[0]["modality_source"] == "unused"
+    assert np.array_equal(read_image(tmp_path / "out" / "v.mha").array, mask)
+    montage = np.asarray(Image.open(tmp_path / "out" / "v_overlay.png"))
+    assert montage.shape == (2 * 32, 3 * 256, 3)  # slices 1..5 hold labels: 3 columns, 2 rows
+    assert (montage[..., 0] != montage[..., 1]).any()  # coloured contours over the grey slices
+
+
+def test_bad_inputs_are_reported_one_line_each_and_the_rest_segmented(tiny_checkpoint, tmp_path, capsys):
+    inputs, masks = tmp_path / "in", tmp_path / "masks"
+    inputs.mkdir()
+    masks.mkdir()
+    picture = np.random.default_rng(0).integers(0, 255, (40, 50), dtype=np.uint8)
+    good = np.zeros((40, 50), np.uint8)
+    good[5:20, 10:30] = 1
+    for name, mask in {"good.png": good, "shape.png": good[:30], "empty.png": good * 0}.items():
+        Image.fromarray(picture).save(inputs / name)
+        Image.fromarray(mask).save(masks / name)
+    (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (inputs / "notes.txt").write_text("not an image")
+    Image.fromarray(picture).save(inputs / "no_mask.jpg")
+    before = {p.name: p.read_bytes() for p in inputs.iterdir()}
+
+    code = main([str(inputs), "-o", str(tmp_path / "out"), "--prompt-mask", str(masks), "--model", str(tiny_checkpoint),
+                 "--overlay", "--threads", "1"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and len(lines) == 5, err
+    for name, problem in {"shape.png": "prompt mask shape (30, 50) differs from the image's (40, 50)",
+                          "empty.png": "is empty: no labelled pixels", "broken.png": "not a readable png image",
+                          "notes.txt": "unsupported file type .txt", "no_mask.jpg": "no prompt mask named"}.items():
+        assert any(name in line and problem in line for line in lines), (name, err)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.png", "good_overlay.png", "segment.csv"]
+    rows = read_rows(tmp_path / "out" / "segment.csv")
+    assert rows["good.png"]["status"] == "ok"
+    assert rows["good.png"]["modality_source"] == "head"  # auto: the head decides
+    assert rows["good.png"]["modality"] == rows["good.png"]["head_modality"] != ""
+    assert rows["broken.png"]["status"] == "failed"
+    assert {p.name: p.read_bytes() for p in inputs.iterdir()} == before  # inputs untouched
+
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"good.png": [[10, 5, 60, 19]]}))
+    assert main([str(inputs / "good.png"), "-o", str(tmp_path / "out2"), "--boxes", str(boxes),
+                 "--model", str(tiny_checkpoint)]) == 1
+    assert "good.png: box 0 [10.0, 5.0, 60.0, 19.0] lies outside the image" in capsys.readouterr().err
+    assert not (tmp_path / "out2" / "good.png").exists()
+    assert main([str(inputs), "-o", str(inputs), "--prompt-mask", str(masks), "--model", str(tiny_checkpoint)]) == 2
+    assert "inputs are never overwritten" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in inputs.iterdir()} == before
+
+
+def test_two_inputs_with_one_output_name_are_not_written_over(bright_runtime, tmp_path):
+    (tmp_path / "in").mkdir()
+    picture = np.zeros((20, 30), np.uint8)
+    picture[5:10, 5:15] = 255
+    Image.fromarray(picture).save(tmp_path / "in" / "a.jpg", quality=100)
+    Image.fromarray(picture).save(tmp_path / "in" / "a.png")
+    Image.fromarray((picture > 0).astype(np.uint8)).save(tmp_path / "mask.png")  # one mask serves both
+    rows = segment_files(bright_runtime, sorted((tmp_path / "in").iterdir()), tmp_path / "out",
+                         prompt_mask=tmp_path / "mask.png", progress=False)
+    assert [row["status"] for row in rows] == ["ok", "failed"]  # a.jpg wrote a.png first
+    assert "already written for another input" in rows[1]["error"]
+
+
+def test_dicom_series_is_segmented_into_a_nifti_of_the_series_geometry(bright_runtime, tmp_path):
+    series = write_dicom_series(tmp_path / "scan")
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"scan": [[20, 20, 0, 100, 100, 2]]}))
+    rows = segment_files(bright_runtime, [series], tmp_path / "out", boxes_file=boxes, progress=False)
+    assert rows[0]["output"] == "scan.nii.gz" and rows[0]["intensity"] == "window 40,400"
+    written = sitk.ReadImage(str(tmp_path / "out" / "scan.nii.gz"))
+    source = read_image(series).geometry
+    assert written.GetSize() == source.GetSize() == (128, 128, 3)
+    for get in ("GetSpacing", "GetOrigin", "GetDirection"):
+        assert getattr(written, get)() == pytest.approx(getattr(source, get)(), abs=1e-4), get
+    assert sitk.GetArrayFromImage(written)[1:, 20:101, 20:101].any()
