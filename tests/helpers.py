@@ -13,7 +13,10 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import pydicom
+import SimpleITK as sitk
 import torch
+from pydicom.data import get_testdata_file
 from segment_anything.modeling import ImageEncoderViT
 from timm.models.tiny_vit import Attention
 
@@ -209,3 +212,45 @@ def write_malicious_checkpoint(path: Path, marker: Path) -> Path:
 
     torch.save({"format": "cp-tinyvit/1", "state_dict": _RunsCode(marker)}, path)
     return path
+
+
+# Images in users' formats (zoo.formats, zoo.segment, zoo.convert) and damaged files (the caches).
+
+def write_volume(path, array, spacing=(0.8, 0.7, 3.0), origin=(10.0, -20.0, 5.0)):
+    """(D, H, W) array -> a SimpleITK file; spacing and origin in (x, y, z)."""
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection((0, 1, 0, 1, 0, 0, 0, 0, 1))  # not the identity: it must be copied, not assumed
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def nifti_header(path):
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return {key: reader.GetMetaData(key) for key in ("srow_x", "srow_y", "srow_z", "qform_code", "sform_code",
+                                                      "pixdim[1]", "pixdim[2]", "pixdim[3]")}
+
+
+def write_dicom_series(series, depth=3):
+    """pydicom's CT_small as `depth` slices of one series, 5 mm apart."""
+    series.mkdir()
+    dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    for z in range(depth):
+        dataset.InstanceNumber = z + 1
+        dataset.SOPInstanceUID = f"{dataset.SOPInstanceUID.rsplit('.', 1)[0]}.{z + 1}"
+        dataset.ImagePositionPatient = [-158.135803, -179.035797, -75.699997 + 5 * z]
+        dataset.save_as(series / f"slice{z}.dcm")
+    return series
+
+
+def flip_bytes(path: Path, count: int = 1 << 20) -> None:
+    """Invert `count` bytes in the middle of a file (at most all but its first 200), keeping its size: what a bad
+    disk or a stray write does, and what an unverified .npy would load as valid numbers."""
+    data = bytearray(path.read_bytes())
+    start = max(200, len(data) // 2 - count // 2)
+    end = min(len(data), start + count)
+    data[start:end] = bytes(b ^ 0xFF for b in data[start:end])
+    path.write_bytes(bytes(data))

@@ -99,7 +99,7 @@ def test_no_output_is_an_input_and_threads_are_checked(tiny_data, tmp_path, caps
 
 def test_a_damaged_embedding_cache_gives_a_clean_runs_scores(tiny_data, tmp_path, capfd):
     """Issue #18's report: 1 MiB flipped in cached embeddings, sizes kept; each entry is named once and recomputed."""
-    from tests.zoo.test_embedding_cache import flip_bytes
+    from tests.helpers import flip_bytes
 
     (tiny_data / "2DBox_US_bad.npz").unlink()
     model_path = save_checkpoint(tmp_path / "tiny.pt", tiny_model())

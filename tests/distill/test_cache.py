@@ -33,7 +33,7 @@ def test_build_computes_misses_once_then_hits(tmp_path):
 
 
 def test_flipped_bytes_in_teacher_embeddings_are_recomputed_to_a_clean_builds_values(tmp_path, capsys):
-    from tests.zoo.test_embedding_cache import flip_bytes
+    from tests.helpers import flip_bytes
 
     data = tmp_path / "data"
     data.mkdir()

@@ -84,7 +84,7 @@ def test_commands_outside_run_cli_end_ctrl_c_the_same_way(tmp_path, monkeypatch,
     import numpy as np
 
     import benchmarks.evaluate
-    from tests.conftest import write_npz
+    from tests.helpers import write_npz
     from zoo.cli import run_main
 
     for folder in ("segs", "gts"):

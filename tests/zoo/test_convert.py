@@ -4,7 +4,7 @@ import SimpleITK as sitk
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from tests.zoo.test_formats import write_volume
+from tests.helpers import write_volume
 from zoo.convert import main
 from zoo.io import load_case
 

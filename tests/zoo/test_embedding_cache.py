@@ -3,7 +3,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tests.helpers import tiny_model
+from tests.helpers import flip_bytes, tiny_model
 from zoo.embedding_cache import CachedEncoder, EmbeddingCache, encoder_cache_id, image_key, module_fingerprint
 from zoo.io import Case
 from zoo.predict import ModalityChoice, segment_case
@@ -42,16 +42,6 @@ def test_fingerprint_changes_with_any_weight_and_buffer():
     before = module_fingerprint(bn)
     bn.running_mean += 1
     assert module_fingerprint(bn) != before
-
-
-def flip_bytes(path: Path, count: int = 1 << 20) -> None:
-    """Invert `count` bytes in the middle of a file (at most all but its first 200), keeping its size: what a bad
-    disk or a stray write does, and what an unverified .npy would load as valid numbers."""
-    data = bytearray(path.read_bytes())
-    start = max(200, len(data) // 2 - count // 2)
-    end = min(len(data), start + count)
-    data[start:end] = bytes(b ^ 0xFF for b in data[start:end])
-    path.write_bytes(bytes(data))
 
 
 def test_damaged_entry_is_reported_once_dropped_and_recomputed(tmp_path, capsys):

@@ -5,6 +5,7 @@ import SimpleITK as sitk
 from PIL import Image
 from pydicom.data import get_testdata_file
 
+from tests.helpers import nifti_header, write_dicom_series, write_volume
 from zoo.formats import (
     apply_window,
     list_inputs,
@@ -17,24 +18,6 @@ from zoo.formats import (
     write_labels,
 )
 from zoo.io import CaseError, load_case
-
-
-def write_volume(path, array, spacing=(0.8, 0.7, 3.0), origin=(10.0, -20.0, 5.0)):
-    """(D, H, W) array -> a SimpleITK file; spacing and origin in (x, y, z)."""
-    image = sitk.GetImageFromArray(array)
-    image.SetSpacing(spacing)
-    image.SetOrigin(origin)
-    image.SetDirection((0, 1, 0, 1, 0, 0, 0, 0, 1))  # not the identity: it must be copied, not assumed
-    sitk.WriteImage(image, str(path))
-    return path
-
-
-def nifti_header(path):
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.ReadImageInformation()
-    return {key: reader.GetMetaData(key) for key in ("srow_x", "srow_y", "srow_z", "qform_code", "sform_code",
-                                                      "pixdim[1]", "pixdim[2]", "pixdim[3]")}
 
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".mha", ".nrrd"])
@@ -81,18 +64,6 @@ def test_dicom_file_is_read_in_hounsfield_units_with_its_modality():
     assert image.labels_name == "CT_small.nii.gz"
     pixels, rule = to_uint8(image)
     assert rule == "window 40,400" and np.array_equal(pixels, apply_window(hounsfield, 40, 400))
-
-
-def write_dicom_series(series, depth=3):
-    """pydicom's CT_small as `depth` slices of one series, 5 mm apart."""
-    series.mkdir()
-    dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    for z in range(depth):
-        dataset.InstanceNumber = z + 1
-        dataset.SOPInstanceUID = f"{dataset.SOPInstanceUID.rsplit('.', 1)[0]}.{z + 1}"
-        dataset.ImagePositionPatient = [-158.135803, -179.035797, -75.699997 + 5 * z]
-        dataset.save_as(series / f"slice{z}.dcm")
-    return series
 
 
 def test_dicom_series_folder_is_one_input(tmp_path):

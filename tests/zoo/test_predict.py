@@ -204,7 +204,7 @@ def test_bad_input_corpus(tmp_path, capsys):
 @pytest.fixture
 def tiny_setup(tmp_path):
     """A tiny class-prompt checkpoint and an input folder of three small 2D cases."""
-    from tests.zoo.test_checkpoint import tiny_model
+    from tests.helpers import tiny_model
     from zoo.checkpoint import save_checkpoint
 
     inputs = tmp_path / "in"

@@ -9,8 +9,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from benchmarks.metrics import case_scores
-from tests.conftest import write_npz
-from tests.zoo.test_formats import nifti_header, write_dicom_series, write_volume
+from tests.helpers import nifti_header, write_dicom_series, write_npz, write_volume
 from zoo.formats import read_image, tight_boxes
 from zoo.predict import predict_files
 from zoo.segment import main, segment_files
@@ -25,7 +24,7 @@ def fast_model():
 
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
-    from tests.zoo.test_checkpoint import tiny_model
+    from tests.helpers import tiny_model
     from zoo.checkpoint import save_checkpoint
 
     return save_checkpoint(tmp_path / "tiny.pt", tiny_model())
