@@ -2,6 +2,10 @@
 that zoo.load reads (zoo.exported describes the graphs and the manifest).
 
     python -m compress.export zoo/cp_tinyvit.pt --backend openvino --out runs/compress/cp_tinyvit_openvino_fp32
+    python -m compress.export zoo/cp_tinyvit.pt --backend openvino --precision bf16    # CPUs with AVX512_BF16 / AMX
+
+A bf16 variant is the fp32 graph that OpenVINO is told to compute in bf16 (zoo.exported.OPENVINO_PRECISION); it is
+refused on a CPU where OpenVINO cannot (it would run f32 and be labelled bf16).
 """
 
 from __future__ import annotations
@@ -127,10 +131,28 @@ def write_variant(out: Path, model: ClassPromptSAM, build, backend: str, precisi
     return out
 
 
-def export_variant(model: ClassPromptSAM, metadata: dict, out: Path, backend: str) -> Path:
-    """An FP32 variant of `model` on `backend`."""
+EXPORT_PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(backend: str, precision: str) -> None:
+    """A clear error, before any work, for a precision this backend or this CPU cannot run."""
+    if precision not in EXPORT_PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(EXPORT_PRECISIONS)}")
+    if precision == "bf16":
+        from zoo.cpu import cpu_model, openvino_supports_bf16
+
+        if backend != "openvino":
+            raise ValueError(f"--precision bf16 is offered for openvino only ({backend} computes float graphs in f32)")
+        if not openvino_supports_bf16():
+            raise ValueError(f"--precision bf16: this CPU ({cpu_model()}) has no BF16 support in OpenVINO "
+                             "(AVX512_BF16 or AMX); export fp32")
+
+
+def export_variant(model: ClassPromptSAM, metadata: dict, out: Path, backend: str, precision: str = "fp32") -> Path:
+    """A float variant of `model` on `backend`: fp32, or (OpenVINO on a CPU with BF16) computed in bf16."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    check_precision(backend, precision)
 
     def build(folder: Path) -> dict[str, Path]:
         paths = export_onnx(model, folder)
@@ -138,7 +160,7 @@ def export_variant(model: ClassPromptSAM, metadata: dict, out: Path, backend: st
             paths = {part: onnx_to_openvino(p, p.with_suffix(".xml")) for part, p in paths.items()}
         return paths
 
-    return write_variant(out, model, build, backend, "fp32", metadata)
+    return write_variant(out, model, build, backend, precision, metadata)
 
 
 def load_parent(name: str) -> tuple[ClassPromptSAM, dict]:
@@ -156,13 +178,16 @@ def parse_args(argv):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="zoo name or checkpoint path")
     parser.add_argument("--backend", choices=BACKENDS, default="openvino")
-    parser.add_argument("--out", type=Path, default=None, help="variant folder (default runs/compress/<model>_<backend>_fp32)")
+    parser.add_argument("--precision", choices=EXPORT_PRECISIONS, default="fp32",
+                        help="what the float graphs compute in (bf16: openvino on CPUs with AVX512_BF16 / AMX)")
+    parser.add_argument("--out", type=Path, default=None, help="variant folder (default runs/compress/<model>_<backend>_<precision>)")
     return parser.parse_args(argv)
 
 
 def run(args) -> Path:
-    out = args.out or REPO / "runs" / "compress" / f"{Path(args.model).stem}_{args.backend}_fp32"
-    export_variant(*load_parent(args.model), out=out, backend=args.backend)
+    check_precision(args.backend, args.precision)  # before the parent is loaded
+    out = args.out or REPO / "runs" / "compress" / f"{Path(args.model).stem}_{args.backend}_{args.precision}"
+    export_variant(*load_parent(args.model), out=out, backend=args.backend, precision=args.precision)
     print(f"wrote {out}")
     return out
 

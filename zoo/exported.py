@@ -91,6 +91,12 @@ class _OpenVINOGraph:
             self.compiled = openvino.Core().compile_model(str(path), "CPU", config)
         except Exception as err:  # openvino raises RuntimeError subclasses of its own
             raise CheckpointError(f"{path}: OpenVINO cannot load this model ({err})") from err
+        if precision == "bf16" and self.inference_precision != "bf16":
+            # OpenVINO would quietly run f32 on a CPU without BF16: the variant's label would be false.
+            from zoo.cpu import cpu_model
+
+            raise CheckpointError(f"{path}: a bf16 variant, but this CPU ({cpu_model()}) has no BF16 support in "
+                                  "OpenVINO; load the fp32 variant instead")
         self.request = self.compiled.create_infer_request()
 
     @property
