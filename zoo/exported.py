@@ -120,6 +120,10 @@ class _TorchExportGraph:
     def __init__(self, path: Path, threads: int, precision: str):
         # torch.export.load unpickles its weights and, where that fails, retries without weights_only; forcing
         # weights_only keeps a crafted file from running code (its sha256 is checked already, this guards more).
+        # The quantize / dequantize ops of a PT2E INT8 program live in this torch library, which nothing else imports
+        # in a process that did not quantize: without it the program's nodes do not resolve.
+        import torch.ao.quantization.fx._decomposed  # noqa: F401
+
         previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
         os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
         try:

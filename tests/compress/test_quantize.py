@@ -40,6 +40,14 @@ def test_int8_variant_is_calibrated_loaded_and_close_to_fp32(setup, backend, run
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["manifest.json", *(n for e in variant.manifest["files"].values() for n in e["sha256"])])  # no leftovers
     assert model_path.read_bytes() == before
+    if backend == "inc":  # a fresh process, as a user's: nothing has registered the quantized ops there
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        code = f"import torch, zoo.index; print(tuple(zoo.index.load({str(out)!r}).embed(torch.rand(1, 3, 256, 256)).shape))"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2])
+        assert done.returncode == 0 and "(1, 256, 64, 64)" in done.stdout, done.stderr[-2000:]
     model = zoo.index.load(model_path)
     image = torch.rand(1, 3, 256, 256)
     with torch.inference_mode():
