@@ -39,6 +39,7 @@ from benchmarks.latency import measure_latency
 from benchmarks.metrics import case_scores
 from benchmarks.plots import confusion_plot, latency_plot, radar_plot
 from zoo.cli import RUNS_DIR, positive_int, run_cli
+from zoo.cpu import cpu_flags, cpu_model
 from zoo.embedding_cache import ENCODER_CACHE_DIR, CachedEncoder
 from zoo.io import (
     SHARED_DATA,
@@ -64,6 +65,9 @@ LEADERBOARD_FIELDS = (
     + [f"{metric}_{m}" for m in MODALITIES for metric in ("dsc", "nsd")]
     + ["dsc_mean_modalities", "nsd_mean_modalities", "dsc_mean_cases", "nsd_mean_cases"]
     + ["parent", "dsc_vs_parent", "nsd_vs_parent", "encoder_speedup_vs_parent"]
+    # Appended, so that earlier leaderboards still merge (their rows leave these empty): which precision is fast
+    # depends on the CPU's instruction set (zoo.cpu).
+    + ["cpu", "cpu_flags"]
 )
 
 
@@ -184,6 +188,7 @@ def benchmark_variant(name: str, files: list[Path], threads: int, timing: dict, 
         "peak_RSS_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "head_accuracy": head_accuracy(confusion) if confusion.sum() else "",
         "parent": variant_label(model_parent(name) or ""),
+        "cpu": cpu_model(), "cpu_flags": " ".join(cpu_flags()),
     }
     return {"cases": cases, "row": row, "errors": errors, "confusion": confusion if confusion.sum() else None}
 

@@ -2,6 +2,10 @@
 export itself is zoo.export's (a derived zoo entry uses it on first load).
 
     python -m compress.export zoo/cp_tinyvit.pt --backend openvino --out runs/compress/cp_tinyvit_openvino_fp32
+    python -m compress.export zoo/cp_tinyvit.pt --backend openvino --precision bf16    # CPUs with AVX512_BF16 / AMX
+
+A bf16 variant is the fp32 graph that OpenVINO is told to compute in bf16 (zoo.exported.OPENVINO_PRECISION); it is
+refused on a CPU where OpenVINO cannot (it would run f32 and be labelled bf16).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from pathlib import Path
 from zoo.checkpoint import sha256_file
 from zoo.class_prompt import ClassPromptSAM
 from zoo.cli import RUNS_DIR, run_cli
-from zoo.export import export_variant
+from zoo.export import EXPORT_PRECISIONS, check_precision, export_variant
 from zoo.exported import BACKENDS
 from zoo.index import load, model_file
 from zoo.io import refuse_overwriting_inputs
@@ -32,14 +36,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="zoo name or checkpoint path")
     parser.add_argument("--backend", choices=BACKENDS, default="openvino")
-    parser.add_argument("--out", type=Path, default=None, help="variant folder (default runs/compress/<model>_<backend>_fp32)")
+    parser.add_argument("--precision", choices=EXPORT_PRECISIONS, default="fp32",
+                        help="what the float graphs compute in (bf16: openvino on CPUs with AVX512_BF16 / AMX)")
+    parser.add_argument("--out", type=Path, default=None, help="variant folder (default runs/compress/<model>_<backend>_<precision>)")
     return parser.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> Path:
-    out = args.out or RUNS_DIR / "compress" / f"{Path(args.model).stem}_{args.backend}_fp32"
+    check_precision(args.backend, args.precision)  # before the parent is loaded
+    out = args.out or RUNS_DIR / "compress" / f"{Path(args.model).stem}_{args.backend}_{args.precision}"
     refuse_overwriting_inputs(out, [Path(args.model)] if Path(args.model).exists() else [], "--out")
-    export_variant(*load_parent(args.model), out=out, backend=args.backend)
+    export_variant(*load_parent(args.model), out=out, backend=args.backend, precision=args.precision)
     print(f"wrote {out}")
     return out
 

@@ -1,21 +1,35 @@
 """Static INT8 post-training quantization of a zoo model's encoder, calibrated on real images.
 
-    python -m compress.quantize zoo/cp_tinyvit.pt [--backend openvino|onnxruntime] [--calib DIR ...] [--n-calib 64]
-                                [--keep-fp32 REGEX ...] [--out DIR]
+    python -m compress.quantize zoo/cp_tinyvit.pt [--backend openvino|onnxruntime|optimum|inc] [--calib DIR ...]
+                                [--n-calib 64] [--keep-fp32 REGEX ...] [--model-type transformer] [--out DIR]
 
-The encoder is exported to ONNX and quantized with activation ranges measured on --n-calib real images (2D
-images and 3D slices, drawn evenly across modalities with a seed, preprocessed exactly as at inference): NNCF for
-OpenVINO, onnxruntime.quantization (QDQ, per-channel weights) for ONNX Runtime. Dynamic (uncalibrated) INT8 is
-not offered: on LiteMedSAM's encoder it was slower than FP32 and far off. The decoder and the modality head stay
-FP32. Layers whose names match a --keep-fp32 regular expression are left unquantized.
+The encoder is quantized with activation ranges measured on --n-calib real images (2D images and 3D slices, drawn
+evenly across modalities with a seed, preprocessed exactly as at inference):
+  openvino     NNCF on the OpenVINO IR (--model-type transformer: NNCF's transformer preset, SmoothQuant included)
+  onnxruntime  onnxruntime.quantization, QDQ, per-channel weights
+  optimum      Hugging Face Optimum's ORTQuantizer with the AutoQuantizationConfig of the running CPU (avx512_vnni,
+               avx512, avx2 or arm64), static, min-max calibrated; an ONNX Runtime variant
+  inc          Intel Neural Compressor 3.x (neural-compressor-pt): PT2E static INT8 (X86InductorQuantizer), saved as
+               a torch.export program; PyTorch runs it, the decoder and head run on ONNX Runtime
+Dynamic (uncalibrated) INT8 is not offered: on LiteMedSAM's encoder it was slower than FP32 and far off. The
+decoder and the modality head stay FP32. Layers whose names match a --keep-fp32 regular expression are left
+unquantized (openvino, onnxruntime, optimum: ONNX node names such as /image_encoder/neck/.*).
+
+The relative error of the INT8 embedding against the PyTorch model's, ||int8 - fp32|| / ||fp32|| averaged over
+--n-check images of --check (default: the val split), is measured and kept in the manifest's metadata.
 
 The result is a variant folder (zoo.exported) that zoo.load, zoo.predict and benchmarks.run take like any model;
-`python -m zoo.index add NAME FOLDER` ships it. The input model is only read.
+`--ship NAME` (or `python -m zoo.index add NAME FOLDER`) commits it to the zoo as zoo/NAME/ with an index entry
+that says on which CPUs INT8 is faster. Calibration reads licensed train images, so a user's first load cannot
+calibrate: an INT8 variant ships as its files. The input model is only read.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib.metadata
+import os
 import random
 import re
 import sys
@@ -23,14 +37,19 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from compress.export import load_parent
 from distill.data import DataError, find_samples, sample_tensor
 from zoo.class_prompt import ClassPromptSAM
 from zoo.cli import RUNS_DIR, run_cli
-from zoo.export import export_onnx, onnx_to_openvino, write_variant
-from zoo.exported import BACKENDS, check_backend
+from zoo.cpu import cpu_flags
+from zoo.export import EncoderGraph, export_onnx, onnx_to_openvino, write_variant
+from zoo.exported import _graph, read_manifest
 from zoo.io import SHARED_DATA, refuse_overwriting_inputs
+
+QUANTIZERS = {"openvino": "nncf", "onnxruntime": "onnxruntime", "optimum": "optimum-onnx", "inc": "neural-compressor-pt"}
+MODEL_TYPES = ("auto", "transformer")
 
 
 def calibration_images(data_dirs: list[Path], count: int, seed: int = 0, skipped: list[str] | None = None) -> list[np.ndarray]:
@@ -55,20 +74,28 @@ def calibration_images(data_dirs: list[Path], count: int, seed: int = 0, skipped
     return usable
 
 
-def quantize_openvino(onnx_path: Path, xml_path: Path, images: list[np.ndarray], keep_fp32: list[str]) -> Path:
+def quantize_openvino(onnx_path: Path, xml_path: Path, images: list[np.ndarray], keep_fp32: list[str],
+                      model_type: str = "auto") -> Path:
     import nncf
     import openvino
 
     model = openvino.convert_model(str(onnx_path))
     ignored = nncf.IgnoredScope(patterns=keep_fp32, validate=False) if keep_fp32 else None
+    preset = {"model_type": nncf.ModelType.TRANSFORMER} if model_type == "transformer" else {}
     quantized = nncf.quantize(model, nncf.Dataset(images), subset_size=len(images), ignored_scope=ignored,
-                              target_device=nncf.TargetDevice.CPU)
+                              target_device=nncf.TargetDevice.CPU, **preset)
     openvino.save_model(quantized, str(xml_path), compress_to_fp16=False)
     return xml_path
 
 
-def quantize_onnxruntime(onnx_path: Path, out_path: Path, images: list[np.ndarray], keep_fp32: list[str]) -> Path:
+def excluded_nodes(onnx_path: Path, keep_fp32: list[str]) -> list[str]:
+    """The ONNX graph's node names that a --keep-fp32 expression matches."""
     import onnx
+
+    return [node.name for node in onnx.load(str(onnx_path)).graph.node if any(re.search(p, node.name) for p in keep_fp32)]
+
+
+def quantize_onnxruntime(onnx_path: Path, out_path: Path, images: list[np.ndarray], keep_fp32: list[str]) -> Path:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -82,47 +109,131 @@ def quantize_onnxruntime(onnx_path: Path, out_path: Path, images: list[np.ndarra
 
     prepared = out_path.with_name(out_path.stem + ".prepared.onnx")
     quant_pre_process(str(onnx_path), str(prepared))
-    names = [node.name for node in onnx.load(str(prepared)).graph.node]
-    excluded = [n for n in names if any(re.search(p, n) for p in keep_fp32)]
     quantize_static(str(prepared), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=excluded)
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    nodes_to_exclude=excluded_nodes(prepared, keep_fp32))
     return out_path
 
 
+def optimum_config_name(flags: tuple[str, ...]) -> str:
+    """Optimum's AutoQuantizationConfig constructor for a CPU with these flags (zoo.cpu.cpu_flags)."""
+    if any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8")):
+        return "avx512_vnni"
+    if "avx512f" in flags:
+        return "avx512"
+    if "avx2" in flags:
+        return "avx2"
+    return "arm64"
+
+
+def quantize_optimum(onnx_path: Path, out_path: Path, images: list[np.ndarray], keep_fp32: list[str]) -> Path:
+    """Optimum's ORTQuantizer on the encoder ONNX: static, min-max ranges from `images`, the running CPU's config."""
+    os.environ["HF_HUB_OFFLINE"] = "1"  # a local file only: nothing may be fetched from a model hub
+    from onnxruntime.quantization import CalibrationMethod
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig, CalibrationConfig
+
+    quantizer = ORTQuantizer.from_pretrained(onnx_path.parent, file_name=onnx_path.name)
+    config = getattr(AutoQuantizationConfig, optimum_config_name(cpu_flags()))(
+        is_static=True, per_channel=True, nodes_to_exclude=excluded_nodes(onnx_path, keep_fp32))
+    dataset = [{"image": image[0]} for image in images]  # its reader batches each sample back to (1, 3, 256, 256)
+    # AutoCalibrationConfig.minmax's settings; built directly because that helper reads a Hugging Face
+    # `datasets.Dataset`'s name, and these images are no such dataset.
+    calibration = CalibrationConfig(dataset_name="calibration_images", dataset_config_name="compress.quantize",
+                                    dataset_split="train", dataset_num_samples=len(dataset),
+                                    method=CalibrationMethod.MinMax, moving_average=False, averaging_constant=0.01)
+    ranges = quantizer.fit(dataset, calibration, onnx_augmented_model_name=out_path.with_name("augmented.onnx"))
+    quantizer.quantize(config, out_path.parent, file_suffix="optimum", calibration_tensors_range=ranges)
+    os.rename(out_path.parent / f"{onnx_path.stem}_optimum.onnx", out_path)  # the name optimum gives it
+    return out_path
+
+
+def quantize_inc(model: ClassPromptSAM, out_path: Path, images: list[np.ndarray]) -> Path:
+    """Intel Neural Compressor 3.x PT2E static INT8 of the encoder (its default StaticQuantConfig: X86 inductor
+    quantizer, per-channel weights), calibrated on `images`, saved as a torch.export program."""
+    from neural_compressor.torch.export import export
+    from neural_compressor.torch.quantization import StaticQuantConfig, convert, prepare
+
+    example = (torch.from_numpy(images[0]),)
+    encoder = EncoderGraph(copy.deepcopy(model).float().eval())  # a copy: export leaves state in timm's caches
+    with torch.no_grad():
+        prepared = prepare(export(encoder, example_inputs=example), quant_config=StaticQuantConfig())
+        for image in images:
+            prepared(torch.from_numpy(image))
+        quantized = convert(prepared)
+        torch.export.save(torch.export.export(quantized, example), str(out_path))
+    return out_path
+
+
+def embedding_error(model: ClassPromptSAM, encoder_path: Path, images: list[np.ndarray], precision: str = "int8") -> float:
+    """||quantized - fp32|| / ||fp32|| of the encoder embedding, averaged over `images`."""
+    graph = _graph(encoder_path, torch.get_num_threads(), precision)
+    errors = []
+    with torch.inference_mode():
+        for image in images:
+            reference = model.embed(torch.from_numpy(image)).numpy()
+            errors.append(float(np.linalg.norm(graph(image=image) - reference) / np.linalg.norm(reference)))
+    return float(np.mean(errors))
+
+
 def quantize_variant(model: ClassPromptSAM, out: Path, backend: str, images: list[np.ndarray], keep_fp32: list[str],
-                     metadata: dict) -> Path:
-    check_backend(backend)
+                     metadata: dict, model_type: str = "auto", check_images: list[np.ndarray] | None = None) -> Path:
+    """An INT8-encoder variant of `model` at `out` (written atomically), its embedding error on `check_images`
+    in the manifest's metadata."""
+    if backend not in QUANTIZERS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(QUANTIZERS)}")
+    if keep_fp32 and backend == "inc":
+        raise ValueError("--keep-fp32 is not offered for --backend inc (its PT2E quantizer is configured by module type)")
+    if model_type != "auto" and backend != "openvino":
+        raise ValueError(f"--model-type {model_type} is NNCF's preset: --backend openvino only")
     for pattern in keep_fp32:
         try:
             re.compile(pattern)  # a bad expression fails here, before any work
         except re.error as err:
             raise ValueError(f"--keep-fp32 {pattern!r} is not a regular expression ({err})") from err
 
+    metadata = {**metadata, "quantizer": f"{QUANTIZERS[backend]} {importlib.metadata.version(QUANTIZERS[backend])}",
+                "calibration_images": len(images), "keep_fp32": keep_fp32, "model_type": model_type}
+
     def build(folder: Path) -> dict[str, Path]:
         paths = export_onnx(model, folder)
+        rest = {part: path for part, path in paths.items() if part != "encoder"}  # decoder and head stay FP32
         if backend == "openvino":
-            encoder = quantize_openvino(paths["encoder"], folder / "encoder_int8.xml", images, keep_fp32)
-            paths = {part: onnx_to_openvino(p, p.with_suffix(".xml")) for part, p in paths.items() if part != "encoder"}
-        else:
+            encoder = quantize_openvino(paths["encoder"], folder / "encoder_int8.xml", images, keep_fp32, model_type)
+            rest = {part: onnx_to_openvino(path, path.with_suffix(".xml")) for part, path in rest.items()}
+        elif backend == "onnxruntime":
             encoder = quantize_onnxruntime(paths["encoder"], folder / "encoder_int8.onnx", images, keep_fp32)
-            paths = {part: p for part, p in paths.items() if part != "encoder"}
-        return {"encoder": encoder, **paths}
+        elif backend == "optimum":
+            encoder = quantize_optimum(paths["encoder"], folder / "encoder_int8.onnx", images, keep_fp32)
+            metadata["optimum_config"] = optimum_config_name(cpu_flags())
+        else:
+            encoder = quantize_inc(model, folder / "encoder_int8.pt2", images)
+        if check_images:  # read by write_variant after build: the manifest records it
+            metadata["embedding_rel_error"] = embedding_error(model, encoder, check_images)
+            metadata["embedding_rel_error_images"] = len(check_images)
+        return {"encoder": encoder, **rest}
 
-    return write_variant(out, model, build, backend, "int8",
-                         {**metadata, "calibration_images": len(images), "keep_fp32": keep_fp32})
+    # optimum writes an ONNX graph and inc a torch.export encoder beside ONNX Runtime decoder and head.
+    runtime = {"optimum": "onnxruntime"}.get(backend, backend)
+    return write_variant(out, model, build, runtime, "int8", metadata)
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m compress.quantize", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="zoo name or checkpoint path")
-    parser.add_argument("--backend", choices=BACKENDS, default="openvino")
+    parser.add_argument("--backend", choices=QUANTIZERS, default="openvino")
     parser.add_argument("--calib", type=Path, nargs="+", default=[SHARED_DATA / "train"],
                         help="challenge npz directories with calibration images (default: the train split)")
     parser.add_argument("--n-calib", type=int, default=64)
     parser.add_argument("--keep-fp32", nargs="*", default=[], metavar="REGEX", help="layer names left in FP32")
+    parser.add_argument("--model-type", choices=MODEL_TYPES, default="auto", help="NNCF's preset (openvino)")
+    parser.add_argument("--check", type=Path, nargs="*", default=[SHARED_DATA / "val"],
+                        help="npz directories whose images measure the embedding error (none: not measured)")
+    parser.add_argument("--n-check", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="variant folder (default runs/compress/<model>_<backend>_int8)")
+    parser.add_argument("--ship", default=None, metavar="NAME", help="also ship the variant in the zoo as NAME")
     args = parser.parse_args(argv)
     if args.n_calib < 1:
         parser.error("--n-calib must be at least 1")
@@ -131,13 +242,34 @@ def parse_args(argv):
 
 def run(args) -> Path:
     out = args.out or RUNS_DIR / "compress" / f"{Path(args.model).stem}_{args.backend}_int8"
-    refuse_overwriting_inputs(out, [*args.calib, *([Path(args.model)] if Path(args.model).exists() else [])], "--out")
+    refuse_overwriting_inputs(out, [*args.calib, *(args.check or []), *([Path(args.model)] if Path(args.model).exists() else [])], "--out")
     model, metadata = load_parent(args.model)
     images = calibration_images(args.calib, args.n_calib, args.seed, skipped=getattr(args, "skipped", None))
-    metadata.update(calibration_data=[str(d) for d in args.calib], seed=args.seed)
-    quantize_variant(model, out, args.backend, images, args.keep_fp32, metadata)
-    print(f"wrote {out}: {args.backend} INT8 encoder calibrated on {len(images)} images, FP32 decoder")
+    check = calibration_images(args.check, args.n_check, args.seed + 1) if args.check and args.n_check else None
+    metadata.update(calibration_data=[str(d) for d in args.calib], seed=args.seed,
+                    check_data=[str(d) for d in args.check or []])
+    quantize_variant(model, out, args.backend, images, args.keep_fp32, metadata, args.model_type, check)
+    error = read_manifest(out)["metadata"].get("embedding_rel_error")
+    print(f"wrote {out}: {args.backend} INT8 encoder calibrated on {len(images)} images, FP32 decoder"
+          + (f"; embedding relative error {error:.4f} on {len(check)} images" if error is not None else ""))
+    if args.ship:
+        from zoo.index import add_model
+
+        entry = add_model(args.ship, out, description=ship_description(read_manifest(out)))
+        print(f"shipped {out} as zoo model {entry['name']!r} ({entry['file']})")
     return out
+
+
+def ship_description(manifest: dict) -> str:
+    """The zoo index's account of an INT8 variant: how it was made, how far it is from FP32, where it is faster."""
+    meta = manifest["metadata"]
+    made = (f"{meta['parent']} with its encoder quantized to static INT8 by {meta['quantizer']} on "
+            f"{meta['calibration_images']} train images" + (f", {meta['model_type']} preset" if meta.get("model_type", "auto") != "auto" else "")
+            + (f", layers matching {' '.join(meta['keep_fp32'])} kept float" if meta.get("keep_fp32") else "") + "; decoder and head FP32")
+    error = (f"; embedding relative error {meta['embedding_rel_error']:.3f} on {meta['embedding_rel_error_images']} val images"
+             if "embedding_rel_error" in meta else "")
+    return (made + error + ". Faster than FP32 on CPUs with INT8 dot-product instructions (AVX512_VNNI, AVX-VNNI, "
+            "AMX); on AVX2-only CPUs INT8 is not faster than FP32 (zoo.cpu.auto_precision)")
 
 
 def main(argv: list[str] | None = None) -> int:

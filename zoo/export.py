@@ -128,9 +128,29 @@ def write_variant(out: Path, model: ClassPromptSAM, build, backend: str, precisi
     return out
 
 
-def export_variant(model: ClassPromptSAM, metadata: dict, out: Path, backend: str) -> Path:
-    """An FP32 variant of `model` on `backend`."""
+EXPORT_PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(backend: str, precision: str) -> None:
+    """A clear error, before any work, for a precision this backend or this CPU cannot run. A bf16 variant is the
+    fp32 graph that OpenVINO is told to compute in bf16 (zoo.exported.OPENVINO_PRECISION); it is refused on a CPU
+    where OpenVINO cannot (it would run f32 and be labelled bf16)."""
+    if precision not in EXPORT_PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(EXPORT_PRECISIONS)}")
+    if precision == "bf16":
+        from zoo.cpu import cpu_model, openvino_supports_bf16
+
+        if backend != "openvino":
+            raise ValueError(f"--precision bf16 is offered for openvino only ({backend} computes float graphs in f32)")
+        if not openvino_supports_bf16():
+            raise ValueError(f"--precision bf16: this CPU ({cpu_model()}) has no BF16 support in OpenVINO "
+                             "(AVX512_BF16 or AMX); export fp32")
+
+
+def export_variant(model: ClassPromptSAM, metadata: dict, out: Path, backend: str, precision: str = "fp32") -> Path:
+    """A float variant of `model` on `backend`: fp32, or (OpenVINO on a CPU with BF16) computed in bf16."""
     check_backend(backend)
+    check_precision(backend, precision)
 
     def build(folder: Path) -> dict[str, Path]:
         paths = export_onnx(model, folder)
@@ -138,4 +158,4 @@ def export_variant(model: ClassPromptSAM, metadata: dict, out: Path, backend: st
             paths = {part: onnx_to_openvino(p, p.with_suffix(".xml")) for part, p in paths.items()}
         return paths
 
-    return write_variant(out, model, build, backend, "fp32", metadata)
+    return write_variant(out, model, build, backend, precision, metadata)

@@ -3,6 +3,8 @@
 A variant is a folder: manifest.json plus one graph per part — `encoder` (image -> embedding), `decoder`
 (embedding, boxes[, modality] -> mask logits) and, for class-prompt models, `head` (embedding -> modality logits).
 The manifest records each file's sha256, checked before a graph is read. zoo.export (and compress.quantize) write these folders.
+A part's runtime follows its file: `.onnx` ONNX Runtime, `.xml` (+ `.bin`) OpenVINO, `.pt2` a torch.export program
+(backend 'inc': Intel Neural Compressor's PT2E INT8 encoder, with ONNX Runtime decoder and head).
 
 Graph inputs and outputs (N boxes):
   encoder  image (1, 3, 256, 256) float32                       -> embedding (1, 256, 64, 64)
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +27,8 @@ from zoo.checkpoint import CheckpointError, sha256_file
 
 FORMAT = "cp-tinyvit-exported/1"
 MANIFEST = "manifest.json"
-BACKENDS = ("onnxruntime", "openvino")
+BACKENDS = ("onnxruntime", "openvino")  # what compress.export exports to
+MANIFEST_BACKENDS = (*BACKENDS, "inc")  # and what a variant folder may name (compress.quantize --backend inc)
 PARTS = ("encoder", "decoder", "head")
 # What OpenVINO computes the float parts of a variant in. Its CPU plugin defaults to bf16 on CPUs with
 # AVX512_BF16 or AMX, so without an explicit hint an "fp32" variant silently runs in bf16 there. An int8
@@ -51,8 +55,8 @@ def read_manifest(folder: Path) -> dict:
         raise CheckpointError(f"{path}: not a readable manifest ({err})") from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a cp-tinyvit exported-model manifest (expected format {FORMAT!r})")
-    if manifest.get("backend") not in BACKENDS:
-        raise CheckpointError(f"{path}: unknown backend {manifest.get('backend')!r}; expected one of {', '.join(BACKENDS)}")
+    if manifest.get("backend") not in MANIFEST_BACKENDS:
+        raise CheckpointError(f"{path}: unknown backend {manifest.get('backend')!r}; expected one of {', '.join(MANIFEST_BACKENDS)}")
     files = manifest.get("files", {})
     if not isinstance(manifest.get("size"), dict) or not isinstance(files, dict):
         raise CheckpointError(f"{path}: the manifest has no size or no files")
@@ -98,6 +102,12 @@ class _OpenVINOGraph:
             self.compiled = openvino.Core().compile_model(str(path), "CPU", config)
         except Exception as err:  # openvino raises RuntimeError subclasses of its own
             raise CheckpointError(f"{path}: OpenVINO cannot load this model ({err})") from err
+        if precision == "bf16" and self.inference_precision != "bf16":
+            # OpenVINO would quietly run f32 on a CPU without BF16: the variant's label would be false.
+            from zoo.cpu import cpu_model
+
+            raise CheckpointError(f"{path}: a bf16 variant, but this CPU ({cpu_model()}) has no BF16 support in "
+                                  "OpenVINO; load the fp32 variant instead")
         self.request = self.compiled.create_infer_request()
 
     @property
@@ -109,9 +119,48 @@ class _OpenVINOGraph:
         return self.request.infer(inputs)[self.compiled.output(0)].copy()
 
 
+class _TorchExportGraph:
+    """A torch.export program (.pt2), run in PyTorch with its threads."""
+
+    inference_precision = "f32"  # PyTorch's CPU kernels compute float ops in f32 unless asked otherwise
+
+    def __init__(self, path: Path, threads: int, precision: str):
+        # torch.export.load unpickles its weights and, where that fails, retries without weights_only; forcing
+        # weights_only keeps a crafted file from running code (its sha256 is checked already, this guards more).
+        # The quantize / dequantize ops of a PT2E INT8 program live in this torch library, which nothing else imports
+        # in a process that did not quantize: without it the program's nodes do not resolve.
+        import torch.ao.quantization.fx._decomposed  # noqa: F401
+
+        previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+        os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+        try:
+            self.module = torch.export.load(str(path)).module()
+        except Exception as err:  # torch raises assorted types for an unreadable archive
+            raise CheckpointError(f"{path}: not a loadable torch.export program ({err})") from err
+        finally:
+            if previous is None:
+                del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+            else:
+                os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+    def __call__(self, **inputs: np.ndarray) -> np.ndarray:
+        # A program exported with positional inputs takes them so, in the graph's input order (zoo.exported's table).
+        with torch.inference_mode():
+            return self.module(*(torch.from_numpy(v) for v in inputs.values())).numpy()
+
+
+_GRAPHS = {".onnx": _OnnxRuntimeGraph, ".xml": _OpenVINOGraph, ".pt2": _TorchExportGraph}
+
+
+def _graph(path: Path, threads: int, precision: str):
+    if path.suffix not in _GRAPHS:
+        raise CheckpointError(f"{path}: unknown graph format {path.suffix!r}; expected one of {', '.join(_GRAPHS)}")
+    return _GRAPHS[path.suffix](path, threads, precision)
+
+
 class ExportedModel:
-    """An exported variant: embed / predict_modality / decode as zoo.runtime describes, on ONNX Runtime or OpenVINO,
-    with torch.get_num_threads() threads (so `--threads` applies to every backend alike)."""
+    """An exported variant: embed / predict_modality / decode as zoo.runtime describes, on ONNX Runtime, OpenVINO
+    or torch.export, with torch.get_num_threads() threads (so `--threads` applies to every backend alike)."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -121,9 +170,8 @@ class ExportedModel:
         self.precision = manifest["precision"]
         self.class_prompt = bool(manifest.get("class_prompt"))
         self.size = manifest["size"]  # the PyTorch parent's params and FLOPs (zoo.flops.model_size)
-        graph = _OnnxRuntimeGraph if self.backend == "onnxruntime" else _OpenVINOGraph
         threads = torch.get_num_threads()
-        self.graphs = {part: graph(self.folder / entry["path"], threads, self.precision)
+        self.graphs = {part: _graph(self.folder / entry["path"], threads, self.precision)
                        for part, entry in manifest["files"].items()}
 
     @property

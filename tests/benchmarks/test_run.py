@@ -6,7 +6,8 @@ import pytest
 from benchmarks.run import LEADERBOARD_FIELDS, compare_with_parents, main, merge_previous, select_cases, variant_label
 from tests.helpers import tiny_model, write_npz
 from zoo.checkpoint import save_checkpoint
-from zoo.io import read_csv
+from zoo.cpu import cpu_flags, cpu_model
+from zoo.io import read_csv, write_csv_atomic
 
 
 @pytest.fixture
@@ -51,6 +52,7 @@ def test_run_writes_leaderboard_cases_and_plots_and_survives_a_broken_variant(ti
     assert float(row["encoder_GFLOPs"]) > 0 and float(row["latency_2d_ms"]) > 0 and float(row["latency_3d_s"]) > 0
     assert float(row["params_vs_reference"]) == pytest.approx(float(row["params_M"]) / 10.99, abs=1e-3)
     assert row["dsc_US"] != "" and row["dsc_Fundus"] == ""
+    assert row["cpu"] == cpu_model() and row["cpu_flags"] == " ".join(cpu_flags())  # what the timings were measured on
     assert (out / "radar.png").stat().st_size > 0 and (out / "latency_vs_dsc.png").stat().st_size > 0
     assert (tmp_path / "segs" / "tiny" / "3DBox_CT_two.npz").exists()
     assert float(row["head_accuracy"]) in (0.0, 0.5, 1.0) and (out / "confusion_tiny.png").stat().st_size > 0
@@ -141,9 +143,13 @@ def test_merge_adds_and_replaces_rows_of_the_same_cases(tiny_data, tmp_path, cap
     out = tmp_path / "out"
     common = ["--data", str(tiny_data), "--out", str(out), "--all", "--cache-dir", str(tmp_path / "cache")]
     assert main(common + ["--models", str(first)]) == 0
+    older = [{k: v for k, v in r.items() if k not in ("cpu", "cpu_flags")} for r in read_csv(out / "leaderboard.csv")]
+    # as written before the CPU columns were added
+    write_csv_atomic(out / "leaderboard.csv", older, [k for k in LEADERBOARD_FIELDS if k not in ("cpu", "cpu_flags")])
     assert main(common + ["--models", str(second), "--merge"]) == 0
     rows = read_csv(out / "leaderboard.csv")
     assert [r["model"] for r in rows] == ["first", "second"]
+    assert list(rows[0]) == LEADERBOARD_FIELDS and rows[0]["cpu"] == "" and rows[1]["cpu"] == cpu_model()
     assert rows[0]["parent"] == "" and rows[1]["parent"] == "first"
     change = float(rows[1]["dsc_mean_modalities"]) - float(rows[0]["dsc_mean_modalities"])
     assert float(rows[1]["dsc_vs_parent"]) == pytest.approx(change, abs=2e-4)

@@ -22,16 +22,31 @@ def setup(tmp_path_factory):
     return root, calib, model_path
 
 
-@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
-def test_int8_variant_is_calibrated_loaded_and_close_to_fp32(setup, backend):
+@pytest.mark.parametrize("backend, runtime, quantizer", [
+    ("openvino", "openvino", "nncf"), ("onnxruntime", "onnxruntime", "onnxruntime"),
+    ("optimum", "onnxruntime", "optimum-onnx"), ("inc", "inc", "neural-compressor-pt")])
+def test_int8_variant_is_calibrated_loaded_and_close_to_fp32(setup, backend, runtime, quantizer):
     root, calib, model_path = setup
     before = model_path.read_bytes()
     out = root / f"int8_{backend}"
-    assert main([str(model_path), "--backend", backend, "--calib", str(calib), "--n-calib", "3", "--out", str(out)]) == 0
+    assert main([str(model_path), "--backend", backend, "--calib", str(calib), "--n-calib", "3", "--check", str(calib),
+                 "--n-check", "2", "--out", str(out)]) == 0
     variant = zoo.index.load(out)
-    assert isinstance(variant, ExportedModel) and variant.precision == "int8" and variant.backend == backend
-    assert variant.manifest["metadata"]["calibration_images"] == 3
+    assert isinstance(variant, ExportedModel) and variant.precision == "int8" and variant.backend == runtime
+    metadata = variant.manifest["metadata"]
+    assert metadata["calibration_images"] == 3 and metadata["quantizer"].startswith(quantizer + " ")
+    assert 0 < metadata["embedding_rel_error"] < 0.5 and metadata["embedding_rel_error_images"] == 2
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["manifest.json", *(n for e in variant.manifest["files"].values() for n in e["sha256"])])  # no leftovers
     assert model_path.read_bytes() == before
+    if backend == "inc":  # a fresh process, as a user's: nothing has registered the quantized ops there
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        code = f"import torch, zoo.index; print(tuple(zoo.index.load({str(out)!r}).embed(torch.rand(1, 3, 256, 256)).shape))"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2])
+        assert done.returncode == 0 and "(1, 256, 64, 64)" in done.stdout, done.stderr[-2000:]
     model = zoo.index.load(model_path)
     image = torch.rand(1, 3, 256, 256)
     with torch.inference_mode():
@@ -44,7 +59,7 @@ def test_int8_variant_is_calibrated_loaded_and_close_to_fp32(setup, backend):
 
 def test_clear_errors_and_nothing_written(setup, tmp_path, capsys):
     root, calib, model_path = setup
-    common = ["--calib", str(calib), "--n-calib", "2"]
+    common = ["--calib", str(calib), "--n-calib", "2", "--check"]
     assert main([str(tmp_path / "missing.pt"), "--out", str(tmp_path / "a")] + common) == 2
     assert "missing.pt: model file not found" in capsys.readouterr().err
     corrupt = tmp_path / "corrupt.pt"
@@ -63,7 +78,19 @@ def test_clear_errors_and_nothing_written(setup, tmp_path, capsys):
     assert main([str(model_path), "--calib", str(constant), "--out", str(tmp_path / "d")]) == 2
     assert "no usable calibration images" in capsys.readouterr().err
     assert main([str(model_path), "--keep-fp32", "([", "--out", str(tmp_path / "e")] + common) == 2
+    assert main([str(model_path), "--backend", "inc", "--keep-fp32", "neck", "--out", str(tmp_path / "f")] + common) == 2
+    assert "--keep-fp32 is not offered for --backend inc" in capsys.readouterr().err
+    assert main([str(model_path), "--backend", "optimum", "--model-type", "transformer", "--out", str(tmp_path / "g")] + common) == 2
+    assert "NNCF's preset: --backend openvino only" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["constant", "corrupt.pt", "empty"]
+
+
+@pytest.mark.parametrize("flags, config", [(("avx2", "avx512f", "avx512_vnni"), "avx512_vnni"), (("avx2", "amx_int8"), "avx512_vnni"),
+                                           (("avx2", "avx512f"), "avx512"), (("avx2",), "avx2"), ((), "arm64")])
+def test_optimum_config_follows_the_cpu(flags, config):
+    from compress.quantize import optimum_config_name
+
+    assert optimum_config_name(flags) == config
 
 
 def test_bad_input_corpus(setup, tmp_path, capsys):
@@ -72,7 +99,7 @@ def test_bad_input_corpus(setup, tmp_path, capsys):
     _, _, model_path = setup
     bad, _ = write_corpus(tmp_path / "calib")
     out = tmp_path / "int8"
-    assert main([str(model_path), "--calib", str(tmp_path / "calib"), "--n-calib", "8", "--out", str(out)]) == 1
+    assert main([str(model_path), "--calib", str(tmp_path / "calib"), "--n-calib", "8", "--check", "--out", str(out)]) == 1
     assert_reported(capsys.readouterr().err, bad)
     assert zoo.index.load(out).manifest["metadata"]["calibration_images"] == 6  # of 8 usable, the constant and the 1×1 image say nothing of ranges
 
@@ -84,3 +111,22 @@ def test_out_is_never_an_input(setup, tmp_path, capsys):
         assert main([str(model_path), "--calib", str(calib), "--n-calib", "2", "--out", str(out)]) == 2
         assert "--out is the input" in capsys.readouterr().err
     assert sorted(p.name for p in calib.iterdir()) == before
+
+
+def test_ship_commits_the_int8_variant_to_the_zoo_with_where_it_is_faster(setup, tmp_path, monkeypatch):
+    import json
+
+    root, calib, model_path = setup
+    index = tmp_path / "zoo" / "index.json"
+    index.parent.mkdir()
+    index.write_text(json.dumps({"models": []}))
+    monkeypatch.setattr(zoo.index, "INDEX_PATH", index)
+    monkeypatch.setattr(zoo.index, "ZOO_DIR", index.parent)
+    out = tmp_path / "int8"
+    assert main([str(model_path), "--calib", str(calib), "--n-calib", "2", "--check", str(calib), "--n-check", "1",
+                 "--keep-fp32", "/neck/", "--out", str(out), "--ship", "tiny_openvino_int8"]) == 0
+    (entry,) = zoo.index.read_index()
+    assert entry["file"] == "tiny_openvino_int8/manifest.json" and entry["precision"] == "int8" and entry["backend"] == "openvino"
+    assert "AVX512_VNNI" in entry["source"] and "embedding relative error" in entry["source"] and "/neck/" in entry["source"]
+    shipped = zoo.index.load("tiny_openvino_int8")
+    assert shipped.manifest["metadata"]["keep_fp32"] == ["/neck/"] and out.is_dir()  # copied, the variant kept

@@ -164,3 +164,26 @@ def test_a_derived_entry_is_exported_once_on_first_load_and_follows_its_parent(m
     for not_a_checkpoint in ("nonexistent", "tiny_ov"):  # an export is made from a committed .pt, not from an export
         assert zoo.index.main(["add", "bad", not_a_checkpoint, "--export", "onnxruntime"]) == 2
         assert "needs the name of a committed zoo checkpoint" in capsys.readouterr().err
+
+
+def test_a_bf16_variant_is_offered_where_the_cpu_computes_bf16_and_refused_elsewhere(model, tmp_path, monkeypatch, capsys):
+    import compress.export  # the export CLI (zoo.export's command)
+    import zoo.cpu
+
+    checkpoint = save_checkpoint(tmp_path / "tiny.pt", model)
+    assert compress.export.main([str(checkpoint), "--backend", "onnxruntime", "--precision", "bf16", "--out", str(tmp_path / "o")]) == 2
+    assert "bf16 is offered for openvino only" in capsys.readouterr().err
+    if zoo.cpu.openvino_supports_bf16():
+        assert compress.export.main([str(checkpoint), "--precision", "bf16", "--out", str(tmp_path / "b")]) == 0
+        variant = zoo.index.load(tmp_path / "b")
+        assert variant.precision == "bf16" and variant.graphs["encoder"].inference_precision == "bf16"
+        fp32 = export_variant(model, {}, tmp_path / "f", "openvino")
+        assert variant.encoder_fingerprint() != zoo.index.load(fp32).encoder_fingerprint()
+        image = torch.rand(1, 3, 256, 256)
+        with torch.inference_mode():
+            reference = model.embed(image)
+            assert 0 < ((variant.embed(image) - reference).norm() / reference.norm()).item() < 0.05
+    monkeypatch.setattr(zoo.cpu, "openvino_supports_bf16", lambda: False)  # as on a CPU without AVX512_BF16 / AMX
+    assert compress.export.main([str(checkpoint), "--precision", "bf16", "--out", str(tmp_path / "n")]) == 2
+    assert "has no BF16 support in OpenVINO" in capsys.readouterr().err
+    assert not (tmp_path / "n").exists() and not (tmp_path / "o").exists()
