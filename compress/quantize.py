@@ -19,8 +19,9 @@ The relative error of the INT8 embedding against the PyTorch model's, ||int8 - f
 --n-check images of --check (default: the val split), is measured and kept in the manifest's metadata.
 
 The result is a variant folder (zoo.exported) that zoo.load, zoo.predict and benchmarks.run take like any model;
-`--ship NAME` (or `python -m zoo.index add NAME FOLDER`) commits it to the zoo as zoo/NAME/ with an index entry
-that says on which CPUs INT8 is faster. Calibration reads licensed train images, so a user's first load cannot
+`--ship NAME` (or `python -m zoo.index add NAME FOLDER [--encoder-only]`) commits it to the zoo as zoo/NAME/ with an
+index entry that says on which CPUs INT8 is faster; when the model is a committed zoo checkpoint, only the INT8
+encoder is committed and the FP32 decoder and head are exported from it on first load. Calibration reads licensed train images, so a user's first load cannot
 calibrate: an INT8 variant ships as its files. The input model is only read.
 """
 
@@ -253,10 +254,13 @@ def run(args) -> Path:
     print(f"wrote {out}: {args.backend} INT8 encoder calibrated on {len(images)} images, FP32 decoder"
           + (f"; embedding relative error {error:.4f} on {len(check)} images" if error is not None else ""))
     if args.ship:
-        from zoo.index import add_model
+        from zoo.index import add_model, committed_parent
 
-        entry = add_model(args.ship, out, description=ship_description(read_manifest(out)))
-        print(f"shipped {out} as zoo model {entry['name']!r} ({entry['file']})")
+        # Only the INT8 encoder is new: a parent committed in the zoo gives the FP32 decoder and head on load.
+        encoder_only = committed_parent(out) is not None
+        entry = add_model(args.ship, out, description=ship_description(read_manifest(out)), encoder_only=encoder_only)
+        print(f"shipped {out} as zoo model {entry['name']!r} ({entry['file']}"
+              + (f"; its decoder and head are {entry['derived_from']}'s)" if encoder_only else ")"))
     return out
 
 

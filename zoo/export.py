@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from zoo.checkpoint import sha256_file
 from zoo.class_prompt import EMBED_DIM, ClassPromptSAM
-from zoo.exported import FORMAT, MANIFEST, check_backend
+from zoo.exported import FORMAT, MANIFEST, PARTS, check_backend, read_manifest
 from zoo.flops import model_size
 from zoo.preprocess import IMAGE_SIZE
 
@@ -61,9 +61,9 @@ class DecoderGraph(nn.Module):
         return self.model.decode(embedding, boxes, modality)
 
 
-def export_onnx(model: ClassPromptSAM, folder: Path) -> dict[str, Path]:
-    """encoder.onnx, decoder.onnx (a dynamic number of boxes) and, with a modality head, head.onnx.
-    A copy is traced: tracing leaves state behind in timm's attention-bias caches."""
+def export_onnx(model: ClassPromptSAM, folder: Path, parts: tuple[str, ...] = PARTS) -> dict[str, Path]:
+    """encoder.onnx, decoder.onnx (a dynamic number of boxes) and, with a modality head, head.onnx; only those
+    in `parts`. A copy is traced: tracing leaves state behind in timm's attention-bias caches."""
     model = copy.deepcopy(model).float().eval()
     grid = model.config.encoder.embedding_size
     image = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE)
@@ -83,9 +83,11 @@ def export_onnx(model: ClassPromptSAM, folder: Path) -> dict[str, Path]:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about shape arithmetic that is constant here
         for module, inputs, in_names, out_names, axes, path in exports:
+            if path.stem not in parts:
+                continue
             torch.onnx.export(module, inputs, str(path), input_names=in_names, output_names=out_names,
                               dynamic_axes=axes or None, opset_version=OPSET, dynamo=False)
-    return paths
+    return {part: path for part, path in paths.items() if part in parts}
 
 
 def runtime_version(backend: str) -> str:
@@ -159,3 +161,24 @@ def export_variant(model: ClassPromptSAM, metadata: dict, out: Path, backend: st
         return paths
 
     return write_variant(out, model, build, backend, precision, metadata)
+
+
+def complete_variant(shipped: Path, model: ClassPromptSAM, out: Path) -> Path:
+    """A zoo variant that ships only some parts (manifest `from_parent`, e.g. an INT8 encoder without the FP32
+    decoder and head of its parent) made whole at `out`: its checked files copied, the parts it takes from its
+    parent `model` exported to the runtime its graphs run on (OpenVINO, else ONNX Runtime)."""
+    manifest = read_manifest(shipped)
+    runtime = "openvino" if manifest["backend"] == "openvino" else "onnxruntime"
+
+    def build(folder: Path) -> dict[str, Path]:
+        paths = export_onnx(model, folder, tuple(manifest["from_parent"]))
+        if runtime == "openvino":
+            paths = {part: onnx_to_openvino(p, p.with_suffix(".xml")) for part, p in paths.items()}
+        for part, entry in manifest["files"].items():
+            for name in entry["sha256"]:
+                shutil.copyfile(shipped / name, folder / name)
+            paths[part] = folder / entry["path"]
+        return paths
+
+    metadata = {**manifest["metadata"], "shipped_parts": sorted(manifest["files"]), "from_parent": manifest["from_parent"]}
+    return write_variant(out, model, build, manifest["backend"], manifest["precision"], metadata)

@@ -3,6 +3,8 @@
 A variant is a folder: manifest.json plus one graph per part — `encoder` (image -> embedding), `decoder`
 (embedding, boxes[, modality] -> mask logits) and, for class-prompt models, `head` (embedding -> modality logits).
 The manifest records each file's sha256, checked before a graph is read. zoo.export (and compress.quantize) write these folders.
+A zoo variant may ship only its own parts (an INT8 encoder) and name the rest `from_parent`: those are its parent's FP32
+graphs, exported on first load (zoo.export.complete_variant); such a folder loads by its zoo name, not by path.
 A part's runtime follows its file: `.onnx` ONNX Runtime, `.xml` (+ `.bin`) OpenVINO, `.pt2` a torch.export program
 (backend 'inc': Intel Neural Compressor's PT2E INT8 encoder, with ONNX Runtime decoder and head).
 
@@ -60,7 +62,10 @@ def read_manifest(folder: Path) -> dict:
     files = manifest.get("files", {})
     if not isinstance(manifest.get("size"), dict) or not isinstance(files, dict):
         raise CheckpointError(f"{path}: the manifest has no size or no files")
-    if not {"encoder", "decoder"} <= set(files):
+    from_parent = manifest.setdefault("from_parent", [])
+    if not isinstance(from_parent, list) or not set(from_parent) <= set(PARTS) - set(files):
+        raise CheckpointError(f"{path}: 'from_parent' must list parts ({', '.join(PARTS)}) that the folder does not ship")
+    if not {"encoder", "decoder"} <= set(files) | set(from_parent):
         raise CheckpointError(f"{path}: the manifest lists no encoder or no decoder graph")
     for part, entry in files.items():
         for name, digest in entry["sha256"].items():
@@ -165,6 +170,9 @@ class ExportedModel:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         manifest = read_manifest(self.folder)
+        if manifest["from_parent"]:
+            raise CheckpointError(f"{self.folder}: ships only its {', '.join(manifest['files'])} graphs; its "
+                                  f"{', '.join(manifest['from_parent'])} come from its parent: load it by its zoo name")
         self.manifest = manifest
         self.backend = manifest["backend"]
         self.precision = manifest["precision"]

@@ -3,11 +3,15 @@
     python -m zoo.index                      re-measure every entry (sha256, parameters, FLOPs), rewrite index.json
     python -m zoo.index add NAME CHECKPOINT [--half] [--encoder-from litemedsam] [--replace]
                                              ship a checkpoint as zoo/NAME.pt and list it
-    python -m zoo.index add NAME FOLDER      ship an exported variant (compress.quantize) as zoo/NAME/
-    python -m zoo.index add NAME PARENT --export openvino
+    python -m zoo.index add NAME FOLDER [--encoder-only]
+                                             ship an exported variant (compress.quantize) as zoo/NAME/; with
+                                             --encoder-only only its encoder graph: the decoder and head are its
+                                             parent's (a committed zoo checkpoint), exported on first load
+    python -m zoo.index add NAME PARENT --export openvino [--precision bf16]
                                              list NAME as PARENT (a zoo name) exported to a runtime: no file is
                                              committed; the first load exports it into the cache
                                              (~/.cache/cp-tinyvit/exported) and later loads read it from there
+                                             (bf16: computed in bf16 by OpenVINO, on CPUs with AVX512_BF16 or AMX)
 
 Files are written under a temporary name and renamed; the checkpoint given is only read.
 """
@@ -34,7 +38,7 @@ from zoo.checkpoint import (
 )
 from zoo.cli import run_cli
 from zoo.embedding_cache import DEFAULT_CACHE_DIR
-from zoo.export import export_variant, runtime_version
+from zoo.export import EXPORT_PRECISIONS, complete_variant, export_variant, runtime_version
 from zoo.exported import BACKENDS, MANIFEST, ExportedModel, check_backend, read_manifest
 from zoo.flops import model_size
 from zoo.io import atomic_path, refuse_overwriting_inputs
@@ -55,6 +59,16 @@ def write_index(entries: list[dict]) -> None:
 
 def zoo_names() -> list[str]:
     return [entry["name"] for entry in read_index()]
+
+
+def not_on_this_cpu(name: str) -> str | None:
+    """Why this CPU cannot run zoo model NAME (a bf16 variant without BF16 support in OpenVINO), else None."""
+    entry = _entry(name)
+    if entry is None or entry.get("precision") != "bf16":
+        return None
+    from zoo.cpu import cpu_model, openvino_supports_bf16
+
+    return None if openvino_supports_bf16() else f"a bf16 variant; this CPU ({cpu_model()}) has no AVX512_BF16 or AMX"
 
 
 def _entry(name: str) -> dict | None:
@@ -104,20 +118,29 @@ def _shipped_file(entry: dict) -> Path:
 
 
 def _derived_folder(entry: dict) -> Path:
-    """The exported folder of a derived entry: its parent (a committed zoo checkpoint) exported to entry["export"]'s
-    backend, made on first use. The folder is named by the parent's sha256 and the runtime's version, so a new
-    parent or a new converter makes a fresh export instead of reusing a stale one."""
+    """The exported folder of a derived entry, made on first use: its parent (a committed zoo checkpoint) exported
+    to entry["export"]'s backend, or, for an entry that ships some parts (an INT8 encoder, zoo/NAME/), those parts
+    completed with the parent's others. The folder is named by the shipped files' and the parent's sha256 and the
+    runtime's version, so a new parent or a new converter makes a fresh export instead of reusing a stale one."""
     backend = entry["export"]
     parent = _committed_checkpoint(entry["derived_from"])
     if parent is None:
         raise CheckpointError(f"{INDEX_PATH}: {entry['name']!r} is derived from {entry['derived_from']!r}, which is not a committed zoo checkpoint")
     parent_file = _shipped_file(parent)
-    folder = EXPORT_CACHE / f"{entry['name']}-{parent['sha256'][:16]}-{backend}-{runtime_version(backend)}"
+    shipped = _shipped_file(entry).parent if entry.get("file") else None
+    if shipped is not None:
+        read_manifest(shipped)  # the committed files are checked on every load, not only on the first
+    precision = entry.get("precision", "fp32")
+    tag = f"{entry['sha256'][:16]}-" if shipped else ("" if precision == "fp32" else f"{precision}-")
+    folder = EXPORT_CACHE / f"{entry['name']}-{tag}{parent['sha256'][:16]}-{backend}-{runtime_version(backend)}"
     if not folder.is_dir():
         print(f"{entry['name']}: exporting {parent['name']} to {backend} once, into {folder}", file=sys.stderr)
         metadata = {"parent": parent["name"], "parent_sha256": parent["sha256"]}
         try:
-            export_variant(load_checkpoint(parent_file)[0], metadata, folder, backend)
+            if shipped is not None:
+                complete_variant(shipped, load_checkpoint(parent_file)[0], folder)
+            else:
+                export_variant(load_checkpoint(parent_file)[0], metadata, folder, backend, precision)
         except OSError:  # FileExistsError, or the rename onto a folder that appeared meanwhile
             if not folder.is_dir():  # another process finishing the same export first is fine; anything else is not
                 raise
@@ -198,46 +221,79 @@ def refresh_index() -> list[dict]:
     return entries
 
 
-def derived_entry(name: str, parent_name: str, backend: str, description: str | None) -> dict:
+def derived_entry(name: str, parent_name: str, backend: str, description: str | None, precision: str = "fp32") -> dict:
     """The index entry of a committed zoo checkpoint's export to `backend`, made on first load (nothing shipped)."""
     check_backend(backend)
     parent = _committed_checkpoint(parent_name)
     if parent is None:
         raise ValueError(f"{parent_name}: --export needs the name of a committed zoo checkpoint ({', '.join(zoo_names())})")
+    if precision not in EXPORT_PRECISIONS or (precision == "bf16" and backend != "openvino"):
+        raise ValueError(f"--precision {precision}: an export is fp32, or bf16 on openvino")
     return {"name": name, "file": None, "derived_from": parent["name"], "export": backend,
-            "source": description or f"{parent['name']} exported to {backend} FP32 (compress.export) on first load",
-            "backend": backend, "precision": "fp32",
+            "source": description or f"{parent['name']} exported to {backend} {precision.upper()} (compress.export) on first load",
+            "backend": backend, "precision": precision,
             "stored_as": "not committed: exported on first load into ~/.cache/cp-tinyvit/exported", "encoder_from": None}
 
 
-def ship_folder(name: str, source: Path) -> tuple[Path, ExportedModel]:
-    """An exported variant's folder copied to zoo/NAME/ (staged, then renamed); the shipped manifest and the model."""
+def ship_folder(name: str, source: Path, encoder_only: bool = False) -> tuple[Path, ExportedModel]:
+    """An exported variant's folder copied to zoo/NAME/ (staged, then renamed), or with encoder_only its encoder
+    graph alone, the manifest naming the other parts `from_parent`; the shipped manifest and the model."""
     model = ExportedModel(source)  # checks the manifest and every file's sha256
     target = ZOO_DIR / name
     staging = ZOO_DIR / f".{name}.incoming"
     shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(source, staging)
+    if encoder_only:
+        manifest = dict(model.manifest)
+        manifest["files"] = {"encoder": manifest["files"]["encoder"]}
+        manifest["from_parent"] = [part for part in model.manifest["files"] if part != "encoder"]
+        staging.mkdir()
+        for file in manifest["files"]["encoder"]["sha256"]:
+            shutil.copyfile(source / file, staging / file)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    else:
+        shutil.copytree(source, staging)
     if target.exists():
         shutil.rmtree(target)
     os.rename(staging, target)
     return target / MANIFEST, model
 
 
-def shipped_entry(name: str, source: Path, half: bool, encoder_from: str | None, description: str | None) -> dict:
+def committed_parent(source: Path) -> dict | None:
+    """The index entry of the committed zoo checkpoint an exported variant was made from (named in its manifest,
+    with the same sha256), from which its decoder and head can be exported again on load; None if there is none."""
+    metadata = read_manifest(source).get("metadata", {})
+    parent = _committed_checkpoint(str(metadata.get("parent")))
+    return parent if parent is not None and parent["sha256"] == metadata.get("parent_sha256") else None
+
+
+def shipped_entry(name: str, source: Path, half: bool, encoder_from: str | None, description: str | None,
+                  encoder_only: bool = False) -> dict:
     """Ship a checkpoint as zoo/NAME.pt or an exported variant's folder as zoo/NAME/; their index entry."""
+    derived = {}
+    if encoder_only:
+        if not source.is_dir():
+            raise ValueError(f"{source}: --encoder-only ships an exported variant's folder, not a checkpoint")
+        parent = committed_parent(source)
+        if parent is None:
+            metadata = read_manifest(source).get("metadata", {})
+            raise ValueError(f"{source}: --encoder-only needs a variant made from a committed zoo checkpoint, unchanged "
+                             f"since (its manifest names {metadata.get('parent')!r}, sha256 {str(metadata.get('parent_sha256'))[:16]})")
+        export = "openvino" if read_manifest(source)["backend"] == "openvino" else "onnxruntime"
+        derived = {"derived_from": parent["name"], "export": export}
     if source.is_dir():
-        shipped, model = ship_folder(name, source)
+        shipped, model = ship_folder(name, source, encoder_only)
     else:
         model, metadata = load_checkpoint(source)
         metadata = {**metadata, "shipped_from": str(source), "shipped_sha256": sha256_file(source)}
         shipped = save_checkpoint(ZOO_DIR / f"{name}.pt", model, metadata, half=half, encoder_from=encoder_from)
     return {"name": name, "file": str(shipped.relative_to(ZOO_DIR)), "sha256": sha256_file(shipped),
             "source": description or str(source), "backend": model.backend, "precision": model.precision,
-            "stored_as": "fp16" if half else "as computed", "encoder_from": encoder_from}
+            "stored_as": "fp16" if half else "as computed", "encoder_from": encoder_from, **derived}
 
 
 def add_model(name: str, source: Path, half: bool = False, encoder_from: str | None = None,
-              replace: bool = False, description: str | None = None, export: str | None = None) -> dict:
+              replace: bool = False, description: str | None = None, export: str | None = None,
+              encoder_only: bool = False, precision: str = "fp32") -> dict:
     """Ship a checkpoint as zoo/NAME.pt (optionally float16, optionally without LiteMedSAM's unchanged encoder), an
     exported variant's folder as zoo/NAME/, or (export=BACKEND) list a committed zoo checkpoint's export to BACKEND,
     made on first load; add or update its index entry and return it, measured."""
@@ -251,9 +307,9 @@ def add_model(name: str, source: Path, half: bool = False, encoder_from: str | N
     if export is None:  # a checkpoint or folder is only read, never replaced by its own shipped copy
         refuse_overwriting_inputs(ZOO_DIR / (name if source.is_dir() else f"{name}.pt"), [source], "NAME")
     if export is not None:
-        entry = derived_entry(name, str(source), export, description)
+        entry = derived_entry(name, str(source), export, description, precision)
     else:
-        entry = shipped_entry(name, Path(source), half, encoder_from, description)
+        entry = shipped_entry(name, Path(source), half, encoder_from, description, encoder_only)
     if existing is None:
         entries.append(entry)
     else:
@@ -274,6 +330,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add.add_argument("--half", action="store_true", help="store the weights in float16 (loaded as float32)")
     add.add_argument("--encoder-from", choices=(LITEMEDSAM,), default=None,
                      help="leave out an encoder that is LiteMedSAM's, unchanged (checked)")
+    add.add_argument("--precision", choices=EXPORT_PRECISIONS, default="fp32",
+                     help="with --export openvino: what OpenVINO computes the graphs in (bf16 on CPUs with BF16)")
+    add.add_argument("--encoder-only", action="store_true",
+                     help="ship only the variant's encoder graph; its decoder and head are exported from its parent on load")
     add.add_argument("--replace", action="store_true")
     add.add_argument("--description", default=None, help="how the model was made, for the index")
     return parser.parse_args(argv)
@@ -283,7 +343,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     """`add`: the new entry; otherwise every entry re-measured. Each is printed as a JSON line."""
     if args.command == "add":
         entries = [add_model(args.name, args.source, args.half, args.encoder_from, args.replace, args.description,
-                             args.export)]
+                             args.export, args.encoder_only, args.precision)]
     else:
         entries = refresh_index()
     for entry in entries:

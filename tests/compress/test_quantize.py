@@ -130,3 +130,46 @@ def test_ship_commits_the_int8_variant_to_the_zoo_with_where_it_is_faster(setup,
     assert "AVX512_VNNI" in entry["source"] and "embedding relative error" in entry["source"] and "/neck/" in entry["source"]
     shipped = zoo.index.load("tiny_openvino_int8")
     assert shipped.manifest["metadata"]["keep_fp32"] == ["/neck/"] and out.is_dir()  # copied, the variant kept
+
+
+def test_ship_of_a_zoo_models_variant_commits_only_the_int8_encoder(setup, tmp_path, monkeypatch):
+    import json
+
+    from zoo.checkpoint import CheckpointError
+    from zoo.exported import MANIFEST
+
+    root, calib, model_path = setup
+    index = tmp_path / "zoo" / "index.json"
+    index.parent.mkdir()
+    index.write_text(json.dumps({"models": []}))
+    monkeypatch.setattr(zoo.index, "INDEX_PATH", index)
+    monkeypatch.setattr(zoo.index, "ZOO_DIR", index.parent)
+    monkeypatch.setattr(zoo.index, "EXPORT_CACHE", tmp_path / "cache")
+    zoo.index.add_model("tiny", model_path)
+    out = tmp_path / "int8"
+    assert main(["tiny", "--calib", str(calib), "--n-calib", "2", "--check", str(calib), "--n-check", "1",
+                 "--out", str(out), "--ship", "tiny_openvino_int8"]) == 0
+    entry = zoo.index.read_index()[1]
+    assert entry["derived_from"] == "tiny" and entry["export"] == "openvino" and entry["precision"] == "int8"
+    shipped = index.parent / "tiny_openvino_int8"
+    assert sorted(p.name for p in shipped.iterdir()) == ["encoder_int8.bin", "encoder_int8.xml", MANIFEST]
+    assert json.loads((shipped / MANIFEST).read_text())["from_parent"] == ["decoder", "head"]
+    with pytest.raises(CheckpointError, match="load it by its zoo name"):
+        zoo.index.load(shipped)
+
+    # Completed on load: the shipped INT8 encoder, the parent's FP32 decoder and head; answers as the full variant.
+    loaded, full = zoo.index.load("tiny_openvino_int8"), ExportedModel(out)
+    assert loaded.precision == "int8" and loaded.encoder_fingerprint() == full.encoder_fingerprint()
+    assert zoo.index.model_parent("tiny_openvino_int8") == "tiny"
+    image = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    embedding = loaded.embed(image)
+    assert torch.equal(embedding, full.embed(image))
+    boxes = torch.tensor([[10.0, 20.0, 120.0, 140.0]])
+    assert torch.allclose(loaded.decode(embedding, boxes, 2), full.decode(embedding, boxes, 2), atol=1e-4)
+    assert torch.equal(loaded.predict_modality(embedding), full.predict_modality(embedding))
+
+    # A changed shipped encoder is refused by name before anything reads it.
+    weights = shipped / "encoder_int8.bin"
+    weights.write_bytes(weights.read_bytes()[:-7])
+    with pytest.raises(CheckpointError, match="encoder_int8.bin: sha256"):
+        zoo.index.load("tiny_openvino_int8")
