@@ -38,14 +38,17 @@ def preprocess_image(image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
     """Image (H, W) grey or (H, W, 3) uint8 -> ((1, 3, 256, 256) float32 tensor in [0, 1], (h, w) unpadded size).
 
     A grey image gives the same tensor as its 3-channel copy (INTER_AREA works per channel), at a third of the cost.
+    The values are those of the official script (float64 min-max, then float32); the padding is written as zeros
+    around them rather than by np.pad, and an image already 256 on its longest side is not resized (a copy).
     """
-    resized = resize_longest_side(image).astype(np.float64)
-    low, high = resized.min(), resized.max()
-    normalized = (resized - low) / max(high - low, 1e-8)
-    padded = pad_to_square(normalized)
-    tensor = torch.from_numpy(padded).float()
-    tensor = tensor[None].expand(3, -1, -1) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
-    return tensor[None].contiguous(), normalized.shape[:2]
+    resized = image if max(image.shape[:2]) == IMAGE_SIZE else resize_longest_side(image)
+    low, high = float(resized.min()), float(resized.max())
+    normalized = (resized.astype(np.float64) - low) / max(high - low, 1e-8)
+    height, width = normalized.shape[:2]
+    padded = np.zeros((3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    # float64 -> float32 on assignment, as torch's .float(); a grey image broadcasts to the three channels
+    padded[:, :height, :width] = normalized if normalized.ndim == 2 else normalized.transpose(2, 0, 1)
+    return torch.from_numpy(padded)[None], (height, width)
 
 
 def scale_boxes(boxes: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
@@ -75,5 +78,6 @@ def box_from_mask(mask: np.ndarray, margin: int = 3) -> np.ndarray | None:
 def postprocess_logits(logits: torch.Tensor, resized: tuple[int, int], original_size: tuple[int, int]) -> np.ndarray:
     """Low-res logits (N, 1, 256, 256) -> boolean masks (N, H, W): crop the padding, resize bilinearly, threshold at 0."""
     cropped = logits[..., : resized[0], : resized[1]]
-    full = F.interpolate(cropped, size=tuple(original_size), mode="bilinear", align_corners=False)
-    return (full[:, 0] > 0).cpu().numpy()
+    if tuple(cropped.shape[-2:]) != tuple(original_size):  # at the same size bilinear resizing is the identity
+        cropped = F.interpolate(cropped, size=tuple(original_size), mode="bilinear", align_corners=False)
+    return cropped[:, 0].detach().cpu().numpy() > 0  # numpy: a threshold too small for torch's thread pool

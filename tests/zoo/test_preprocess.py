@@ -34,6 +34,29 @@ def test_preprocess_normalizes_pads_and_keeps_grey_equal_to_rgb():
     assert torch.equal(tensor, rgb)
 
 
+def _official_preprocess(image: np.ndarray) -> torch.Tensor:
+    """The official CVPR24 LiteMedSAM script's lines: 3 channels, resize, float64 min-max, pad, float32."""
+    image = np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image
+    resized = resize_longest_side(image)
+    normalized = (resized - resized.min()) / np.clip(resized.max() - resized.min(), a_min=1e-8, a_max=None)
+    return torch.tensor(pad_to_square(normalized)).float().permute(2, 0, 1)[None]
+
+
+@given(h=st.integers(1, 700), w=st.integers(1, 700), channels=st.sampled_from([None, 3]), seed=st.integers(0, 9))
+@settings(max_examples=40, deadline=None)
+def test_preprocess_gives_the_official_scripts_tensor_exactly(h, w, channels, seed):
+    image = np.random.default_rng(seed).integers(0, 256, (h, w) if channels is None else (h, w, channels), dtype=np.uint8)
+    tensor, resized = preprocess_image(image)
+    assert torch.equal(tensor, _official_preprocess(image)) and resized == resized_shape(h, w)
+
+
+def test_postprocess_at_the_original_size_is_the_threshold_alone():
+    logits = torch.randn(3, 1, 256, 256, generator=torch.Generator().manual_seed(0))
+    interpolated = torch.nn.functional.interpolate(logits[..., :256, :200], size=(256, 200), mode="bilinear", align_corners=False)
+    assert np.array_equal(postprocess_logits(logits, (256, 200), (256, 200)), (interpolated[:, 0] > 0).numpy())
+    assert torch.equal(interpolated, logits[..., :256, :200])  # bilinear at the same size is the identity
+
+
 def test_constant_image_does_not_divide_by_zero():
     tensor, _ = preprocess_image(np.full((30, 30, 3), 7, np.uint8))
     assert torch.all(tensor == 0)
