@@ -356,12 +356,16 @@ def summary_table(rows: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    from zoo.index import zoo_names
+    from zoo.index import not_on_this_cpu, zoo_names
 
     data_dir = args.data or default_data_dir()
     if not data_dir.is_dir():
         raise SystemExit(f"error: {data_dir}: not a directory")
     models = [m.strip() for m in (args.models.split(",") if args.models else zoo_names()) if m.strip()]
+    if not args.models:  # every zoo variant this CPU can run; the others are named (a variant asked for is tried)
+        for name in [m for m in models if not_on_this_cpu(m)]:
+            print(f"not benchmarked: {name}: {not_on_this_cpu(name)}")
+            models.remove(name)
     files = select_cases(data_dir, None if args.all else args.cases_per_modality, args.seed, args.volumes == "small")
     outputs = [(args.out, "--out")] + [(args.save_segs / variant_label(m), "--save-segs") for m in models if args.save_segs]
     for output, option in outputs:

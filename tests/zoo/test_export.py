@@ -187,3 +187,32 @@ def test_a_bf16_variant_is_offered_where_the_cpu_computes_bf16_and_refused_elsew
     assert compress.export.main([str(checkpoint), "--precision", "bf16", "--out", str(tmp_path / "n")]) == 2
     assert "has no BF16 support in OpenVINO" in capsys.readouterr().err
     assert not (tmp_path / "n").exists() and not (tmp_path / "o").exists()
+
+
+def test_a_derived_bf16_entry_is_listed_once_and_left_out_of_default_runs_on_cpus_without_bf16(model, tmp_path, monkeypatch, capsys):
+    import zoo.cpu
+
+    index = tmp_path / "zoo" / "index.json"
+    index.parent.mkdir()
+    index.write_text(json.dumps({"models": []}))
+    monkeypatch.setattr(zoo.index, "INDEX_PATH", index)
+    monkeypatch.setattr(zoo.index, "ZOO_DIR", index.parent)
+    monkeypatch.setattr(zoo.index, "EXPORT_CACHE", tmp_path / "cache")
+    assert zoo.index.main(["add", "tiny", str(save_checkpoint(tmp_path / "best.pt", model))]) == 0
+    assert zoo.index.main(["add", "tiny_ort", "tiny", "--export", "onnxruntime", "--precision", "bf16"]) == 2
+    assert "bf16 on openvino" in capsys.readouterr().err
+    if zoo.cpu.openvino_supports_bf16():
+        assert zoo.index.main(["add", "tiny_ov", "tiny", "--export", "openvino"]) == 0
+        assert zoo.index.main(["add", "tiny_bf16", "tiny", "--export", "openvino", "--precision", "bf16"]) == 0
+        entry = zoo.index.read_index()[2]
+        assert entry["precision"] == "bf16" and entry["file"] is None and "BF16" in entry["source"]
+        variant = zoo.index.load("tiny_bf16")
+        assert {g.inference_precision for g in variant.graphs.values()} == {"bf16"}
+        assert zoo.index.model_file("tiny_bf16") != zoo.index.model_file("tiny_ov")  # its own export
+        assert zoo.index.not_on_this_cpu("tiny_bf16") is None
+    else:
+        index.write_text(json.dumps({"models": [*zoo.index.read_index(), {**zoo.index.read_index()[0], "name": "tiny_bf16",
+                                                                          "precision": "bf16"}]}))
+    monkeypatch.setattr(zoo.cpu, "openvino_supports_bf16", lambda: False)
+    assert "no AVX512_BF16 or AMX" in zoo.index.not_on_this_cpu("tiny_bf16")
+    assert zoo.index.not_on_this_cpu("tiny") is None and zoo.index.not_on_this_cpu("not a zoo name") is None
