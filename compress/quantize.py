@@ -1,7 +1,8 @@
 """Static INT8 post-training quantization of a zoo model's encoder, calibrated on real images.
 
     python -m compress.quantize zoo/cp_tinyvit.pt [--backend openvino|onnxruntime|optimum|inc] [--calib DIR ...]
-                                [--n-calib 64] [--keep-fp32 REGEX ...] [--model-type transformer] [--out DIR]
+                                [--n-calib 64] [--keep-fp32 REGEX ...] [--model-type transformer] [--decoder]
+                                [--out DIR] [--ship NAME]
 
 The encoder is quantized with activation ranges measured on --n-calib real images (2D images and 3D slices, drawn
 evenly across modalities with a seed, preprocessed exactly as at inference):
@@ -12,17 +13,19 @@ evenly across modalities with a seed, preprocessed exactly as at inference):
   inc          Intel Neural Compressor 3.x (neural-compressor-pt): PT2E static INT8 (X86InductorQuantizer), saved as
                a torch.export program; PyTorch runs it, the decoder and head run on ONNX Runtime
 Dynamic (uncalibrated) INT8 is not offered: on LiteMedSAM's encoder it was slower than FP32 and far off. The
-decoder and the modality head stay FP32. Layers whose names match a --keep-fp32 regular expression are left
+modality head stays FP32, and so does the decoder unless --decoder (openvino) quantizes it too, calibrated on the
+model's embeddings of images with ground truth, each with the box of one label; its masks' Dice against FP32 on
+--n-check val boxes is kept in the metadata. Layers whose names match a --keep-fp32 regular expression are left
 unquantized (openvino, onnxruntime, optimum: ONNX node names such as /image_encoder/neck/.*).
 
 The relative error of the INT8 embedding against the PyTorch model's, ||int8 - fp32|| / ||fp32|| averaged over
 --n-check images of --check (default: the val split), is measured and kept in the manifest's metadata.
 
 The result is a variant folder (zoo.exported) that zoo.load, zoo.predict and benchmarks.run take like any model;
-`--ship NAME` (or `python -m zoo.index add NAME FOLDER [--encoder-only]`) commits it to the zoo as zoo/NAME/ with an
+`--ship NAME` (or `python -m zoo.index add NAME FOLDER [--quantized-only]`) commits it to the zoo as zoo/NAME/ with an
 index entry that says on which CPUs INT8 is faster; when the model is a committed zoo checkpoint, only the INT8
-encoder is committed and the FP32 decoder and head are exported from it on first load. Calibration reads licensed train images, so a user's first load cannot
-calibrate: an INT8 variant ships as its files. The input model is only read.
+graphs are committed and the float ones are exported from it on first load. Calibration reads licensed train
+images, so a user's first load cannot calibrate: an INT8 variant ships as its files. The input model is only read.
 """
 
 from __future__ import annotations
@@ -41,22 +44,21 @@ import numpy as np
 import torch
 
 from compress.export import load_parent
-from distill.data import DataError, find_samples, sample_tensor
+from distill.data import DataError, Sample, find_samples, sample_box, sample_tensor
 from zoo.class_prompt import ClassPromptSAM
 from zoo.cli import RUNS_DIR, run_cli
 from zoo.cpu import cpu_flags
 from zoo.export import EncoderGraph, export_onnx, onnx_to_openvino, write_variant
 from zoo.exported import _graph, read_manifest
 from zoo.io import SHARED_DATA, refuse_overwriting_inputs
+from zoo.modalities import modality_id
 
 QUANTIZERS = {"openvino": "nncf", "onnxruntime": "onnxruntime", "optimum": "optimum-onnx", "inc": "neural-compressor-pt"}
 MODEL_TYPES = ("auto", "transformer")
 
 
-def calibration_images(data_dirs: list[Path], count: int, seed: int = 0, skipped: list[str] | None = None) -> list[np.ndarray]:
-    """`count` preprocessed images (1, 3, 256, 256) float32, taken round-robin over modalities in a seeded order
-    (unusable files reported and left out when a `skipped` list is given, see distill.data.find_samples)."""
-    samples = find_samples(data_dirs, slice_step=5, seed=seed, skipped=skipped)
+def _round_robin(samples: list[Sample], count: int, seed: int) -> list[Sample]:
+    """`count` samples taken in turn from each modality, each modality's in a seeded order."""
     by_modality = defaultdict(list)
     for sample in samples:
         by_modality[sample.modality].append(sample)
@@ -68,15 +70,42 @@ def calibration_images(data_dirs: list[Path], count: int, seed: int = 0, skipped
         for modality in sorted(by_modality):
             if by_modality[modality] and len(chosen) < count:
                 chosen.append(by_modality[modality].pop())
-    images = [sample_tensor(s)[None].numpy() for s in chosen]
+    return chosen
+
+
+def calibration_images(data_dirs: list[Path], count: int, seed: int = 0, skipped: list[str] | None = None) -> list[np.ndarray]:
+    """`count` preprocessed images (1, 3, 256, 256) float32, taken round-robin over modalities in a seeded order
+    (unusable files reported and left out when a `skipped` list is given, see distill.data.find_samples)."""
+    samples = _round_robin(find_samples(data_dirs, slice_step=5, seed=seed, skipped=skipped), count, seed)
+    images = [sample_tensor(s)[None].numpy() for s in samples]
     usable = [image for image in images if image.max() > image.min()]  # a constant slice says nothing about ranges
     if not usable:
         raise DataError(f"{', '.join(map(str, data_dirs))}: no usable calibration images (all constant)")
     return usable
 
 
-def quantize_openvino(onnx_path: Path, xml_path: Path, images: list[np.ndarray], keep_fp32: list[str],
+def decoder_inputs(model: ClassPromptSAM, data_dirs: list[Path], count: int, seed: int = 0,
+                   skipped: list[str] | None = None) -> list[dict[str, np.ndarray]]:
+    """`count` decoder inputs as at inference, round-robin over modalities: the model's embedding of an image with
+    ground truth, the 256-scale box of one of its labels and (class-prompt models) its modality."""
+    samples = _round_robin(find_samples(data_dirs, slice_step=5, seed=seed, foreground_only=True, skipped=skipped), count, seed)
+    if not samples:
+        raise DataError(f"{', '.join(map(str, data_dirs))}: no images with ground truth to calibrate the decoder on")
+    generator = torch.Generator().manual_seed(seed)
+    inputs = []
+    with torch.inference_mode():
+        for sample in samples:
+            item = {"embedding": model.embed(sample_tensor(sample)[None]).numpy(),
+                    "boxes": sample_box(sample, generator)[None].numpy()}
+            if model.has_modality_head:
+                item["modality"] = np.array([modality_id(sample.modality)], dtype=np.int64)
+            inputs.append(item)
+    return inputs
+
+
+def quantize_openvino(onnx_path: Path, xml_path: Path, images: list, keep_fp32: list[str],
                       model_type: str = "auto") -> Path:
+    """NNCF static INT8 of one graph; `images` are its calibration inputs (arrays, or dicts by input name)."""
     import nncf
     import openvino
 
@@ -177,12 +206,30 @@ def embedding_error(model: ClassPromptSAM, encoder_path: Path, images: list[np.n
     return float(np.mean(errors))
 
 
+def mask_agreement(model: ClassPromptSAM, decoder_path: Path, inputs: list[dict[str, np.ndarray]]) -> float:
+    """Mean Dice of the quantized decoder's masks against the PyTorch model's, on the same FP32 embeddings."""
+    graph = _graph(decoder_path, torch.get_num_threads(), "int8")
+    dice = []
+    with torch.inference_mode():
+        for item in inputs:
+            modality = torch.from_numpy(item["modality"]) if "modality" in item else None
+            reference = model.decode(torch.from_numpy(item["embedding"]), torch.from_numpy(item["boxes"]), modality).numpy() > 0
+            mask = graph(**item) > 0
+            total = mask.sum() + reference.sum()
+            dice.append(1.0 if total == 0 else 2 * float((mask & reference).sum()) / float(total))
+    return float(np.mean(dice))
+
+
 def quantize_variant(model: ClassPromptSAM, out: Path, backend: str, images: list[np.ndarray], keep_fp32: list[str],
-                     metadata: dict, model_type: str = "auto", check_images: list[np.ndarray] | None = None) -> Path:
+                     metadata: dict, model_type: str = "auto", check_images: list[np.ndarray] | None = None,
+                     decoder_calibration: list[dict] | None = None, decoder_check: list[dict] | None = None) -> Path:
     """An INT8-encoder variant of `model` at `out` (written atomically), its embedding error on `check_images`
-    in the manifest's metadata."""
+    in the manifest's metadata; with `decoder_calibration` (decoder_inputs, openvino) its decoder INT8 too, and its
+    masks' Dice against FP32 on `decoder_check` recorded."""
     if backend not in QUANTIZERS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(QUANTIZERS)}")
+    if decoder_calibration and backend != "openvino":
+        raise ValueError("--decoder (an INT8 mask decoder) is offered for --backend openvino only")
     if keep_fp32 and backend == "inc":
         raise ValueError("--keep-fp32 is not offered for --backend inc (its PT2E quantizer is configured by module type)")
     if model_type != "auto" and backend != "openvino":
@@ -194,14 +241,24 @@ def quantize_variant(model: ClassPromptSAM, out: Path, backend: str, images: lis
             raise ValueError(f"--keep-fp32 {pattern!r} is not a regular expression ({err})") from err
 
     metadata = {**metadata, "quantizer": f"{QUANTIZERS[backend]} {importlib.metadata.version(QUANTIZERS[backend])}",
-                "calibration_images": len(images), "keep_fp32": keep_fp32, "model_type": model_type}
+                "calibration_images": len(images), "keep_fp32": keep_fp32, "model_type": model_type,
+                "quantized_parts": ["encoder", "decoder"] if decoder_calibration else ["encoder"]}
+    if decoder_calibration:
+        metadata["decoder_calibration_inputs"] = len(decoder_calibration)
 
     def build(folder: Path) -> dict[str, Path]:
         paths = export_onnx(model, folder)
         rest = {part: path for part, path in paths.items() if part != "encoder"}  # decoder and head stay FP32
         if backend == "openvino":
             encoder = quantize_openvino(paths["encoder"], folder / "encoder_int8.xml", images, keep_fp32, model_type)
-            rest = {part: onnx_to_openvino(path, path.with_suffix(".xml")) for part, path in rest.items()}
+            if decoder_calibration:
+                rest["decoder"] = quantize_openvino(rest["decoder"], folder / "decoder_int8.xml", decoder_calibration,
+                                                    keep_fp32, model_type)
+                if decoder_check:
+                    metadata["mask_dice_vs_fp32"] = mask_agreement(model, rest["decoder"], decoder_check)
+                    metadata["mask_dice_vs_fp32_inputs"] = len(decoder_check)
+            rest = {part: path if path.suffix == ".xml" else onnx_to_openvino(path, path.with_suffix(".xml"))
+                    for part, path in rest.items()}
         elif backend == "onnxruntime":
             encoder = quantize_onnxruntime(paths["encoder"], folder / "encoder_int8.onnx", images, keep_fp32)
         elif backend == "optimum":
@@ -229,6 +286,9 @@ def parse_args(argv):
     parser.add_argument("--n-calib", type=int, default=64)
     parser.add_argument("--keep-fp32", nargs="*", default=[], metavar="REGEX", help="layer names left in FP32")
     parser.add_argument("--model-type", choices=MODEL_TYPES, default="auto", help="NNCF's preset (openvino)")
+    parser.add_argument("--decoder", action="store_true",
+                        help="quantize the mask decoder too (openvino), calibrated on --n-calib images with ground "
+                             "truth: the model's embedding, a box of one label, the modality")
     parser.add_argument("--check", type=Path, nargs="*", default=[SHARED_DATA / "val"],
                         help="npz directories whose images measure the embedding error (none: not measured)")
     parser.add_argument("--n-check", type=int, default=8)
@@ -249,18 +309,28 @@ def run(args) -> Path:
     check = calibration_images(args.check, args.n_check, args.seed + 1) if args.check and args.n_check else None
     metadata.update(calibration_data=[str(d) for d in args.calib], seed=args.seed,
                     check_data=[str(d) for d in args.check or []])
-    quantize_variant(model, out, args.backend, images, args.keep_fp32, metadata, args.model_type, check)
-    error = read_manifest(out)["metadata"].get("embedding_rel_error")
-    print(f"wrote {out}: {args.backend} INT8 encoder calibrated on {len(images)} images, FP32 decoder"
-          + (f"; embedding relative error {error:.4f} on {len(check)} images" if error is not None else ""))
+    decoder_calibration = decoder_check = None
+    if args.decoder:
+        if args.backend != "openvino":  # before any embedding is computed
+            raise ValueError("--decoder (an INT8 mask decoder) is offered for --backend openvino only")
+        decoder_calibration = decoder_inputs(model, args.calib, args.n_calib, args.seed, getattr(args, "skipped", None))
+        if args.check and args.n_check:
+            decoder_check = decoder_inputs(model, args.check, args.n_check, args.seed + 1)
+    quantize_variant(model, out, args.backend, images, args.keep_fp32, metadata, args.model_type, check,
+                     decoder_calibration, decoder_check)
+    meta = read_manifest(out)["metadata"]
+    print(f"wrote {out}: {args.backend} INT8 encoder calibrated on {len(images)} images, "
+          + (f"INT8 decoder on {len(decoder_calibration)} boxes" if decoder_calibration else "FP32 decoder")
+          + (f"; embedding relative error {meta['embedding_rel_error']:.4f} on {len(check)} images" if check else "")
+          + (f"; masks' Dice vs FP32 {meta['mask_dice_vs_fp32']:.4f} on {len(decoder_check)} boxes" if decoder_check else ""))
     if args.ship:
         from zoo.index import add_model, committed_parent
 
-        # Only the INT8 encoder is new: a parent committed in the zoo gives the FP32 decoder and head on load.
-        encoder_only = committed_parent(out) is not None
-        entry = add_model(args.ship, out, description=ship_description(read_manifest(out)), encoder_only=encoder_only)
+        # Only the INT8 graphs are new: a parent committed in the zoo gives the float ones on load.
+        quantized_only = committed_parent(out) is not None
+        entry = add_model(args.ship, out, description=ship_description(read_manifest(out)), quantized_only=quantized_only)
         print(f"shipped {out} as zoo model {entry['name']!r} ({entry['file']}"
-              + (f"; its decoder and head are {entry['derived_from']}'s)" if encoder_only else ")"))
+              + (f"; its float graphs are {entry['derived_from']}'s)" if quantized_only else ")"))
     return out
 
 
@@ -269,9 +339,12 @@ def ship_description(manifest: dict) -> str:
     meta = manifest["metadata"]
     made = (f"{meta['parent']} with its encoder quantized to static INT8 by {meta['quantizer']} on "
             f"{meta['calibration_images']} train images" + (f", {meta['model_type']} preset" if meta.get("model_type", "auto") != "auto" else "")
-            + (f", layers matching {' '.join(meta['keep_fp32'])} kept float" if meta.get("keep_fp32") else "") + "; decoder and head FP32")
+            + (f", layers matching {' '.join(meta['keep_fp32'])} kept float" if meta.get("keep_fp32") else "")
+            + ("; decoder INT8 too, head FP32" if "decoder" in meta.get("quantized_parts", []) else "; decoder and head FP32"))
     error = (f"; embedding relative error {meta['embedding_rel_error']:.3f} on {meta['embedding_rel_error_images']} val images"
              if "embedding_rel_error" in meta else "")
+    error += (f"; masks' Dice vs FP32 {meta['mask_dice_vs_fp32']:.3f} on {meta['mask_dice_vs_fp32_inputs']} val boxes"
+              if "mask_dice_vs_fp32" in meta else "")
     return (made + error + ". Faster than FP32 on CPUs with INT8 dot-product instructions (AVX512_VNNI, AVX-VNNI, "
             "AMX); on AVX2-only CPUs INT8 is not faster than FP32 (zoo.cpu.auto_precision)")
 

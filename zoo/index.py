@@ -3,9 +3,9 @@
     python -m zoo.index                      re-measure every entry (sha256, parameters, FLOPs), rewrite index.json
     python -m zoo.index add NAME CHECKPOINT [--half] [--encoder-from litemedsam] [--replace]
                                              ship a checkpoint as zoo/NAME.pt and list it
-    python -m zoo.index add NAME FOLDER [--encoder-only]
+    python -m zoo.index add NAME FOLDER [--quantized-only]
                                              ship an exported variant (compress.quantize) as zoo/NAME/; with
-                                             --encoder-only only its encoder graph: the decoder and head are its
+                                             --quantized-only only its INT8 graphs: the float ones are its
                                              parent's (a committed zoo checkpoint), exported on first load
     python -m zoo.index add NAME PARENT --export openvino [--precision bf16]
                                              list NAME as PARENT (a zoo name) exported to a runtime: no file is
@@ -235,19 +235,21 @@ def derived_entry(name: str, parent_name: str, backend: str, description: str | 
             "stored_as": "not committed: exported on first load into ~/.cache/cp-tinyvit/exported", "encoder_from": None}
 
 
-def ship_folder(name: str, source: Path, encoder_only: bool = False) -> tuple[Path, ExportedModel]:
-    """An exported variant's folder copied to zoo/NAME/ (staged, then renamed), or with encoder_only its encoder
-    graph alone, the manifest naming the other parts `from_parent`; the shipped manifest and the model."""
+def ship_folder(name: str, source: Path, quantized_only: bool = False) -> tuple[Path, ExportedModel]:
+    """An exported variant's folder copied to zoo/NAME/ (staged, then renamed), or with quantized_only its INT8
+    graphs alone (metadata quantized_parts), the manifest naming the others `from_parent`; the shipped manifest
+    and the model."""
     model = ExportedModel(source)  # checks the manifest and every file's sha256
     target = ZOO_DIR / name
     staging = ZOO_DIR / f".{name}.incoming"
     shutil.rmtree(staging, ignore_errors=True)
-    if encoder_only:
+    if quantized_only:
+        own = model.manifest["metadata"].get("quantized_parts", ["encoder"])
         manifest = dict(model.manifest)
-        manifest["files"] = {"encoder": manifest["files"]["encoder"]}
-        manifest["from_parent"] = [part for part in model.manifest["files"] if part != "encoder"]
+        manifest["files"] = {part: entry for part, entry in manifest["files"].items() if part in own}
+        manifest["from_parent"] = [part for part in model.manifest["files"] if part not in own]
         staging.mkdir()
-        for file in manifest["files"]["encoder"]["sha256"]:
+        for file in [f for entry in manifest["files"].values() for f in entry["sha256"]]:
             shutil.copyfile(source / file, staging / file)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     else:
@@ -267,21 +269,21 @@ def committed_parent(source: Path) -> dict | None:
 
 
 def shipped_entry(name: str, source: Path, half: bool, encoder_from: str | None, description: str | None,
-                  encoder_only: bool = False) -> dict:
+                  quantized_only: bool = False) -> dict:
     """Ship a checkpoint as zoo/NAME.pt or an exported variant's folder as zoo/NAME/; their index entry."""
     derived = {}
-    if encoder_only:
+    if quantized_only:
         if not source.is_dir():
-            raise ValueError(f"{source}: --encoder-only ships an exported variant's folder, not a checkpoint")
+            raise ValueError(f"{source}: --quantized-only ships an exported variant's folder, not a checkpoint")
         parent = committed_parent(source)
         if parent is None:
             metadata = read_manifest(source).get("metadata", {})
-            raise ValueError(f"{source}: --encoder-only needs a variant made from a committed zoo checkpoint, unchanged "
+            raise ValueError(f"{source}: --quantized-only needs a variant made from a committed zoo checkpoint, unchanged "
                              f"since (its manifest names {metadata.get('parent')!r}, sha256 {str(metadata.get('parent_sha256'))[:16]})")
         export = "openvino" if read_manifest(source)["backend"] == "openvino" else "onnxruntime"
         derived = {"derived_from": parent["name"], "export": export}
     if source.is_dir():
-        shipped, model = ship_folder(name, source, encoder_only)
+        shipped, model = ship_folder(name, source, quantized_only)
     else:
         model, metadata = load_checkpoint(source)
         metadata = {**metadata, "shipped_from": str(source), "shipped_sha256": sha256_file(source)}
@@ -293,7 +295,7 @@ def shipped_entry(name: str, source: Path, half: bool, encoder_from: str | None,
 
 def add_model(name: str, source: Path, half: bool = False, encoder_from: str | None = None,
               replace: bool = False, description: str | None = None, export: str | None = None,
-              encoder_only: bool = False, precision: str = "fp32") -> dict:
+              quantized_only: bool = False, precision: str = "fp32") -> dict:
     """Ship a checkpoint as zoo/NAME.pt (optionally float16, optionally without LiteMedSAM's unchanged encoder), an
     exported variant's folder as zoo/NAME/, or (export=BACKEND) list a committed zoo checkpoint's export to BACKEND,
     made on first load; add or update its index entry and return it, measured."""
@@ -309,7 +311,7 @@ def add_model(name: str, source: Path, half: bool = False, encoder_from: str | N
     if export is not None:
         entry = derived_entry(name, str(source), export, description, precision)
     else:
-        entry = shipped_entry(name, Path(source), half, encoder_from, description, encoder_only)
+        entry = shipped_entry(name, Path(source), half, encoder_from, description, quantized_only)
     if existing is None:
         entries.append(entry)
     else:
@@ -332,8 +334,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="leave out an encoder that is LiteMedSAM's, unchanged (checked)")
     add.add_argument("--precision", choices=EXPORT_PRECISIONS, default="fp32",
                      help="with --export openvino: what OpenVINO computes the graphs in (bf16 on CPUs with BF16)")
-    add.add_argument("--encoder-only", action="store_true",
-                     help="ship only the variant's encoder graph; its decoder and head are exported from its parent on load")
+    add.add_argument("--quantized-only", action="store_true",
+                     help="ship only the variant's INT8 graphs; the float ones are exported from its parent on load")
     add.add_argument("--replace", action="store_true")
     add.add_argument("--description", default=None, help="how the model was made, for the index")
     return parser.parse_args(argv)
@@ -343,7 +345,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     """`add`: the new entry; otherwise every entry re-measured. Each is printed as a JSON line."""
     if args.command == "add":
         entries = [add_model(args.name, args.source, args.half, args.encoder_from, args.replace, args.description,
-                             args.export, args.encoder_only, args.precision)]
+                             args.export, args.quantized_only, args.precision)]
     else:
         entries = refresh_index()
     for entry in entries:

@@ -173,3 +173,49 @@ def test_ship_of_a_zoo_models_variant_commits_only_the_int8_encoder(setup, tmp_p
     weights.write_bytes(weights.read_bytes()[:-7])
     with pytest.raises(CheckpointError, match="encoder_int8.bin: sha256"):
         zoo.index.load("tiny_openvino_int8")
+
+
+def test_decoder_int8_is_calibrated_on_boxes_of_the_ground_truth_and_ships_without_the_float_head(setup, tmp_path, monkeypatch, capsys):
+    import json
+
+    from zoo.exported import MANIFEST
+
+    root, calib, model_path = setup
+    labelled = tmp_path / "labelled"
+    labelled.mkdir()
+    rng = np.random.default_rng(1)
+    for i, modality in enumerate(["US", "CT", "Dermoscopy"]):
+        gts = np.zeros((48, 40), np.uint8)
+        gts[5 + i : 30, 4 : 20 + i] = 1
+        write_npz(labelled / f"2DBox_{modality}_{i}.npz", imgs=rng.integers(0, 255, (48, 40, 3), dtype=np.uint8),
+                  gts=gts, boxes=np.array([[4, 5, 20, 30]]))
+    assert main([str(model_path), "--backend", "onnxruntime", "--decoder", "--calib", str(labelled), "--out", str(tmp_path / "o")]) == 2
+    assert "openvino only" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert main([str(model_path), "--decoder", "--calib", str(calib), "--out", str(tmp_path / "n")]) == 2
+    err = capsys.readouterr().err  # calib's files have no gts: each is named, then the run stops
+    assert "2DBox_CT_1.npz: no 'gts'" in err and "no usable samples" in err and not (tmp_path / "n").exists()
+
+    index = tmp_path / "zoo" / "index.json"
+    index.parent.mkdir()
+    index.write_text(json.dumps({"models": []}))
+    monkeypatch.setattr(zoo.index, "INDEX_PATH", index)
+    monkeypatch.setattr(zoo.index, "ZOO_DIR", index.parent)
+    monkeypatch.setattr(zoo.index, "EXPORT_CACHE", tmp_path / "cache")
+    zoo.index.add_model("tiny", model_path)
+    out = tmp_path / "int8"
+    assert main(["tiny", "--decoder", "--calib", str(labelled), "--n-calib", "3", "--check", str(labelled), "--n-check", "2",
+                 "--out", str(out), "--ship", "tiny_int8"]) == 0
+    metadata = ExportedModel(out).manifest["metadata"]
+    assert metadata["quantized_parts"] == ["encoder", "decoder"] and metadata["decoder_calibration_inputs"] == 3
+    assert 0 < metadata["mask_dice_vs_fp32"] <= 1 and metadata["mask_dice_vs_fp32_inputs"] == 2
+    shipped = index.parent / "tiny_int8"
+    assert sorted(p.name for p in shipped.iterdir()) == ["decoder_int8.bin", "decoder_int8.xml", "encoder_int8.bin",
+                                                         "encoder_int8.xml", MANIFEST]
+    assert "decoder INT8 too" in zoo.index.read_index()[1]["source"]
+    model, variant = zoo.index.load("tiny"), zoo.index.load("tiny_int8")
+    image, boxes = torch.rand(1, 3, 256, 256), torch.tensor([[10.0, 10.0, 100.0, 100.0]])
+    with torch.inference_mode():
+        embedding = model.embed(image)
+        int8, fp32 = variant.decode(embedding, boxes, 1), model.decode(embedding, boxes, 1)
+        assert not torch.allclose(int8, fp32, atol=1e-3)  # the decoder quantized for real
+        assert torch.allclose(variant.predict_modality(embedding), model.predict_modality(embedding), atol=1e-4)  # FP32 head
