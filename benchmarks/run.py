@@ -263,7 +263,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=None,
                         help="directory of challenge npz files with gts (default: $MEDSEG_DATA, else ../shared/data/medseg-real/val)")
-    parser.add_argument("--models", default=None, help="comma-separated zoo names or checkpoint paths (default: every zoo variant)")
+    parser.add_argument("--models", default=None,
+                        help="comma-separated zoo names or checkpoint paths, or 'all' (every zoo variant); default: "
+                             "LiteMedSAM and the zoo's main models (index entries marked default_benchmark)")
     parser.add_argument("--out", type=Path, default=RUNS_DIR / "benchmark", help="output directory (default runs/benchmark)")
     parser.add_argument("--cases-per-modality", type=int, default=1, help="seeded sample size per modality")
     parser.add_argument("--all", action="store_true", help="every case instead of a sample, latencies over 5 runs")
@@ -355,17 +357,26 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> list[dict]:
-    from zoo.index import not_on_this_cpu, zoo_names
+def chosen_models(models: str | None) -> list[str]:
+    """--models: names / paths as given; 'all' every zoo variant; none the zoo's default benchmark set
+    (zoo.index.default_benchmark_names). Of 'all' and the default set, variants this CPU cannot run (bf16 without
+    BF16) are left out, each named; a variant asked for by name is tried."""
+    from zoo.index import default_benchmark_names, not_on_this_cpu, zoo_names
 
+    if models and models != "all":
+        return [m.strip() for m in models.split(",") if m.strip()]
+    names = zoo_names() if models == "all" else default_benchmark_names()
+    for name in [m for m in names if not_on_this_cpu(m)]:
+        print(f"not benchmarked: {name}: {not_on_this_cpu(name)}")
+        names.remove(name)
+    return names
+
+
+def run(args: argparse.Namespace) -> list[dict]:
     data_dir = args.data or default_data_dir()
     if not data_dir.is_dir():
         raise SystemExit(f"error: {data_dir}: not a directory")
-    models = [m.strip() for m in (args.models.split(",") if args.models else zoo_names()) if m.strip()]
-    if not args.models:  # every zoo variant this CPU can run; the others are named (a variant asked for is tried)
-        for name in [m for m in models if not_on_this_cpu(m)]:
-            print(f"not benchmarked: {name}: {not_on_this_cpu(name)}")
-            models.remove(name)
+    models = chosen_models(args.models)
     files = select_cases(data_dir, None if args.all else args.cases_per_modality, args.seed, args.volumes == "small")
     outputs = [(args.out, "--out")] + [(args.save_segs / variant_label(m), "--save-segs") for m in models if args.save_segs]
     for output, option in outputs:

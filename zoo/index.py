@@ -61,6 +61,12 @@ def zoo_names() -> list[str]:
     return [entry["name"] for entry in read_index()]
 
 
+def default_benchmark_names() -> list[str]:
+    """The models a plain `python -m benchmarks.run` compares (index entries with "default_benchmark": LiteMedSAM
+    and the models a user chooses between); the other variants are compared in benchmarks/compression."""
+    return [entry["name"] for entry in read_index() if entry.get("default_benchmark")]
+
+
 def not_on_this_cpu(name: str) -> str | None:
     """Why this CPU cannot run zoo model NAME (a bf16 variant without BF16 support in OpenVINO), else None."""
     entry = _entry(name)

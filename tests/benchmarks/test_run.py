@@ -182,3 +182,24 @@ def test_labels_name_checkpoints_by_stem_and_keep_a_replaced_parents_hash():
     assert variant_label("cp_tinyvit") == "cp_tinyvit" and variant_label("runs/x/best.pt") == "best"
     assert variant_label("runs/compress/q/manifest.json") == "q"
     assert variant_label("zoo/cp_tinyvit.pt@66cf2737") == "cp_tinyvit@66cf2737"
+
+
+def test_models_default_to_the_zoos_benchmark_set_and_all_to_every_variant_this_cpu_runs(tmp_path, monkeypatch, capsys):
+    import json
+
+    import zoo.cpu
+    import zoo.index
+    from benchmarks.run import chosen_models
+
+    index = tmp_path / "index.json"
+    entries = [{"name": "litemedsam", "default_benchmark": True}, {"name": "a", "precision": "fp32", "default_benchmark": True},
+               {"name": "a_p50", "precision": "fp32"}, {"name": "a_bf16", "precision": "bf16", "default_benchmark": True}]
+    index.write_text(json.dumps({"models": entries}))
+    monkeypatch.setattr(zoo.index, "INDEX_PATH", index)
+    monkeypatch.setattr(zoo.cpu, "openvino_supports_bf16", lambda: False)
+    assert chosen_models(None) == ["litemedsam", "a"]
+    assert chosen_models("all") == ["litemedsam", "a", "a_p50"]
+    assert capsys.readouterr().out.count("not benchmarked: a_bf16: a bf16 variant; this CPU") == 2
+    assert chosen_models("a_bf16, x.pt") == ["a_bf16", "x.pt"]  # asked for by name: tried, and reported if it fails
+    monkeypatch.setattr(zoo.cpu, "openvino_supports_bf16", lambda: True)
+    assert chosen_models(None) == ["litemedsam", "a", "a_bf16"]
