@@ -28,6 +28,7 @@ from distill.losses import embedding_loss, mask_distillation_loss
 from zoo.checkpoint import CheckpointError, read_weights
 from zoo.cli import option
 from zoo.io import atomic_path, read_csv, write_csv_atomic
+from zoo.modalities import modality_id
 
 TRAIN_FORMAT = "cp-tinyvit-train/1"
 LOG_FIELDS = ["step", "epoch", "loss", "lr", "images_per_s"]
@@ -250,9 +251,12 @@ class Trainer:
         with_box = [j for j, box in enumerate(boxes) if box is not None]
         if with_box:
             box_t = torch.stack([boxes[j] for j in with_box]).to(device)
-            student_logits = torch.cat([self.student.decode(embeddings[j : j + 1].float(), box_t[k : k + 1]) for k, j in enumerate(with_box)])
+            # A class-prompt decoder gets the sample's modality, as at inference (not the head's guess on a student
+            # embedding that is still learning).
+            ids = [modality_id(self.samples[indices[j]].modality) if self.student.has_modality_head else None for j in with_box]
+            student_logits = torch.cat([self.student.decode(embeddings[j : j + 1].float(), box_t[k : k + 1], ids[k]) for k, j in enumerate(with_box)])
             with torch.no_grad():
-                teacher_logits = torch.cat([self.student.decode(targets[j : j + 1], box_t[k : k + 1]) for k, j in enumerate(with_box)])
+                teacher_logits = torch.cat([self.student.decode(targets[j : j + 1], box_t[k : k + 1], ids[k]) for k, j in enumerate(with_box)])
             loss = loss + self.settings.mask_loss_weight * mask_distillation_loss(student_logits, teacher_logits)
         return loss
 

@@ -111,3 +111,19 @@ def test_epoch_batches_are_seeded_and_balanced(setup, tmp_path):
     assert epoch_batches(samples, settings, 0) == epoch_batches(samples, settings, 0)
     assert epoch_batches(samples, settings, 0) != epoch_batches(samples, settings, 1)
     assert all(len(b) == 2 for b in epoch_batches(samples, settings, 3))
+
+
+def test_the_mask_loss_decodes_with_each_samples_modality_through_a_class_prompt(setup, tmp_path, monkeypatch):
+    from zoo.modalities import modality_id
+
+    samples, keys, cache = setup
+    settings = TrainSettings(out_dir=tmp_path / "run", epochs=1, batch_size=2, device="cpu", mask_loss_weight=1.0,
+                             max_steps=2, flip=False)
+    student = ClassPromptSAM(replace(TINY_STUDENT, class_prompt=True))
+    trainer = Trainer(student, samples, keys, cache, settings)
+    seen = []
+    decode = student.decode
+    monkeypatch.setattr(student, "decode", lambda embedding, boxes, modality=None: seen.append(modality) or decode(embedding, boxes, modality))
+    trainer.fit(progress=False)
+    # two steps of two samples, student and teacher decoded alike: CT and US ids, never the head's guess (None)
+    assert len(seen) == 8 and set(seen) <= {modality_id("CT"), modality_id("US")}
