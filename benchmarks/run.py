@@ -1,6 +1,9 @@
 """Benchmark model variants on real data: DSC/NSD per case and modality, CPU latency, FLOPs, params, memory.
 
-    python -m benchmarks.run [--data DIR] [--models litemedsam,cp_tinyvit,PATH] [--out DIR] [--all]
+    python -m benchmarks.run [--data DIR] [--models litemedsam,cp_tinyvit,PATH | all] [--out DIR] [--all]
+
+By default it compares LiteMedSAM and the zoo's main models (zoo/index.json entries marked default_benchmark);
+`--models all` takes every zoo variant this CPU can run.
 
 Writes OUT/cases.csv (case, modality, model, dsc, nsd, seconds), OUT/leaderboard.csv (one row per variant) and
 plots (OUT/radar.png, OUT/latency_vs_dsc.png, and OUT/confusion_<model>.png for models with a modality head, whose
@@ -365,11 +368,14 @@ def chosen_models(models: str | None) -> list[str]:
 
     if models and models != "all":
         return [m.strip() for m in models.split(",") if m.strip()]
-    names = zoo_names() if models == "all" else default_benchmark_names()
-    for name in [m for m in names if not_on_this_cpu(m)]:
-        print(f"not benchmarked: {name}: {not_on_this_cpu(name)}")
-        names.remove(name)
-    return names
+    chosen = []
+    for name in zoo_names() if models == "all" else default_benchmark_names():
+        reason = not_on_this_cpu(name)
+        if reason:
+            print(f"not benchmarked: {name}: {reason}")
+        else:
+            chosen.append(name)
+    return chosen
 
 
 def run(args: argparse.Namespace) -> list[dict]:

@@ -1,4 +1,5 @@
-"""Static INT8 post-training quantization of a zoo model's encoder, calibrated on real images.
+"""Static INT8 post-training quantization of a zoo model's encoder (and with --decoder its mask decoder),
+calibrated on real images.
 
     python -m compress.quantize zoo/cp_tinyvit.pt [--backend openvino|onnxruntime|optimum|inc] [--calib DIR ...]
                                 [--n-calib 64] [--keep-fp32 REGEX ...] [--model-type transformer] [--decoder]
@@ -16,7 +17,8 @@ Dynamic (uncalibrated) INT8 is not offered: on LiteMedSAM's encoder it was slowe
 modality head stays FP32, and so does the decoder unless --decoder (openvino) quantizes it too, calibrated on the
 model's embeddings of images with ground truth, each with the box of one label; its masks' Dice against FP32 on
 --n-check val boxes is kept in the metadata. Layers whose names match a --keep-fp32 regular expression are left
-unquantized (openvino, onnxruntime, optimum: ONNX node names such as /image_encoder/neck/.*).
+unquantized (openvino, onnxruntime, optimum: ONNX node names such as /image_encoder/neck/.*; with --decoder the
+patterns apply to both graphs, whose node names start /image_encoder/ and /mask_decoder/).
 
 The relative error of the INT8 embedding against the PyTorch model's, ||int8 - fp32|| / ||fp32|| averaged over
 --n-check images of --check (default: the val split), is measured and kept in the manifest's metadata.
@@ -51,7 +53,7 @@ from zoo.cpu import cpu_flags
 from zoo.export import EncoderGraph, export_onnx, onnx_to_openvino, write_variant
 from zoo.exported import _graph, read_manifest
 from zoo.io import SHARED_DATA, refuse_overwriting_inputs
-from zoo.modalities import modality_id
+from zoo.modalities import canonical_modality, modality_id
 
 QUANTIZERS = {"openvino": "nncf", "onnxruntime": "onnxruntime", "optimum": "optimum-onnx", "inc": "neural-compressor-pt"}
 MODEL_TYPES = ("auto", "transformer")
@@ -97,8 +99,10 @@ def decoder_inputs(model: ClassPromptSAM, data_dirs: list[Path], count: int, see
         for sample in samples:
             item = {"embedding": model.embed(sample_tensor(sample)[None]).numpy(),
                     "boxes": sample_box(sample, generator)[None].numpy()}
-            if model.has_modality_head:
-                item["modality"] = np.array([modality_id(sample.modality)], dtype=np.int64)
+            if model.has_modality_head:  # the file's modality; the head's guess where its name carries none
+                known = canonical_modality(sample.modality)
+                guess = int(model.predict_modality(torch.from_numpy(item["embedding"])).argmax())
+                item["modality"] = np.array([modality_id(known) if known else guess], dtype=np.int64)
             inputs.append(item)
     return inputs
 

@@ -28,7 +28,7 @@ from distill.losses import embedding_loss, mask_distillation_loss
 from zoo.checkpoint import CheckpointError, read_weights
 from zoo.cli import option
 from zoo.io import atomic_path, read_csv, write_csv_atomic
-from zoo.modalities import modality_id
+from zoo.modalities import canonical_modality, modality_id
 
 TRAIN_FORMAT = "cp-tinyvit-train/1"
 LOG_FIELDS = ["step", "epoch", "loss", "lr", "images_per_s"]
@@ -253,12 +253,18 @@ class Trainer:
             box_t = torch.stack([boxes[j] for j in with_box]).to(device)
             # A class-prompt decoder gets the sample's modality, as at inference (not the head's guess on a student
             # embedding that is still learning).
-            ids = [modality_id(self.samples[indices[j]].modality) if self.student.has_modality_head else None for j in with_box]
+            ids = [self._modality_id(self.samples[indices[j]]) for j in with_box]
             student_logits = torch.cat([self.student.decode(embeddings[j : j + 1].float(), box_t[k : k + 1], ids[k]) for k, j in enumerate(with_box)])
             with torch.no_grad():
                 teacher_logits = torch.cat([self.student.decode(targets[j : j + 1], box_t[k : k + 1], ids[k]) for k, j in enumerate(with_box)])
             loss = loss + self.settings.mask_loss_weight * mask_distillation_loss(student_logits, teacher_logits)
         return loss
+
+    def _modality_id(self, sample: Sample) -> int | None:
+        """The class prompt's modality for a sample: its file's; None (the head's guess) for a model without a
+        class prompt or a file whose name carries no modality."""
+        known = canonical_modality(sample.modality) if self.student.has_modality_head else None
+        return modality_id(known) if known else None
 
     def _mean_across_ranks(self, value: float) -> float:
         if self.world_size == 1:

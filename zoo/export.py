@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from zoo.checkpoint import sha256_file
 from zoo.class_prompt import EMBED_DIM, ClassPromptSAM
-from zoo.exported import FORMAT, MANIFEST, PARTS, check_backend, read_manifest
+from zoo.exported import FORMAT, MANIFEST, PARTS, check_backend, graph_runtime, read_manifest
 from zoo.flops import model_size
 from zoo.preprocess import IMAGE_SIZE
 
@@ -168,7 +168,7 @@ def complete_variant(shipped: Path, model: ClassPromptSAM, out: Path) -> Path:
     decoder and head of its parent) made whole at `out`: its checked files copied, the parts it takes from its
     parent `model` exported to the runtime its graphs run on (OpenVINO, else ONNX Runtime)."""
     manifest = read_manifest(shipped)
-    runtime = "openvino" if manifest["backend"] == "openvino" else "onnxruntime"
+    runtime = graph_runtime(manifest["backend"])
 
     def build(folder: Path) -> dict[str, Path]:
         paths = export_onnx(model, folder, tuple(manifest["from_parent"]))

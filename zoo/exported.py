@@ -45,6 +45,12 @@ def check_backend(backend: str) -> str:
     return backend
 
 
+def graph_runtime(backend: str) -> str:
+    """The runtime a variant's float graphs run on: OpenVINO for an OpenVINO variant, ONNX Runtime otherwise (an
+    'inc' variant's decoder and head too)."""
+    return "openvino" if backend == "openvino" else "onnxruntime"
+
+
 def read_manifest(folder: Path) -> dict:
     """The manifest of an exported variant, with every listed file present and matching its sha256."""
     folder = Path(folder)
@@ -63,7 +69,8 @@ def read_manifest(folder: Path) -> dict:
     if not isinstance(manifest.get("size"), dict) or not isinstance(files, dict):
         raise CheckpointError(f"{path}: the manifest has no size or no files")
     from_parent = manifest.setdefault("from_parent", [])
-    if not isinstance(from_parent, list) or not set(from_parent) <= set(PARTS) - set(files):
+    if not isinstance(from_parent, list) or not all(isinstance(p, str) for p in from_parent) \
+            or not set(from_parent) <= set(PARTS) - set(files):
         raise CheckpointError(f"{path}: 'from_parent' must list parts ({', '.join(PARTS)}) that the folder does not ship")
     if not {"encoder", "decoder"} <= set(files) | set(from_parent):
         raise CheckpointError(f"{path}: the manifest lists no encoder or no decoder graph")

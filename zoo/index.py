@@ -39,7 +39,7 @@ from zoo.checkpoint import (
 from zoo.cli import run_cli
 from zoo.embedding_cache import DEFAULT_CACHE_DIR
 from zoo.export import EXPORT_PRECISIONS, complete_variant, export_variant, runtime_version
-from zoo.exported import BACKENDS, MANIFEST, ExportedModel, check_backend, read_manifest
+from zoo.exported import BACKENDS, MANIFEST, ExportedModel, check_backend, graph_runtime, read_manifest
 from zoo.flops import model_size
 from zoo.io import atomic_path, refuse_overwriting_inputs
 
@@ -90,6 +90,8 @@ def load(name_or_path: str | Path):
     if name == LITEMEDSAM:
         return build_litemedsam()
     entry = _entry(name)
+    if entry is not None and not_on_this_cpu(name):
+        raise CheckpointError(f"zoo model {name!r} cannot run here: {not_on_this_cpu(name)}")
     if entry is not None and entry.get("derived_from"):
         folder = _derived_folder(entry)
         try:
@@ -134,8 +136,12 @@ def _derived_folder(entry: dict) -> Path:
         raise CheckpointError(f"{INDEX_PATH}: {entry['name']!r} is derived from {entry['derived_from']!r}, which is not a committed zoo checkpoint")
     parent_file = _shipped_file(parent)
     shipped = _shipped_file(entry).parent if entry.get("file") else None
-    if shipped is not None:
-        read_manifest(shipped)  # the committed files are checked on every load, not only on the first
+    if shipped is not None:  # the committed files are checked on every load, not only on the first
+        made_from = read_manifest(shipped)["metadata"].get("parent_sha256")
+        if made_from != parent["sha256"]:
+            raise CheckpointError(f"{shipped}: its graphs were made from {parent['name']} with sha256 {str(made_from)[:16]}, "
+                                  f"not from today's {parent_file.name} ({parent['sha256'][:16]}): quantize the new "
+                                  f"{parent['name']} again (compress.quantize --ship {entry['name']})")
     precision = entry.get("precision", "fp32")
     tag = f"{entry['sha256'][:16]}-" if shipped else ("" if precision == "fp32" else f"{precision}-")
     folder = EXPORT_CACHE / f"{entry['name']}-{tag}{parent['sha256'][:16]}-{backend}-{runtime_version(backend)}"
@@ -181,7 +187,11 @@ def model_parent(name_or_path: str | Path) -> str | None:
         return None
     entry = _entry(name)
     if entry is not None and entry.get("derived_from"):
-        return entry["derived_from"]
+        if not entry.get("file"):
+            return entry["derived_from"]  # exported from today's parent file on load
+        made_from = read_manifest(_shipped_file(entry).parent)["metadata"].get("parent_sha256")
+        parent = _committed_checkpoint(entry["derived_from"])
+        return entry["derived_from"] if parent and made_from == parent["sha256"] else f"{entry['derived_from']}@{str(made_from)[:8]}"
     path = _shipped_file(entry) if entry is not None else Path(name)
     if path.is_dir() or path.name == MANIFEST:
         metadata = read_manifest(path if path.is_dir() else path.parent).get("metadata", {})
@@ -219,7 +229,17 @@ def refresh_index() -> list[dict]:
             entry["sha256"] = sha256_file(ZOO_DIR / entry["file"])
     write_index(entries)  # derived entries are checked against their parent's new sha256
     for entry in entries:
-        size = model_size(load(entry["name"]))
+        if not_on_this_cpu(entry["name"]):  # a bf16 variant on a CPU without BF16: its size is measured elsewhere
+            print(f"not re-measured: {entry['name']}: {not_on_this_cpu(entry['name'])}", file=sys.stderr)
+            continue
+        try:
+            size = model_size(load(entry["name"]))
+        except CheckpointError as err:
+            if not (entry.get("file") and entry.get("derived_from")):
+                raise
+            # INT8 graphs of a parent that was just replaced: the new parent ships, the stale variant is named
+            print(f"warning: {entry['name']} not re-measured: {err}", file=sys.stderr)
+            continue
         entry["params_M"] = round(size["params"] / 1e6, 3)
         entry["encoder_GFLOPs"] = round(size["encoder_flops"] / 1e9, 2)
         entry["decoder_GFLOPs_per_box"] = round(size["decoder_flops_per_box"] / 1e9, 2)
@@ -267,11 +287,11 @@ def ship_folder(name: str, source: Path, quantized_only: bool = False) -> tuple[
 
 
 def committed_parent(source: Path) -> dict | None:
-    """The index entry of the committed zoo checkpoint an exported variant was made from (named in its manifest,
-    with the same sha256), from which its decoder and head can be exported again on load; None if there is none."""
-    metadata = read_manifest(source).get("metadata", {})
-    parent = _committed_checkpoint(str(metadata.get("parent")))
-    return parent if parent is not None and parent["sha256"] == metadata.get("parent_sha256") else None
+    """The index entry of the committed zoo checkpoint an exported variant was made from (its manifest's
+    parent_sha256, whether the parent was given by zoo name or by path), from which its float parts can be
+    exported again on load; None if there is none."""
+    made_from = read_manifest(source).get("metadata", {}).get("parent_sha256")
+    return next((e for e in read_index() if _committed_checkpoint(e["name"]) and e["sha256"] == made_from), None)
 
 
 def shipped_entry(name: str, source: Path, half: bool, encoder_from: str | None, description: str | None,
@@ -281,13 +301,15 @@ def shipped_entry(name: str, source: Path, half: bool, encoder_from: str | None,
     if quantized_only:
         if not source.is_dir():
             raise ValueError(f"{source}: --quantized-only ships an exported variant's folder, not a checkpoint")
+        if read_manifest(source)["precision"] != "int8":
+            raise ValueError(f"{source}: --quantized-only ships the INT8 graphs of a compress.quantize variant; this one "
+                             f"is {read_manifest(source)['precision']} (list an export with --export instead)")
         parent = committed_parent(source)
         if parent is None:
             metadata = read_manifest(source).get("metadata", {})
             raise ValueError(f"{source}: --quantized-only needs a variant made from a committed zoo checkpoint, unchanged "
                              f"since (its manifest names {metadata.get('parent')!r}, sha256 {str(metadata.get('parent_sha256'))[:16]})")
-        export = "openvino" if read_manifest(source)["backend"] == "openvino" else "onnxruntime"
-        derived = {"derived_from": parent["name"], "export": export}
+        derived = {"derived_from": parent["name"], "export": graph_runtime(read_manifest(source)["backend"])}
     if source.is_dir():
         shipped, model = ship_folder(name, source, quantized_only)
     else:

@@ -80,4 +80,4 @@ def postprocess_logits(logits: torch.Tensor, resized: tuple[int, int], original_
     cropped = logits[..., : resized[0], : resized[1]]
     if tuple(cropped.shape[-2:]) != tuple(original_size):  # at the same size bilinear resizing is the identity
         cropped = F.interpolate(cropped, size=tuple(original_size), mode="bilinear", align_corners=False)
-    return cropped[:, 0].detach().cpu().numpy() > 0  # numpy: a threshold too small for torch's thread pool
+    return cropped[:, 0].detach().float().cpu().numpy() > 0  # numpy: a threshold too small for torch's thread pool

@@ -132,7 +132,7 @@ def test_ship_commits_the_int8_variant_to_the_zoo_with_where_it_is_faster(setup,
     assert shipped.manifest["metadata"]["keep_fp32"] == ["/neck/"] and out.is_dir()  # copied, the variant kept
 
 
-def test_ship_of_a_zoo_models_variant_commits_only_the_int8_encoder(setup, tmp_path, monkeypatch):
+def test_ship_of_a_zoo_models_variant_commits_only_the_int8_encoder(setup, tmp_path, monkeypatch, capsys):
     import json
 
     from zoo.checkpoint import CheckpointError
@@ -147,8 +147,9 @@ def test_ship_of_a_zoo_models_variant_commits_only_the_int8_encoder(setup, tmp_p
     monkeypatch.setattr(zoo.index, "EXPORT_CACHE", tmp_path / "cache")
     zoo.index.add_model("tiny", model_path)
     out = tmp_path / "int8"
-    assert main(["tiny", "--calib", str(calib), "--n-calib", "2", "--check", str(calib), "--n-check", "1",
-                 "--out", str(out), "--ship", "tiny_openvino_int8"]) == 0
+    # the parent given by its committed file's path: still recognised as the zoo's "tiny" (by its sha256)
+    assert main([str(index.parent / "tiny.pt"), "--calib", str(calib), "--n-calib", "2", "--check", str(calib),
+                 "--n-check", "1", "--out", str(out), "--ship", "tiny_openvino_int8"]) == 0
     entry = zoo.index.read_index()[1]
     assert entry["derived_from"] == "tiny" and entry["export"] == "openvino" and entry["precision"] == "int8"
     shipped = index.parent / "tiny_openvino_int8"
@@ -168,11 +169,28 @@ def test_ship_of_a_zoo_models_variant_commits_only_the_int8_encoder(setup, tmp_p
     assert torch.allclose(loaded.decode(embedding, boxes, 2), full.decode(embedding, boxes, 2), atol=1e-4)
     assert torch.equal(loaded.predict_modality(embedding), full.predict_modality(embedding))
 
+    # A new parent file: the INT8 encoder made from the old one is not paired with its decoder, and says so.
+    capsys.readouterr()
+    zoo.index.add_model("tiny", save_checkpoint(tmp_path / "new.pt", tiny_model(seed=1)), replace=True)
+    assert "warning: tiny_openvino_int8 not re-measured" in capsys.readouterr().err  # the new parent ships
+    with pytest.raises(CheckpointError, match="quantize the new tiny again"):
+        zoo.index.load("tiny_openvino_int8")
+    made_from = json.loads((shipped / MANIFEST).read_text())["metadata"]["parent_sha256"]
+    assert zoo.index.model_parent("tiny_openvino_int8") == f"tiny@{made_from[:8]}"  # compared with what it was made from
+
     # A changed shipped encoder is refused by name before anything reads it.
     weights = shipped / "encoder_int8.bin"
     weights.write_bytes(weights.read_bytes()[:-7])
     with pytest.raises(CheckpointError, match="encoder_int8.bin: sha256"):
         zoo.index.load("tiny_openvino_int8")
+
+    # Only an INT8 variant ships its quantized graphs alone; an FP32 export is listed with --export instead.
+    from zoo.export import export_variant
+
+    fp32 = export_variant(zoo.index.load("tiny"), {"parent": "tiny", "parent_sha256": zoo.index.read_index()[0]["sha256"]},
+                          tmp_path / "fp32", "openvino")
+    assert zoo.index.main(["add", "tiny_fp32", str(fp32), "--quantized-only"]) == 2
+    assert "this one is fp32" in capsys.readouterr().err
 
 
 def test_decoder_int8_is_calibrated_on_boxes_of_the_ground_truth_and_ships_without_the_float_head(setup, tmp_path, monkeypatch, capsys):

@@ -216,3 +216,23 @@ def test_a_derived_bf16_entry_is_listed_once_and_left_out_of_default_runs_on_cpu
     monkeypatch.setattr(zoo.cpu, "openvino_supports_bf16", lambda: False)
     assert "no AVX512_BF16 or AMX" in zoo.index.not_on_this_cpu("tiny_bf16")
     assert zoo.index.not_on_this_cpu("tiny") is None and zoo.index.not_on_this_cpu("not a zoo name") is None
+
+
+@pytest.mark.parametrize("from_parent", ["decoder", ["encoder"], ["heads"], [["decoder"]]])
+def test_a_manifest_naming_odd_parts_from_its_parent_is_refused(model, tmp_path, from_parent):
+    import shutil
+
+    from zoo.exported import MANIFEST, read_manifest
+
+    out = export_variant(model, {"parent": "tiny"}, tmp_path / "v", "onnxruntime", "fp32")
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    manifest = json.loads((broken / MANIFEST).read_text())
+    (broken / MANIFEST).write_text(json.dumps({**manifest, "from_parent": from_parent}))
+    with pytest.raises(CheckpointError, match="'from_parent' must list parts"):
+        read_manifest(broken)
+    manifest["files"].pop("decoder")
+    (broken / MANIFEST).write_text(json.dumps({**manifest, "from_parent": ["decoder"]}))
+    assert read_manifest(broken)["from_parent"] == ["decoder"]  # a partial variant reads; it loads by zoo name only
+    with pytest.raises(CheckpointError, match="load it by its zoo name"):
+        ExportedModel(broken)
