@@ -118,8 +118,29 @@ def quantize_openvino(onnx_path: Path, xml_path: Path, images: list, keep_fp32: 
     preset = {"model_type": nncf.ModelType.TRANSFORMER} if model_type == "transformer" else {}
     quantized = nncf.quantize(model, nncf.Dataset(images), subset_size=len(images), ignored_scope=ignored,
                               target_device=nncf.TargetDevice.CPU, **preset)
-    openvino.save_model(quantized, str(xml_path), compress_to_fp16=False)
+    openvino.save_model(float_constants_as_fp16(quantized), str(xml_path), compress_to_fp16=False)
     return xml_path
+
+
+def float_constants_as_fp16(model, min_elements: int = 1024):
+    """The quantized IR with its large float32 constants (attention-bias tables, the decoder's positional grid,
+    unquantized weights) stored as fp16 and converted back to f32 on load, as the zoo stores checkpoints in float16:
+    the shipped files shrink by a third, the arithmetic stays f32. (save_model's compress_to_fp16 leaves NNCF's
+    quantized models alone.)"""
+    import openvino
+
+    for node in model.get_ops():
+        if node.get_type_name() != "Constant" or node.get_element_type() != openvino.Type.f32:
+            continue
+        values = node.get_data()
+        if values.size < min_elements:
+            continue
+        half = openvino.opset13.constant(values.astype(np.float16))
+        back = openvino.opset13.convert(half, openvino.Type.f32)
+        for target in list(node.output(0).get_target_inputs()):
+            target.replace_source_output(back.output(0))
+    model.validate_nodes_and_infer_types()
+    return model
 
 
 def excluded_nodes(onnx_path: Path, keep_fp32: list[str]) -> list[str]:

@@ -237,3 +237,19 @@ def test_decoder_int8_is_calibrated_on_boxes_of_the_ground_truth_and_ships_witho
         int8, fp32 = variant.decode(embedding, boxes, 1), model.decode(embedding, boxes, 1)
         assert not torch.allclose(int8, fp32, atol=1e-3)  # the decoder quantized for real
         assert torch.allclose(variant.predict_modality(embedding), model.predict_modality(embedding), atol=1e-4)  # FP32 head
+
+
+def test_large_float_constants_of_an_int8_ir_are_stored_as_fp16_and_computed_in_f32():
+    import openvino
+
+    from compress.quantize import float_constants_as_fp16
+
+    ops = openvino.opset13
+    values = np.random.default_rng(0).standard_normal((1, 4096)).astype(np.float32)
+    x = ops.parameter([1, 4096], openvino.Type.f32, name="x")
+    model = openvino.Model([ops.add(ops.add(x, ops.constant(values)), ops.constant(np.ones((1, 1), np.float32)))], [x])
+    compressed = float_constants_as_fp16(model)
+    kinds = sorted((str(n.get_element_type()), int(n.get_data().size)) for n in compressed.get_ops() if n.get_type_name() == "Constant")
+    assert kinds == [("<Type: 'float16'>", 4096), ("<Type: 'float32'>", 1)]  # the small constant is left as it is
+    out = openvino.Core().compile_model(compressed, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(np.zeros((1, 4096), np.float32))[0]
+    assert out.dtype == np.float32 and np.array_equal(out, values.astype(np.float16).astype(np.float32) + 1)

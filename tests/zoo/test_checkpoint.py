@@ -105,14 +105,14 @@ def test_shipped_index_lists_litemedsam_with_its_measured_size():
             assert entries[entry["derived_from"]]["file"], entry["name"]
 
 
-def test_shipped_fast_student_is_the_fast_config_under_5_gflops():
+def test_shipped_fast_student_is_the_high_resolution_config_at_a_fourteenth_of_litemedsams_flops():
     from zoo.encoders import ENCODER_CONFIGS
     from zoo.flops import encoder_flops
 
     entry = next(e for e in zoo.index.read_index() if e["name"] == "cp_tinyvit_fast")
     model = zoo.index.load("cp_tinyvit_fast")
-    assert model.config.encoder == ENCODER_CONFIGS["fast"] and model.has_modality_head and entry["stored_as"] == "fp16"
-    assert encoder_flops(model) / 1e9 == pytest.approx(entry["encoder_GFLOPs"], abs=0.01) and entry["encoder_GFLOPs"] <= 5
+    assert model.config.encoder == ENCODER_CONFIGS["fast_hr"] and model.has_modality_head and entry["stored_as"] == "fp16"
+    assert encoder_flops(model) / 1e9 == pytest.approx(entry["encoder_GFLOPs"], abs=0.01) and entry["encoder_GFLOPs"] <= 74.95 / 14
 
 
 def test_shipped_pruned_model_is_cp_tinyvit_halved_with_1_8x_fewer_flops():
