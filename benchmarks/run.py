@@ -40,7 +40,6 @@ from tqdm import tqdm
 from benchmarks.evaluate import summarize
 from benchmarks.latency import measure_latency
 from benchmarks.metrics import case_scores
-from benchmarks.plots import confusion_plot, latency_plot, radar_plot
 from zoo.cli import RUNS_DIR, positive_int, run_cli
 from zoo.cpu import cpu_flags, cpu_model
 from zoo.embedding_cache import ENCODER_CACHE_DIR, CachedEncoder
@@ -324,6 +323,9 @@ def write_outputs(out: Path, results: list[dict], merge: bool, threads: int, ski
     """OUT/cases.csv, OUT/leaderboard.csv (this run's rows, with --merge added to OUT's earlier ones) and the
     plots; returns this run's leaderboard rows. An output that cannot be written is named and added to `skipped`;
     the others are still written."""
+    # Imported here: each variant's child process imports this module, and matplotlib is only needed here.
+    from benchmarks.plots import confusion_plot, latency_plot, radar_plot
+
     cases = [c for r in results for c in r["cases"]]
     rows = [leaderboard_row(r) for r in results]
     all_cases, all_rows = merge_previous(out, cases, rows) if merge else ([_fmt(c) for c in cases], rows)
@@ -349,7 +351,8 @@ def write_outputs(out: Path, results: list[dict], merge: bool, threads: int, ski
 def summary_table(rows: list[dict]) -> str:
     """This run's variants, one line each: mean DSC / NSD over modalities, latencies, encoder FLOPs ('-' for what
     a variant without scored cases lacks)."""
-    columns = [("model", "model", "<28"), ("DSC", "dsc_mean_modalities", ">6.4f"), ("NSD", "nsd_mean_modalities", ">6.4f"),
+    name_width = max([28] + [len(str(row["model"])) for row in rows])
+    columns = [("model", "model", f"<{name_width}"), ("DSC", "dsc_mean_modalities", ">6.4f"), ("NSD", "nsd_mean_modalities", ">6.4f"),
                ("2D ms", "latency_2d_ms", ">7.0f"), ("3D s", "latency_3d_s", ">6.1f"),
                ("enc GFLOPs", "encoder_GFLOPs", ">10.1f"), ("cases", "cases", ">5")]
     width = {title: spec.lstrip("<>").split(".")[0].rstrip("f") for title, _, spec in columns}
