@@ -45,7 +45,8 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-RUNTIME_PACKAGES = {"pytorch": "torch", "onnxruntime": "onnxruntime", "openvino": "openvino"}
+# The package whose version a backend's embeddings depend on ('inc': a torch.export program that PyTorch runs).
+RUNTIME_PACKAGES = {"pytorch": "torch", "onnxruntime": "onnxruntime", "openvino": "openvino", "inc": "torch"}
 
 
 def encoder_cache_id(model) -> str:

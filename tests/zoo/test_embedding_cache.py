@@ -87,3 +87,14 @@ def test_key_covers_dtype_and_runtime(tmp_path):
     assert encoder_cache_id(tiny_model().half()) != ident  # the same weights in another dtype
     model.backend = "onnxruntime"  # the same weights computed by another runtime (and its version)
     assert encoder_cache_id(model) != ident
+
+
+def test_every_backend_a_variant_may_name_has_a_cache_key():
+    from zoo.exported import MANIFEST_BACKENDS
+
+    model = tiny_model()
+    keys = set()
+    for backend in ("pytorch", *MANIFEST_BACKENDS):  # 'inc' (a torch.export program) once had none: a KeyError
+        model.backend = backend
+        keys.add(encoder_cache_id(model))
+    assert len(keys) == 1 + len(MANIFEST_BACKENDS)
