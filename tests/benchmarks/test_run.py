@@ -203,3 +203,29 @@ def test_models_default_to_the_zoos_benchmark_set_and_all_to_every_variant_this_
     assert chosen_models("a_bf16, x.pt") == ["a_bf16", "x.pt"]  # asked for by name: tried, and reported if it fails
     monkeypatch.setattr(zoo.cpu, "openvino_supports_bf16", lambda: True)
     assert chosen_models(None) == ["litemedsam", "a", "a_bf16"]
+
+
+# Three small val images of the shipped board (benchmarks/cases.csv), re-segmented by the shipped files.
+RECORDED_CASES = ["2DBox_CT_SAMMed2DTotalSeg_s0114-111.npz", "2DBox_Microscopy_DSB2018_1d5f4717e179a036.npz",
+                  "2DBox_US_DDTI_133_1-1.npz"]
+
+
+@pytest.mark.parametrize("model, tolerance", [("cp_tinyvit_fast", 0.005), ("cp_tinyvit_fast_openvino_int8", 0.05)])
+def test_shipped_fast_models_reproduce_their_recorded_val_scores(val_dir, model, tolerance):
+    """A loaded zoo file gives the scores the shipped leaderboard recorded for it (FP32 within rounding across CPUs;
+    INT8 kernels differ more between CPUs with and without VNNI)."""
+    from pathlib import Path
+
+    import zoo.index
+    from benchmarks.metrics import case_scores
+    from zoo.io import load_case
+    from zoo.predict import ModalityChoice, segment_case
+
+    board = Path(__file__).resolve().parents[2] / "benchmarks" / "cases.csv"
+    recorded = {c["case"]: c for c in read_csv(board) if c["model"] == model}
+    loaded = zoo.index.load(model)
+    for name in RECORDED_CASES:
+        case = load_case(val_dir / name)
+        dsc, nsd = case_scores(case.gts, segment_case(loaded, case, ModalityChoice(loaded)).segs, case.spacing.tolist())
+        assert dsc == pytest.approx(float(recorded[name]["dsc"]), abs=tolerance), name
+        assert nsd == pytest.approx(float(recorded[name]["nsd"]), abs=tolerance), name
