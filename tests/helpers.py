@@ -254,3 +254,18 @@ def flip_bytes(path: Path, count: int = 1 << 20) -> None:
     end = min(len(data), start + count)
     data[start:end] = bytes(b ^ 0xFF for b in data[start:end])
     path.write_bytes(bytes(data))
+
+
+def empty_zoo(tmp_path: Path, monkeypatch) -> Path:
+    """zoo.index pointed at an empty zoo under tmp_path (index, shipped files, export cache); its index.json."""
+    import json
+
+    import zoo.index
+
+    index = tmp_path / "zoo" / "index.json"
+    index.parent.mkdir()
+    index.write_text(json.dumps({"models": []}))
+    monkeypatch.setattr(zoo.index, "INDEX_PATH", index)
+    monkeypatch.setattr(zoo.index, "ZOO_DIR", index.parent)
+    monkeypatch.setattr(zoo.index, "EXPORT_CACHE", tmp_path / "cache")
+    return index

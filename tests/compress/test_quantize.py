@@ -4,7 +4,7 @@ import torch
 
 import zoo.index
 from compress.quantize import main
-from tests.helpers import tiny_model, write_npz
+from tests.helpers import empty_zoo, tiny_model, write_npz
 from zoo.checkpoint import save_checkpoint
 from zoo.exported import ExportedModel
 
@@ -114,14 +114,9 @@ def test_out_is_never_an_input(setup, tmp_path, capsys):
 
 
 def test_ship_commits_the_int8_variant_to_the_zoo_with_where_it_is_faster(setup, tmp_path, monkeypatch):
-    import json
 
     root, calib, model_path = setup
-    index = tmp_path / "zoo" / "index.json"
-    index.parent.mkdir()
-    index.write_text(json.dumps({"models": []}))
-    monkeypatch.setattr(zoo.index, "INDEX_PATH", index)
-    monkeypatch.setattr(zoo.index, "ZOO_DIR", index.parent)
+    empty_zoo(tmp_path, monkeypatch)
     out = tmp_path / "int8"
     assert main([str(model_path), "--calib", str(calib), "--n-calib", "2", "--check", str(calib), "--n-check", "1",
                  "--keep-fp32", "/neck/", "--out", str(out), "--ship", "tiny_openvino_int8"]) == 0
@@ -139,12 +134,7 @@ def test_ship_of_a_zoo_models_variant_commits_only_the_int8_encoder(setup, tmp_p
     from zoo.exported import MANIFEST
 
     root, calib, model_path = setup
-    index = tmp_path / "zoo" / "index.json"
-    index.parent.mkdir()
-    index.write_text(json.dumps({"models": []}))
-    monkeypatch.setattr(zoo.index, "INDEX_PATH", index)
-    monkeypatch.setattr(zoo.index, "ZOO_DIR", index.parent)
-    monkeypatch.setattr(zoo.index, "EXPORT_CACHE", tmp_path / "cache")
+    index = empty_zoo(tmp_path, monkeypatch)
     zoo.index.add_model("tiny", model_path)
     out = tmp_path / "int8"
     # the parent given by its committed file's path: still recognised as the zoo's "tiny" (by its sha256)
@@ -194,7 +184,6 @@ def test_ship_of_a_zoo_models_variant_commits_only_the_int8_encoder(setup, tmp_p
 
 
 def test_decoder_int8_is_calibrated_on_boxes_of_the_ground_truth_and_ships_without_the_float_head(setup, tmp_path, monkeypatch, capsys):
-    import json
 
     from zoo.exported import MANIFEST
 
@@ -213,12 +202,7 @@ def test_decoder_int8_is_calibrated_on_boxes_of_the_ground_truth_and_ships_witho
     err = capsys.readouterr().err  # calib's files have no gts: each is named, then the run stops
     assert "2DBox_CT_1.npz: no 'gts'" in err and "no usable samples" in err and not (tmp_path / "n").exists()
 
-    index = tmp_path / "zoo" / "index.json"
-    index.parent.mkdir()
-    index.write_text(json.dumps({"models": []}))
-    monkeypatch.setattr(zoo.index, "INDEX_PATH", index)
-    monkeypatch.setattr(zoo.index, "ZOO_DIR", index.parent)
-    monkeypatch.setattr(zoo.index, "EXPORT_CACHE", tmp_path / "cache")
+    index = empty_zoo(tmp_path, monkeypatch)
     zoo.index.add_model("tiny", model_path)
     out = tmp_path / "int8"
     assert main(["tiny", "--decoder", "--calib", str(labelled), "--n-calib", "3", "--check", str(labelled), "--n-check", "2",

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import zoo.index
-from tests.helpers import tiny_model, write_npz
+from tests.helpers import empty_zoo, tiny_model, write_npz
 from zoo.checkpoint import CheckpointError, save_checkpoint
 from zoo.export import export_variant, write_variant
 from zoo.exported import ExportedModel, _OpenVINOGraph
@@ -105,11 +105,7 @@ def test_nothing_is_overwritten_and_a_failed_export_leaves_nothing(model, tmp_pa
 
 
 def test_index_add_ships_an_exported_folder(model, tmp_path, monkeypatch):
-    index = tmp_path / "zoo" / "index.json"
-    index.parent.mkdir()
-    index.write_text(json.dumps({"models": []}))
-    monkeypatch.setattr(zoo.index, "INDEX_PATH", index)
-    monkeypatch.setattr(zoo.index, "ZOO_DIR", index.parent)
+    empty_zoo(tmp_path, monkeypatch)
     out = export_variant(model, {}, tmp_path / "v", "onnxruntime")
     assert zoo.index.main(["add", "tiny_ort", str(out)]) == 0
     (entry,) = zoo.index.read_index()
@@ -120,12 +116,7 @@ def test_index_add_ships_an_exported_folder(model, tmp_path, monkeypatch):
 
 
 def test_a_derived_entry_is_exported_once_on_first_load_and_follows_its_parent(model, tmp_path, monkeypatch, capsys):
-    index = tmp_path / "zoo" / "index.json"
-    index.parent.mkdir()
-    index.write_text(json.dumps({"models": []}))
-    monkeypatch.setattr(zoo.index, "INDEX_PATH", index)
-    monkeypatch.setattr(zoo.index, "ZOO_DIR", index.parent)
-    monkeypatch.setattr(zoo.index, "EXPORT_CACHE", tmp_path / "cache")
+    index = empty_zoo(tmp_path, monkeypatch)
     source = save_checkpoint(tmp_path / "best.pt", model)
     assert zoo.index.main(["add", "tiny", str(source)]) == 0
     assert zoo.index.main(["add", "tiny_ov", "tiny", "--export", "openvino"]) == 0
@@ -192,12 +183,7 @@ def test_a_bf16_variant_is_offered_where_the_cpu_computes_bf16_and_refused_elsew
 def test_a_derived_bf16_entry_is_listed_once_and_left_out_of_default_runs_on_cpus_without_bf16(model, tmp_path, monkeypatch, capsys):
     import zoo.cpu
 
-    index = tmp_path / "zoo" / "index.json"
-    index.parent.mkdir()
-    index.write_text(json.dumps({"models": []}))
-    monkeypatch.setattr(zoo.index, "INDEX_PATH", index)
-    monkeypatch.setattr(zoo.index, "ZOO_DIR", index.parent)
-    monkeypatch.setattr(zoo.index, "EXPORT_CACHE", tmp_path / "cache")
+    index = empty_zoo(tmp_path, monkeypatch)
     assert zoo.index.main(["add", "tiny", str(save_checkpoint(tmp_path / "best.pt", model))]) == 0
     assert zoo.index.main(["add", "tiny_ort", "tiny", "--export", "onnxruntime", "--precision", "bf16"]) == 2
     assert "bf16 on openvino" in capsys.readouterr().err
