@@ -90,8 +90,9 @@ def load(name_or_path: str | Path):
     if name == LITEMEDSAM:
         return build_litemedsam()
     entry = _entry(name)
-    if entry is not None and not_on_this_cpu(name):
-        raise CheckpointError(f"zoo model {name!r} cannot run here: {not_on_this_cpu(name)}")
+    reason = not_on_this_cpu(name) if entry is not None else None
+    if reason:
+        raise CheckpointError(f"zoo model {name!r} cannot run here: {reason}")
     if entry is not None and entry.get("derived_from"):
         folder = _derived_folder(entry)
         try:
@@ -229,8 +230,9 @@ def refresh_index() -> list[dict]:
             entry["sha256"] = sha256_file(ZOO_DIR / entry["file"])
     write_index(entries)  # derived entries are checked against their parent's new sha256
     for entry in entries:
-        if not_on_this_cpu(entry["name"]):  # a bf16 variant on a CPU without BF16: its size is measured elsewhere
-            print(f"not re-measured: {entry['name']}: {not_on_this_cpu(entry['name'])}", file=sys.stderr)
+        reason = not_on_this_cpu(entry["name"])
+        if reason:  # a bf16 variant on a CPU without BF16: its size is measured elsewhere
+            print(f"not re-measured: {entry['name']}: {reason}", file=sys.stderr)
             continue
         try:
             size = model_size(load(entry["name"]))
