@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -12,31 +14,25 @@ def count_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _flops(model, fn, *args) -> int:
-    # Parameters are frozen while counting: FlopCounterMode's module tracker then records no autograd graph
-    # (which would hold every activation), and it fails under no_grad.
-    flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        with FlopCounterMode(display=False) as counter:
-            fn(*args)
-    finally:
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
+def _flops(model, fn_name: str, *args) -> int:
+    """FLOPs of model.fn_name(*args), counted on a copy on the meta device: the same operations and shapes without
+    any arithmetic (counting LiteMedSAM's encoder on real tensors took 1.6 s, on meta 0.2 s)."""
+    # Frozen parameters: FlopCounterMode's module tracker then records no autograd graph (it fails under no_grad).
+    shadow = copy.deepcopy(model).to("meta").requires_grad_(False)
+    with FlopCounterMode(display=False) as counter:
+        getattr(shadow, fn_name)(*(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args))
     return counter.get_total_flops()
 
 
 def encoder_flops(model) -> int:
     """FLOPs (multiply and add counted apart) of embedding one 256² image."""
-    return _flops(model, model.embed, torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE))
+    return _flops(model, "embed", torch.empty(1, 3, IMAGE_SIZE, IMAGE_SIZE))
 
 
 def decoder_flops_per_box(model) -> int:
     """FLOPs of decoding one box (prompt encoder + mask decoder), given an image embedding."""
     size = model.config.encoder.embedding_size
-    embedding = torch.rand(1, 256, size, size)
-    return _flops(model, model.decode, embedding, torch.tensor([[40.0, 50.0, 180.0, 200.0]]), 0)
+    return _flops(model, "decode", torch.empty(1, 256, size, size), torch.tensor([[40.0, 50.0, 180.0, 200.0]]), 0)
 
 
 def model_size(model) -> dict[str, float]:
