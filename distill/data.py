@@ -139,9 +139,10 @@ def sample_target(sample: Sample, generator: torch.Generator, box_jitter: int = 
     return torch.from_numpy(mask256[None]).float(), torch.as_tensor(box, dtype=torch.float32)
 
 
-def sample_box(sample: Sample, generator: torch.Generator) -> torch.Tensor | None:
-    """The 256-scale box (4,) of one ground-truth label present in the sample, chosen with `generator`;
-    None where the sample has no ground truth."""
+def sample_box(sample: Sample, generator: torch.Generator, jitter: int = 0) -> torch.Tensor | None:
+    """The 256-scale box (4,) of one ground-truth label present in the sample, chosen with `generator`, each side
+    moved by a random -jitter..+jitter pixels (clipped to the image, at least 1 px wide and high); None where the
+    sample has no ground truth."""
     case = read_case(sample.path)
     if case.gts is None:
         return None
@@ -152,4 +153,8 @@ def sample_box(sample: Sample, generator: torch.Generator) -> torch.Tensor | Non
         return None
     label = labels[torch.randint(len(labels), (1,), generator=generator).item()]
     box = scale_boxes(label_box(gts, label)[None], gts.shape[:2])[0]
+    if jitter:
+        box = box + torch.randint(-jitter, jitter + 1, (4,), generator=generator).numpy()
+        box = np.clip(box, 0, IMAGE_SIZE - 1)
+        box[2:] = np.maximum(box[2:], box[:2] + 1)
     return torch.as_tensor(box, dtype=torch.float32)

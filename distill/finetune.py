@@ -65,7 +65,7 @@ class FinetuneSettings(TrainSettings):
 
 # The mask loss and encoder parts of distillation do not apply here: fine-tuning learns masks from ground truth
 # (--train-encoder trains the whole encoder).
-NOT_OPTIONS = ("mask_loss_weight", "train_parts")
+NOT_OPTIONS = ("mask_loss_weight", "mask_box_jitter", "train_parts")
 
 
 def build_model(init: str, class_prompt: bool, decoder_token_stride: int | None = None) -> ClassPromptSAM:

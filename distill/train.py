@@ -60,6 +60,9 @@ class TrainSettings:
     flip: bool = option(True, "no random flips", flag="--no-flip")
     balanced: bool = option(True, "sample uniformly instead of modality-balanced", flag="--no-balance")
     mask_loss_weight: float = option(0.0, "mask-level distillation through the frozen decoder")
+    # 3D inference prompts every slice but the middle one with the box of its neighbour's predicted mask (plus
+    # 3 px), never the tight box: a student that matches its teacher only on tight boxes drifts over a volume.
+    mask_box_jitter: int = option(0, "mask loss: each side of the box moves by a random -this..+this pixels")
     train_parts: str = option("", "encoder parts that train, comma-separated module names under image_encoder "
                                   "('fusion': a high-resolution path added to a trained student); default: all")
 
@@ -241,7 +244,7 @@ class Trainer:
             images.append(_flip(sample_tensor(self.samples[i]), h, v))
             targets.append(_flip(target.float(), h, v))
             if self.settings.mask_loss_weight:
-                box = sample_box(self.samples[i], g)
+                box = sample_box(self.samples[i], g, self.settings.mask_box_jitter)
                 boxes.append(None if box is None else _flip_box(box, h, v))
         device = self.settings.device
         images, targets = torch.stack(images).to(device), torch.stack(targets).to(device)

@@ -47,6 +47,15 @@ def test_gt_box_at_256_scale(data_dir):
     assert sample_box(ct, torch.Generator()) is None
 
 
+def test_jittered_box_moves_each_side_within_bounds(data_dir):
+    us = next(s for s in find_samples([data_dir]) if s.modality == "US")
+    tight = np.array([51.0, 25.0, 148.0, 97.0])
+    boxes = np.stack([sample_box(us, torch.Generator().manual_seed(seed), jitter=4).numpy() for seed in range(40)])
+    assert np.abs(boxes - tight).max() <= 4
+    assert (boxes < tight).any(axis=0).all() and (boxes > tight).any(axis=0).all()  # inwards and outwards
+    assert (sample_box(us, torch.Generator().manual_seed(3), jitter=4) == sample_box(us, torch.Generator().manual_seed(3), jitter=4)).all()
+
+
 def test_bad_data_directories(tmp_path):
     with pytest.raises(CaseError, match="absent: no such directory"):
         find_samples([tmp_path / "absent"])
