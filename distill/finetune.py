@@ -270,7 +270,7 @@ def refit_head(best: Path, samples, keys, cache, val_samples, val_source: Embedd
     confusion = modality_confusion()
     np.add.at(confusion, (val_y.numpy(), predicted.numpy()), 1)
     accuracy = head_accuracy(confusion)
-    metadata["val"].update(head_accuracy=accuracy, confusion=confusion.tolist(), head="fitted on pooled train embeddings")
+    metadata.setdefault("val", {}).update(head_accuracy=accuracy, confusion=confusion.tolist(), head="fitted on pooled train embeddings")
     save_checkpoint(best, model, metadata)
     confusion_plot(confusion, best.parent / "confusion.png", f"modality head on {len(val_samples)} val samples: accuracy {accuracy:.3f}")
     return {"head_accuracy": accuracy}

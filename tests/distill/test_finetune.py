@@ -145,3 +145,16 @@ def test_out_is_never_an_input(data, capsys):
         assert main(_args(data, out)) == 2
         assert "--out is the" in capsys.readouterr().err
     assert not (data / "best.pt").exists() and not list((data / "train").glob("*.pt"))
+
+
+def test_head_only_refits_the_head_of_a_distilled_student(data, capsys):
+    out = data / "head"
+    out.mkdir()
+    # a distilled student with a head (from --decoder-from) but, as distillation writes it, no validation metadata
+    before = build_model(str(data / "tiny.pt"), class_prompt=True)
+    save_checkpoint(out / "best.pt", before, {"stage": "distill"})
+    assert main(_args(data, out, "--head-only")) == 0
+    model, meta = load_checkpoint(out / "best.pt")
+    assert 0 <= meta["val"]["head_accuracy"] <= 1 and "modality head fitted" in capsys.readouterr().out
+    assert not torch.equal(before.modality_head.mlp[0].weight, model.modality_head.mlp[0].weight)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.state_dict().items() if not k.startswith("modality_head."))
