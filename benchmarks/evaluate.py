@@ -68,7 +68,7 @@ def summarize(rows: list[dict], group_key: str = "modality") -> list[dict]:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--segs", required=True, type=Path, help="directory of npz files with 'segs'")
@@ -76,8 +76,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="per-case CSV to write")
     parser.add_argument("--skip-missing", action="store_true",
                         help="leave cases without a segmentation out of the means (default: DSC 0, NSD 0)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def score_cases(seg_files: list[Path], gts_dir: Path) -> tuple[list[dict], int]:
+    """(one row per scored case, how many could not be scored: each named on stderr)."""
+    rows, failures = [], 0
+    for seg_path in tqdm(seg_files, desc="scoring", unit="case"):
+        try:
+            dsc, nsd = score_file(seg_path, gts_dir / seg_path.name)
+        except CaseError as err:
+            failures += 1
+            tqdm.write(f"error: {err}", file=sys.stderr)
+            continue
+        rows.append({"case": seg_path.name, "modality": modality_from_name(seg_path.name) or "unknown",
+                     "dsc": dsc, "nsd": nsd, "status": "ok"})
+    return rows, failures
+
+
+def write_tables(tables: list[tuple[Path, list[dict], list[str]]]) -> int:
+    """Each (path, rows, fields) written atomically with scores to 4 decimals; how many could not be (named)."""
+    failures = 0
+    for path, table, fields in tables:
+        try:
+            write_csv_atomic(path, [{**r, "dsc": f"{r['dsc']:.4f}", "nsd": f"{r['nsd']:.4f}"} for r in table], fields)
+        except WriteError as err:  # named; the other tables are still written
+            print(f"error: {err}", file=sys.stderr)
+            failures += 1
+    return failures
+
+
+def run(args: argparse.Namespace) -> int:
     summary_csv = args.out.with_name(args.out.stem + "_summary.csv")
     try:
         seg_files, _ = npz_inputs(args.segs)
@@ -87,17 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CaseError, OverwriteError) as err:
         raise SystemExit(f"error: {err}")
     missing = sorted({p.name for p in gt_files} - {p.name for p in seg_files})
-    rows, failures = [], 0
-    for seg_path in tqdm(seg_files, desc="scoring", unit="case"):
-        gt_path = args.gts / seg_path.name
-        try:
-            dsc, nsd = score_file(seg_path, gt_path)
-        except CaseError as err:
-            failures += 1
-            tqdm.write(f"error: {err}", file=sys.stderr)
-            continue
-        rows.append({"case": seg_path.name, "modality": modality_from_name(seg_path.name) or "unknown",
-                     "dsc": dsc, "nsd": nsd, "status": "ok"})
+    rows, failures = score_cases(seg_files, args.gts)
     if missing:
         scored = "left out (--skip-missing)" if args.skip_missing else "scored DSC 0, NSD 0"
         print(f"{'note' if args.skip_missing else 'error'}: {len(missing)} of {len(gt_files)} cases have no "
@@ -107,13 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                          "status": "missing"} for name in missing)
             rows.sort(key=lambda row: row["case"])
     summary = summarize(rows)
-    for path, table, fields in ((args.out, rows, ["case", "modality", "dsc", "nsd", "status"]),
-                                (summary_csv, summary, SUMMARY_FIELDS)):
-        try:
-            write_csv_atomic(path, [{**r, "dsc": f"{r['dsc']:.4f}", "nsd": f"{r['nsd']:.4f}"} for r in table], fields)
-        except WriteError as err:  # named; the other table is still written
-            print(f"error: {err}", file=sys.stderr)
-            failures += 1
+    failures += write_tables([(args.out, rows, ["case", "modality", "dsc", "nsd", "status"]),
+                              (summary_csv, summary, SUMMARY_FIELDS)])
     for s in summary:
         print(f"{s['group']:>22}  n={s['cases']:<4} DSC {s['dsc']:.4f}  NSD {s['nsd']:.4f}")
     if failures:
@@ -121,5 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failures or (missing and not args.skip_missing) else 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run_main(lambda: run(parse_args(argv)))
+
+
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(main())

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"converted {len(written)} of {len(images)} images into {args.output}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m zoo.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", type=Path, help="an image file, a DICOM series folder, or a folder of images")
@@ -89,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modality", required=True, help="one of " + ", ".join(MODALITIES))
     parser.add_argument("--window", type=parse_window, default=None,
                         help="intensity window LEVEL,WIDTH (CT default 40,400)")
-    return run_cli(run, parser.parse_args(argv))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, parse_args(argv))
 
 
 if __name__ == "__main__":

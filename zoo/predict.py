@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from zoo.checkpoint import CheckpointError
-from zoo.cli import interrupted, positive_int
+from zoo.cli import positive_int, run_main
 from zoo.io import (
     TEMP_PREFIX,
     Case,
@@ -229,7 +229,7 @@ def predict_files(model: SegmentationRuntime, files: list[Path], output_dir: Pat
         yield row
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m zoo.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-i", "--input", required=True, type=Path, help="a challenge npz file or a directory of them")
@@ -239,14 +239,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="auto (the file's, else the modality head's), head, or one of " + ", ".join(MODALITIES))
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--timing-csv", type=Path, default=None, help="per-case timing CSV (default OUT/timing.csv)")
-    args = parser.parse_args(argv)
-    try:
-        return _run(args)
-    except KeyboardInterrupt:  # before or after the cases (during them _run writes what was done)
-        return interrupted()
+    return parser.parse_args(argv)
 
 
-def _run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from zoo.index import load  # here, so that --help is fast
 
     if args.threads:
@@ -261,12 +257,12 @@ def _run(args) -> int:
     except (CaseError, CheckpointError, OverwriteError, RuntimeError, ValueError) as err:
         raise SystemExit(f"error: {err}")
     prepare_output_dir(args.output)
-    rows, interrupted = [], False
+    rows, stopped = [], False
     try:
         for row in predict_files(model, files, args.output, args.modality):
             rows.append(row)
     except KeyboardInterrupt:  # the cases done are kept; the one in progress leaves no file
-        interrupted = True
+        stopped = True
         clean_stale_temps(args.output, own=True)
     failed = sum(row["status"] != "ok" for row in rows)
     try:
@@ -277,11 +273,15 @@ def _run(args) -> int:
         timing_written = False
     summary = (f"segmented {len(rows) - failed} of {len(files) + len(not_read)} files into {args.output}"
                + (f"; {failed} failed" if failed else "") + (f"; {len(not_read)} not npz, not read" if not_read else ""))
-    if interrupted:
+    if stopped:
         print(f"interrupted: {summary}; {len(files) - len(rows)} not started", file=sys.stderr)
         return 130
     print(summary)
     return 1 if failed or not timing_written else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(lambda: run(parse_args(argv)))  # Ctrl-C before or after the cases (during them run keeps what was done)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from zoo.cli import run_cli
+from zoo.cli import positive_int, run_cli
 from zoo.formats import (
     ImageFile,
     label_map_boxes,
@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"segmented {len(rows) - len(args.skipped)} of {len(rows)} inputs into {args.output}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m zoo.segment", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", type=Path, help="an image file, a DICOM series folder, or a folder of inputs")
@@ -188,8 +188,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="intensity window LEVEL,WIDTH (default for CT: 40,400, soft tissue)")
     parser.add_argument("--overlay", action="store_true",
                         help="also write <name>_overlay.png (contours over the image)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    return run_cli(run, parser.parse_args(argv))
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, parse_args(argv))
 
 
 if __name__ == "__main__":
