@@ -120,16 +120,23 @@ def sample_labels(sample: Sample) -> np.ndarray:
     return case.gts if sample.z is None else case.gts[sample.z]
 
 
+def _random_label(gts: np.ndarray, generator: torch.Generator):
+    """One label (> 0) present in the label map, chosen with `generator`; None where there is none."""
+    labels = np.unique(gts)
+    labels = labels[labels > 0]
+    if len(labels) == 0:
+        return None
+    return labels[torch.randint(len(labels), (1,), generator=generator).item()]
+
+
 def sample_target(sample: Sample, generator: torch.Generator, box_jitter: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
     """One ground-truth object of a sample, chosen with `generator`: its mask at 256 scale, resized and padded as
     the image (1, 256, 256) float, and its box (4,) at 256 scale with each side moved outwards by 0..box_jitter
     pixels, as LiteMedSAM was trained."""
     gts = sample_labels(sample)
-    labels = np.unique(gts)
-    labels = labels[labels > 0]
-    if len(labels) == 0:
+    label = _random_label(gts, generator)
+    if label is None:
         raise DataError(f"{sample.path}: slice {sample.z} has no ground-truth object")
-    label = labels[torch.randint(len(labels), (1,), generator=generator).item()]
     mask = gts == label
     box = scale_boxes(label_box(gts, label)[None], gts.shape[:2])[0]
     shift = torch.randint(0, box_jitter + 1, (4,), generator=generator).numpy()
@@ -147,11 +154,9 @@ def sample_box(sample: Sample, generator: torch.Generator, jitter: int = 0) -> t
     if case.gts is None:
         return None
     gts = case.gts if sample.z is None else case.gts[sample.z]
-    labels = np.unique(gts)
-    labels = labels[labels > 0]
-    if len(labels) == 0:
+    label = _random_label(gts, generator)
+    if label is None:
         return None
-    label = labels[torch.randint(len(labels), (1,), generator=generator).item()]
     box = scale_boxes(label_box(gts, label)[None], gts.shape[:2])[0]
     if jitter:
         box = box + torch.randint(-jitter, jitter + 1, (4,), generator=generator).numpy()
