@@ -70,8 +70,8 @@ NOT_OPTIONS = ("mask_loss_weight", "mask_box_jitter", "train_parts")
 
 def build_model(init: str, class_prompt: bool, decoder_token_stride: int | None = None) -> ClassPromptSAM:
     """LiteMedSAM ('litemedsam') or a zoo checkpoint (a path), with a fresh head and zero class prompt if asked
-    and the checkpoint has none. `decoder_token_stride` 2 or more swaps in zoo.pooled_decoder's light decoder,
-    which starts from the checkpoint's decoder weights (it has the same)."""
+    and the checkpoint has none. `decoder_token_stride` 2 or more swaps in zoo.pooled_decoder's transformer
+    (the tokens' attention to the image on a pooled grid), with the checkpoint's decoder weights (it has the same)."""
     if init == "litemedsam" and decoder_token_stride in (None, 1):
         return build_litemedsam(class_prompt=class_prompt)
     source = build_litemedsam(class_prompt=class_prompt) if init == "litemedsam" else load_checkpoint(init)[0]
@@ -282,7 +282,7 @@ def parse_args(argv):
     p.add_argument("--init", default="litemedsam", help="'litemedsam' or a zoo checkpoint (e.g. a distilled student)")
     p.add_argument("--no-class-prompt", action="store_true", help="the ablation: the same fine-tuning without head and class prompt")
     p.add_argument("--decoder-token-stride", type=int, default=None,
-                   help="2 or more: the light decoder (zoo.pooled_decoder) on a pooled token grid (default: the init's)")
+                   help="2 or more: the decoder's token-to-image attention on a pooled grid (zoo.pooled_decoder; default: the init's)")
     p.add_argument("--data", type=Path, nargs="+", default=[SHARED_DATA / "train"])
     p.add_argument("--val", type=Path, nargs="+", default=[SHARED_DATA / "val"], help="model selection data")
     p.add_argument("--out", type=Path, default=RUNS_DIR / "finetune")

@@ -47,15 +47,17 @@ def build_student(name: str, init: str, decoder_from: str | None = None) -> Clas
 
     init: 'litemedsam' (its encoder weights where shapes match), 'none' (a random encoder), or a zoo model / checkpoint
     whose weights are copied where names and shapes match (a part the config adds, say a high-resolution path, keeps
-    its initialization). decoder_from: a zoo model / checkpoint whose prompt encoder, mask decoder and class-prompt
-    parts replace LiteMedSAM's, say a fine-tuned model whose masks the --mask-loss-weight term then matches."""
+    its initialization). decoder_from: a zoo model / checkpoint whose prompt encoder, mask decoder (of its kind: SAM's
+    or the light one) and class-prompt parts replace LiteMedSAM's, say a fine-tuned model whose masks the
+    --mask-loss-weight term then matches."""
     if name not in ENCODER_CONFIGS:
         raise ValueError(f"unknown student {name!r}; expected one of {', '.join(ENCODER_CONFIGS)}")
     source = None if decoder_from is None else load(decoder_from)
     if source is not None and not isinstance(source, ClassPromptSAM):
         raise ValueError(f"{decoder_from}: --decoder-from needs a PyTorch model, not an exported variant")
     class_prompt = source is not None and source.has_modality_head
-    student = ClassPromptSAM(ModelConfig(encoder=ENCODER_CONFIGS[name], class_prompt=class_prompt))
+    stride = 1 if source is None else source.config.decoder_token_stride  # its decoder as it is, light or SAM's
+    student = ClassPromptSAM(ModelConfig(encoder=ENCODER_CONFIGS[name], class_prompt=class_prompt, decoder_token_stride=stride))
     init_from_litemedsam(student)
     if init == "none":
         student.image_encoder = TinyViTEncoder(student.config.encoder)

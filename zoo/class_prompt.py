@@ -17,7 +17,7 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransfor
 from zoo.embedding_cache import module_fingerprint
 from zoo.encoders import ENCODER_CONFIGS, TinyViTConfig, TinyViTEncoder
 from zoo.modalities import MODALITIES
-from zoo.pooled_decoder import PooledMaskDecoder
+from zoo.pooled_decoder import PooledMaskDecoder, PooledTwoWayTransformer
 from zoo.preprocess import IMAGE_SIZE
 
 EMBED_DIM = 256
@@ -26,7 +26,8 @@ EMBED_DIM = 256
 @dataclass
 class ModelConfig:
     """What a checkpoint needs to rebuild its model: the encoder's shape, whether it has a class prompt, and the
-    mask decoder's token stride (1: SAM's decoder; 2: zoo.pooled_decoder's light decoder)."""
+    mask decoder's token stride (1: SAM's decoder; 2 or more: zoo.pooled_decoder's light decoder, SAM's with the
+    prompt tokens' attention to the image on a pooled grid)."""
 
     encoder: TinyViTConfig = field(default_factory=lambda: ENCODER_CONFIGS["litemedsam"])
     class_prompt: bool = False
@@ -78,13 +79,13 @@ class ClassPromptSAM(nn.Module):
             embed_dim=EMBED_DIM, image_embedding_size=(grid, grid), input_image_size=(IMAGE_SIZE, IMAGE_SIZE),
             mask_in_chans=16,
         )
-        decoder = dict(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=EMBED_DIM, mlp_dim=2048, num_heads=8),
-            transformer_dim=EMBED_DIM, iou_head_depth=3, iou_head_hidden_dim=256,
-        )
+        shape = dict(depth=2, embedding_dim=EMBED_DIM, mlp_dim=2048, num_heads=8)
+        decoder = dict(num_multimask_outputs=3, transformer_dim=EMBED_DIM, iou_head_depth=3, iou_head_hidden_dim=256)
         stride = config.decoder_token_stride
-        self.mask_decoder = MaskDecoder(**decoder) if stride == 1 else PooledMaskDecoder(token_stride=stride, **decoder)
+        if stride == 1:
+            self.mask_decoder = MaskDecoder(transformer=TwoWayTransformer(**shape), **decoder)
+        else:
+            self.mask_decoder = PooledMaskDecoder(transformer=PooledTwoWayTransformer(token_stride=stride, **shape), **decoder)
         if config.class_prompt:
             self.modality_head = ModalityHead()
             self.class_prompt = nn.Embedding(len(MODALITIES), EMBED_DIM)

@@ -1,25 +1,72 @@
-"""SAM's mask decoder with its two-way transformer on a coarser token grid: the light decoder of the fast model.
+"""The light mask decoder: SAM's mask decoder, with a trained SAM decoder's weights, at 1.44 instead of 3.62 GFLOPs
+per box (token stride 4).
 
-SAM's decoder spends three quarters of its 3.6 GFLOPs per box in the two-way transformer, whose image side has one
-token per cell of the 64×64 embedding. Here the transformer sees the embedding average-pooled by `token_stride`
-(32×32 = 1024 tokens for stride 2: 4× fewer FLOPs there), and what it changes on the image side is brought back to
-the full 64×64 grid as a residual, so the output upscaling still starts from the full-resolution embedding and
-small objects keep their detail. Every weight is SAM's: the decoder is initialized from a trained SAM decoder and
-fine-tuned (distill.finetune) to the coarser attention.
+SAM's decoder spends most of its cost projecting the 64×64 = 4096 image tokens: ten 4096 × 256 × 128 projections.
+- Six of them are the keys and values of the prompt tokens' attention to the image (twice in the blocks, once at
+  the end). PooledTwoWayTransformer gives that attention the image tokens average-pooled by `token_stride` (16×16
+  for stride 4), so they cost stride² times less. The image tokens' attention to the prompt tokens, which writes the
+  box into every image token, stays at full resolution, and so do the image tokens: pooling that side too cost
+  Microscopy 7 and X-Ray 11 DSC points on val (an object a few tokens wide shares its update with its neighbours);
+  pooling the tokens' side alone cost nothing (docs/fast-model.md, "The light decoder").
+- The other four meet only the 7 prompt tokens: attend_to_few_tokens computes that attention in a cheaper order.
+PooledMaskDecoder is MaskDecoder around it, with two more changes of order (the positional encoding broadcast, the
+output upscaling as upscale_2x). No parameter is added or renamed, so a trained SAM decoder loads strictly; at
+stride 1 the masks are SAM's up to float rounding.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling import MaskDecoder
+from segment_anything.modeling import MaskDecoder, TwoWayTransformer
+from segment_anything.modeling.transformer import Attention
 
 
-class PooledMaskDecoder(MaskDecoder):
-    """segment_anything's MaskDecoder whose transformer runs on a `token_stride`× average-pooled token grid.
+def pool_tokens(tokens: torch.Tensor, height: int, width: int, stride: int) -> torch.Tensor:
+    """(N, H*W, C) row-major tokens -> (N, H/s * W/s, C), each the mean of an s×s cell."""
+    if stride == 1:
+        return tokens
+    n, _, c = tokens.shape
+    # avg_pool2d rather than a mean over reshaped axes: OpenVINO runs that ReduceMean in its reference kernel
+    # (16 ms of a 47 ms decoder), AvgPool in a JIT one.
+    grid = tokens.reshape(n, height, width, c).permute(0, 3, 1, 2)
+    return F.avg_pool2d(grid, stride).flatten(2).transpose(1, 2)
 
-    predict_masks: image_embeddings (1 or N, C, S, S), image_pe (1, C, S, S), sparse (N, T, C), dense (N, C, S, S)
-    -> masks (N, 4, 4S, 4S), iou predictions (N, 4), as MaskDecoder's."""
+
+def attend_to_few_tokens(attention: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SAM's attention(q=q, k=k, v=v) for many queries (the image tokens) over a few keys (the prompt tokens),
+    computed in the order that costs least: q (N, L, C), k and v (N, T, C) -> (N, L, C).
+
+    The prompt tokens' keys are folded into the query projection and their values into the output projection, so
+    the L image tokens meet two (C × heads·T) products (4096 × 256 × 56 each for a box) instead of two projections
+    to and from the attention's internal width (4096 × 256 × 128), and are never split into heads. The same sums
+    as SAM's, in another order: equal up to float rounding."""
+    n, length, dim = q.shape
+    tokens, heads = k.shape[1], attention.num_heads
+    head_dim = attention.internal_dim // heads
+    keys = attention.k_proj(k).reshape(n, tokens, heads, head_dim).permute(0, 2, 3, 1)  # (N, H, d, T)
+    values = attention.v_proj(v).reshape(n, tokens, heads, head_dim).transpose(1, 2)  # (N, H, T, d)
+    q_weight = attention.q_proj.weight.reshape(heads, head_dim, dim).transpose(1, 2)  # (H, C, d)
+    q_bias = attention.q_proj.bias.reshape(heads, 1, head_dim)  # (H, 1, d)
+    scale = 1.0 / math.sqrt(head_dim)
+    # scores of image token l, head h, prompt token t: (q_l W_h + b_h) · k_{h,t} / sqrt(d)
+    fold = (q_weight @ keys * scale).permute(0, 2, 1, 3).reshape(n, dim, heads * tokens)  # (N, C, H*T)
+    fold_bias = (q_bias @ keys * scale).reshape(n, 1, heads * tokens)  # (N, 1, H*T)
+    scores = (q @ fold + fold_bias).reshape(n, length, heads, tokens)
+    weights = torch.softmax(scores, dim=-1).reshape(n, length, heads * tokens)
+    # out = sum over h, t of weight * v_{h,t} O_h + o, with O_h head h's rows of the output projection
+    out_weight = attention.out_proj.weight.t().reshape(heads, head_dim, dim)  # (H, d, C)
+    unfold = (values @ out_weight).reshape(n, heads * tokens, dim)  # (N, H*T, C)
+    return weights @ unfold + attention.out_proj.bias
+
+
+class PooledTwoWayTransformer(TwoWayTransformer):
+    """TwoWayTransformer whose token-to-image attention runs on the `token_stride`× average-pooled image tokens.
+
+    forward: image_embedding (N, C, H, W), image_pe (1 or N, C, H, W), point_embedding (N, T, C)
+    -> queries (N, T, C), keys (N, H*W, C), as TwoWayTransformer's. H and W must be multiples of the stride."""
 
     def __init__(self, *, token_stride: int = 2, **kwargs):
         super().__init__(**kwargs)
@@ -27,28 +74,72 @@ class PooledMaskDecoder(MaskDecoder):
             raise ValueError(f"token_stride must be at least 1, got {token_stride}")
         self.token_stride = token_stride
 
+    def forward(self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor):
+        _, _, height, width = image_embedding.shape
+        stride = self.token_stride
+        if height % stride or width % stride:
+            raise ValueError(f"a {height}×{width} token grid cannot be pooled by {stride}")
+
+        def pool(tokens):
+            return pool_tokens(tokens, height, width, stride)
+
+        keys = image_embedding.flatten(2).transpose(1, 2)  # (N, H*W, C): full resolution throughout
+        key_pe = image_pe.flatten(2).transpose(1, 2)
+        coarse_pe = pool(key_pe)
+        queries, query_pe = point_embedding, point_embedding
+        for layer in self.layers:  # TwoWayAttentionBlock.forward, its token-to-image attention on the pooled grid
+            if layer.skip_first_layer_pe:
+                queries = layer.self_attn(q=queries, k=queries, v=queries)
+            else:
+                q = queries + query_pe
+                queries = queries + layer.self_attn(q=q, k=q, v=queries)
+            queries = layer.norm1(queries)
+
+            coarse = pool(keys)
+            attn_out = layer.cross_attn_token_to_image(q=queries + query_pe, k=coarse + coarse_pe, v=coarse)
+            queries = layer.norm2(queries + attn_out)
+            queries = layer.norm3(queries + layer.mlp(queries))
+
+            attn_out = attend_to_few_tokens(layer.cross_attn_image_to_token, keys + key_pe, queries + query_pe, queries)
+            keys = layer.norm4(keys + attn_out)
+
+        coarse = pool(keys)
+        attn_out = self.final_attn_token_to_image(q=queries + query_pe, k=coarse + coarse_pe, v=coarse)
+        return self.norm_final_attn(queries + attn_out), keys
+
+
+def upscale_2x(conv: torch.nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x) for a kernel-2, stride-2 transposed convolution, as a 1×1 convolution to 4× the channels and a pixel
+    shuffle: the same sums (each output pixel has one input pixel), in the form INT8 quantization covers."""
+    c_in, c_out = conv.weight.shape[:2]
+    weight = conv.weight.permute(1, 2, 3, 0).reshape(c_out * 4, c_in, 1, 1)  # channel (c, i, j) -> pixel (2y+i, 2x+j)
+    return F.pixel_shuffle(F.conv2d(x, weight, conv.bias.repeat_interleave(4)), 2)
+
+
+class PooledMaskDecoder(MaskDecoder):
+    """SAM's MaskDecoder, with SAM's weights, for a PooledTwoWayTransformer: the light mask decoder.
+    PooledMaskDecoder(transformer=PooledTwoWayTransformer(token_stride=2, ...), ...) takes MaskDecoder's arguments.
+
+    predict_masks: image_embeddings (1 or N, C, S, S), image_pe (1, C, S, S), sparse (N, T, C), dense (N, C, S, S)
+    -> masks (N, 4, 4S, 4S), iou predictions (N, 4), as MaskDecoder's. Two more changes of order, not of result:
+    the positional encoding is broadcast over the boxes rather than copied per box (a graph runtime then folds it
+    as a constant), and the output upscaling's transposed convolutions run as upscale_2x."""
+
     def predict_masks(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor,
                       sparse_prompt_embeddings: torch.Tensor, dense_prompt_embeddings: torch.Tensor):
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         output_tokens = output_tokens.unsqueeze(0).expand(sparse_prompt_embeddings.size(0), -1, -1)
         tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
 
-        n = tokens.shape[0]
-        if image_embeddings.shape[0] != n:
-            image_embeddings = torch.repeat_interleave(image_embeddings, n, dim=0)
-        full = image_embeddings + dense_prompt_embeddings  # (N, C, S, S)
-        coarse = F.avg_pool2d(full, self.token_stride)  # (N, C, S/s, S/s)
-        pos = F.avg_pool2d(image_pe, self.token_stride).expand(n, -1, -1, -1)
-        b, c, h, w = coarse.shape
-
-        hs, updated = self.transformer(coarse, pos, tokens)
+        src = image_embeddings + dense_prompt_embeddings  # (N, C, S, S): one image's embedding broadcast over N boxes
+        b, c, h, w = src.shape
+        hs, keys = self.transformer(src, image_pe[:1], tokens)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : (1 + self.num_mask_tokens), :]
 
-        # The transformer's change to the image tokens, at full resolution, on top of the full embedding.
-        change = updated.transpose(1, 2).reshape(b, c, h, w) - coarse
-        src = full + F.interpolate(change, scale_factor=self.token_stride, mode="nearest")
-        upscaled = self.output_upscaling(src)
+        first, norm, activation, second, last_activation = self.output_upscaling  # SAM's, in upscale_2x's form
+        upscaled = activation(norm(upscale_2x(first, keys.transpose(1, 2).reshape(b, c, h, w))))
+        upscaled = last_activation(upscale_2x(second, upscaled))
         hyper_in = torch.stack([mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1)
         b, c, h, w = upscaled.shape
         masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)

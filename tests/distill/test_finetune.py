@@ -94,19 +94,19 @@ def test_ablation_has_no_class_prompt(data):
 
 
 def test_light_decoder_starts_from_the_checkpoints_decoder_and_is_kept(data):
-    """--decoder-token-stride 2 fine-tunes zoo.pooled_decoder's decoder from the init's SAM decoder weights; the
+    """--decoder-token-stride 2 fine-tunes the pooled-attention decoder (zoo.pooled_decoder) from the init's SAM decoder weights; the
     result records the stride, so zoo.load rebuilds the light decoder."""
-    from zoo.pooled_decoder import PooledMaskDecoder
+    from zoo.pooled_decoder import PooledTwoWayTransformer
 
     start = build_model(str(data / "tiny.pt"), class_prompt=True, decoder_token_stride=2)
     source, _ = load_checkpoint(data / "tiny.pt")
-    assert isinstance(start.mask_decoder, PooledMaskDecoder)
+    assert isinstance(start.mask_decoder.transformer, PooledTwoWayTransformer)
     for name, tensor in source.mask_decoder.state_dict().items():
         assert torch.equal(tensor, start.mask_decoder.state_dict()[name]), name
     out = data / "light"
     assert main(_args(data, out, "--decoder-token-stride", "2", "--epochs", "1")) == 0
     model, meta = load_checkpoint(out / "best.pt")
-    assert isinstance(model.mask_decoder, PooledMaskDecoder) and meta["decoder_token_stride"] == 2
+    assert isinstance(model.mask_decoder.transformer, PooledTwoWayTransformer) and meta["decoder_token_stride"] == 2
 
 
 def test_build_model_from_litemedsam_starts_as_litemedsam(litemedsam):

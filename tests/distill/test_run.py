@@ -139,6 +139,14 @@ def test_student_from_a_trained_model_with_another_models_decoder(tmp_path):
         embedding = student.embed(image)
         assert torch.equal(embedding, trained.embed(image))
         assert torch.equal(student.decode(embedding, box, 3), finetuned.decode(embedding, box, 3))
+    # a light decoder comes as it is: the student's masks are the ones that model's decoder gives
+    light = ClassPromptSAM(ModelConfig(encoder=ENCODER_CONFIGS["fast"], class_prompt=True, decoder_token_stride=4)).eval()
+    light.load_state_dict(finetuned.state_dict())
+    save_checkpoint(tmp_path / "light.pt", light)
+    student = build_student("fast_hr", str(tmp_path / "trained.pt"), str(tmp_path / "light.pt")).eval()
+    assert student.config.decoder_token_stride == 4
+    with torch.no_grad():
+        assert torch.equal(student.decode(embedding, box, 3), light.decode(embedding, box, 3))
     with pytest.raises(CheckpointError, match="missing.pt"):
         build_student("fast_hr", str(tmp_path / "missing.pt"))
 

@@ -107,12 +107,17 @@ def test_shipped_index_lists_litemedsam_with_its_measured_size():
 
 def test_shipped_fast_student_is_the_high_resolution_config_at_a_fourteenth_of_litemedsams_flops():
     from zoo.encoders import ENCODER_CONFIGS
-    from zoo.flops import encoder_flops
+    from zoo.flops import decoder_flops_per_box, encoder_flops
+    from zoo.pooled_decoder import PooledMaskDecoder
 
     entry = next(e for e in zoo.index.read_index() if e["name"] == "cp_tinyvit_fast")
     model = zoo.index.load("cp_tinyvit_fast")
     assert model.config.encoder == ENCODER_CONFIGS["fast_hr"] and model.has_modality_head and entry["stored_as"] == "fp16"
     assert encoder_flops(model) / 1e9 == pytest.approx(entry["encoder_GFLOPs"], abs=0.01) and entry["encoder_GFLOPs"] <= 74.95 / 14
+    # and the light decoder: SAM's weights, the tokens' attention to the image on 4×4-pooled tokens, 2.5× fewer FLOPs
+    assert isinstance(model.mask_decoder, PooledMaskDecoder) and model.config.decoder_token_stride == 4
+    assert decoder_flops_per_box(model) / 1e9 == pytest.approx(entry["decoder_GFLOPs_per_box"], abs=0.01)
+    assert entry["decoder_GFLOPs_per_box"] <= 3.62 / 2.5
 
 
 def test_shipped_pruned_model_is_cp_tinyvit_halved_with_1_8x_fewer_flops():
