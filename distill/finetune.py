@@ -70,7 +70,7 @@ NOT_OPTIONS = ("mask_loss_weight", "mask_box_jitter", "train_parts")
 
 def build_model(init: str, class_prompt: bool, decoder_token_stride: int | None = None) -> ClassPromptSAM:
     """LiteMedSAM ('litemedsam') or a zoo checkpoint (a path), with a fresh head and zero class prompt if asked
-    and the checkpoint has none. `decoder_token_stride` 2 or more swaps in zoo.pooled_decoder's transformer
+    and the checkpoint has none. `decoder_token_stride` 2 or more swaps in zoo.pooled_decoder's light decoder
     (the tokens' attention to the image on a pooled grid), with the checkpoint's decoder weights (it has the same)."""
     if init == "litemedsam" and decoder_token_stride in (None, 1):
         return build_litemedsam(class_prompt=class_prompt)

@@ -94,8 +94,8 @@ def test_ablation_has_no_class_prompt(data):
 
 
 def test_light_decoder_starts_from_the_checkpoints_decoder_and_is_kept(data):
-    """--decoder-token-stride 2 fine-tunes the pooled-attention decoder (zoo.pooled_decoder) from the init's SAM decoder weights; the
-    result records the stride, so zoo.load rebuilds the light decoder."""
+    """--decoder-token-stride 2 fine-tunes the light decoder (zoo.pooled_decoder) from the init's SAM decoder
+    weights; the result records the stride, so zoo.load rebuilds the light decoder."""
     from zoo.pooled_decoder import PooledTwoWayTransformer
 
     start = build_model(str(data / "tiny.pt"), class_prompt=True, decoder_token_stride=2)
