@@ -129,6 +129,13 @@ def _random_label(gts: np.ndarray, generator: torch.Generator):
     return labels[torch.randint(len(labels), (1,), generator=generator).item()]
 
 
+def mask_256(gts: np.ndarray, label) -> torch.Tensor:
+    """One label's mask at 256 scale, resized and padded as the image: (1, 256, 256) float."""
+    new_h, new_w = resized_shape(*gts.shape[:2])
+    mask256 = pad_to_square(cv2.resize((gts == label).astype(np.uint8), (new_w, new_h), interpolation=cv2.INTER_NEAREST))
+    return torch.from_numpy(mask256[None]).float()
+
+
 def sample_target(sample: Sample, generator: torch.Generator, box_jitter: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
     """One ground-truth object of a sample, chosen with `generator`: its mask at 256 scale, resized and padded as
     the image (1, 256, 256) float, and its box (4,) at 256 scale with each side moved outwards by 0..box_jitter
@@ -137,19 +144,16 @@ def sample_target(sample: Sample, generator: torch.Generator, box_jitter: int = 
     label = _random_label(gts, generator)
     if label is None:
         raise DataError(f"{sample.path}: slice {sample.z} has no ground-truth object")
-    mask = gts == label
     box = scale_boxes(label_box(gts, label)[None], gts.shape[:2])[0]
     shift = torch.randint(0, box_jitter + 1, (4,), generator=generator).numpy()
     box = np.clip(box + shift * np.array([-1, -1, 1, 1]), 0, IMAGE_SIZE - 1)
-    new_h, new_w = resized_shape(*gts.shape[:2])
-    mask256 = pad_to_square(cv2.resize(mask.astype(np.uint8), (new_w, new_h), interpolation=cv2.INTER_NEAREST))
-    return torch.from_numpy(mask256[None]).float(), torch.as_tensor(box, dtype=torch.float32)
+    return mask_256(gts, label), torch.as_tensor(box, dtype=torch.float32)
 
 
-def sample_box(sample: Sample, generator: torch.Generator, jitter: int = 0) -> torch.Tensor | None:
-    """The 256-scale box (4,) of one ground-truth label present in the sample, chosen with `generator`, each side
-    moved by a random -jitter..+jitter pixels (clipped to the image, at least 1 px wide and high); None where the
-    sample has no ground truth."""
+def sample_object(sample: Sample, generator: torch.Generator, jitter: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One ground-truth label present in the sample, chosen with `generator`: its 256-scale box (4,), each side
+    moved by a random -jitter..+jitter pixels (clipped to the image, at least 1 px wide and high), and its mask at
+    256 scale (1, 256, 256); None where the sample has no ground truth."""
     case = read_case(sample.path)
     if case.gts is None:
         return None
@@ -162,4 +166,10 @@ def sample_box(sample: Sample, generator: torch.Generator, jitter: int = 0) -> t
         box = box + torch.randint(-jitter, jitter + 1, (4,), generator=generator).numpy()
         box = np.clip(box, 0, IMAGE_SIZE - 1)
         box[2:] = np.maximum(box[2:], box[:2] + 1)
-    return torch.as_tensor(box, dtype=torch.float32)
+    return torch.as_tensor(box, dtype=torch.float32), mask_256(gts, label)
+
+
+def sample_box(sample: Sample, generator: torch.Generator, jitter: int = 0) -> torch.Tensor | None:
+    """The box of `sample_object` (same draws); None where the sample has no ground truth."""
+    found = sample_object(sample, generator, jitter)
+    return None if found is None else found[0]

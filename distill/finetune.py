@@ -33,7 +33,7 @@ from benchmarks.metrics import case_scores
 from benchmarks.plots import confusion_plot
 from distill.cache import EmbeddingCache
 from distill.data import Sample, find_samples, parse_fractions, sample_labels, sample_target, sample_tensor
-from distill.losses import dice_loss, focal_loss
+from distill.losses import segmentation_loss
 from distill.train import Trainer, TrainSettings, _flip, _flip_box
 from zoo.checkpoint import CheckpointError, build_litemedsam, load_checkpoint, save_checkpoint
 from zoo.class_prompt import ClassPromptSAM, ModalityHead, ModelConfig
@@ -65,7 +65,7 @@ class FinetuneSettings(TrainSettings):
 
 # The mask loss and encoder parts of distillation do not apply here: fine-tuning learns masks from ground truth
 # (--train-encoder trains the whole encoder).
-NOT_OPTIONS = ("mask_loss_weight", "mask_box_jitter", "train_parts")
+NOT_OPTIONS = ("mask_loss_weight", "gt_loss_weight", "mask_box_jitter", "train_parts")
 
 
 def build_model(init: str, class_prompt: bool, decoder_token_stride: int | None = None) -> ClassPromptSAM:
@@ -179,7 +179,7 @@ class FineTuner(Trainer):
             modality = modality_id(self.samples[i].modality)
             with torch.autocast(**self.autocast):
                 logits = self.student.decode(embedding, box[None], modality if self.student.has_modality_head else None)
-            seg_losses.append(dice_loss(logits, mask[None]) + settings.focal_weight * focal_loss(logits, mask[None]))
+            seg_losses.append(segmentation_loss(logits, mask[None], settings.focal_weight))
             embeddings.append(embedding)
             modalities.append(modality)
         loss = torch.stack(seg_losses).mean()

@@ -31,3 +31,8 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, a
     p_t = torch.exp(-bce)
     weight = alpha * target + (1 - alpha) * (1 - target)
     return (weight * (1 - p_t) ** gamma * bce).mean()
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, focal_weight: float = 1.0) -> torch.Tensor:
+    """Dice + focal against ground-truth masks (N, 1, H, W), the fine-tuning loss."""
+    return dice_loss(logits, target) + focal_weight * focal_loss(logits, target)

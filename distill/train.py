@@ -23,8 +23,8 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from distill.cache import EmbeddingCache
-from distill.data import Sample, balanced_weights, sample_box, sample_tensor
-from distill.losses import embedding_loss, mask_distillation_loss
+from distill.data import Sample, balanced_weights, sample_object, sample_tensor
+from distill.losses import embedding_loss, mask_distillation_loss, segmentation_loss
 from zoo.checkpoint import CheckpointError, read_weights
 from zoo.cli import option
 from zoo.io import atomic_path, read_csv, write_csv_atomic
@@ -60,6 +60,10 @@ class TrainSettings:
     flip: bool = option(True, "no random flips", flag="--no-flip")
     balanced: bool = option(True, "sample uniformly instead of modality-balanced", flag="--no-balance")
     mask_loss_weight: float = option(0.0, "mask-level distillation through the frozen decoder")
+    # The teacher's masks carry its errors; the ground truth of the same object, through the same frozen decoder,
+    # pulls the student towards what the teacher misses.
+    gt_loss_weight: float = option(0.0, "Dice + focal of the student's mask (same box, frozen decoder) against the "
+                                        "ground truth")
     # 3D inference prompts every slice but the middle one with the box of its neighbour's predicted mask (plus
     # 3 px), never the tight box: a student that matches its teacher only on tight boxes drifts over a volume.
     mask_box_jitter: int = option(0, "mask loss: each side of the box moves by a random -this..+this pixels")
@@ -235,7 +239,8 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------------------------------
     def _micro_batch_loss(self, indices: list[int], g: torch.Generator) -> torch.Tensor:
-        images, targets, boxes = [], [], []
+        images, targets, boxes, masks = [], [], [], []
+        uses_masks = bool(self.settings.mask_loss_weight or self.settings.gt_loss_weight)
         for i in indices:
             h, v = (torch.rand(2, generator=g) < 0.5).tolist() if self.settings.flip else (False, False)
             target = self.cache.get(self.keys[i])
@@ -243,9 +248,10 @@ class Trainer:
                 raise RuntimeError(f"teacher embedding of {self.samples[i].path} slice {self.samples[i].z} is not cached")
             images.append(_flip(sample_tensor(self.samples[i]), h, v))
             targets.append(_flip(target.float(), h, v))
-            if self.settings.mask_loss_weight:
-                box = sample_box(self.samples[i], g, self.settings.mask_box_jitter)
-                boxes.append(None if box is None else _flip_box(box, h, v))
+            if uses_masks:
+                found = sample_object(self.samples[i], g, self.settings.mask_box_jitter)
+                boxes.append(None if found is None else _flip_box(found[0], h, v))
+                masks.append(None if found is None else _flip(found[1], h, v))
         device = self.settings.device
         images, targets = torch.stack(images).to(device), torch.stack(targets).to(device)
         with torch.autocast(**self.autocast):
@@ -258,9 +264,13 @@ class Trainer:
             # embedding that is still learning).
             ids = [self._modality_id(self.samples[indices[j]]) for j in with_box]
             student_logits = torch.cat([self.student.decode(embeddings[j : j + 1].float(), box_t[k : k + 1], ids[k]) for k, j in enumerate(with_box)])
-            with torch.no_grad():
-                teacher_logits = torch.cat([self.student.decode(targets[j : j + 1], box_t[k : k + 1], ids[k]) for k, j in enumerate(with_box)])
-            loss = loss + self.settings.mask_loss_weight * mask_distillation_loss(student_logits, teacher_logits)
+            if self.settings.mask_loss_weight:
+                with torch.no_grad():
+                    teacher_logits = torch.cat([self.student.decode(targets[j : j + 1], box_t[k : k + 1], ids[k]) for k, j in enumerate(with_box)])
+                loss = loss + self.settings.mask_loss_weight * mask_distillation_loss(student_logits, teacher_logits)
+            if self.settings.gt_loss_weight:
+                truth = torch.stack([masks[j] for j in with_box]).to(device)
+                loss = loss + self.settings.gt_loss_weight * segmentation_loss(student_logits, truth)
         return loss
 
     def _modality_id(self, sample: Sample) -> int | None:

@@ -177,6 +177,6 @@ def load_checkpoint(path: str | Path) -> tuple[ClassPromptSAM, dict]:
         elif encoder_from is not None:
             raise CheckpointError(f"{path}: unknown encoder source {encoder_from!r}")
         model.load_state_dict(state)
-    except (KeyError, TypeError, RuntimeError) as err:
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path}: config and weights do not fit together ({err})") from err
     return model.eval(), payload.get("metadata", {})

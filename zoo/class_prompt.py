@@ -23,6 +23,10 @@ from zoo.preprocess import IMAGE_SIZE
 EMBED_DIM = 256
 
 
+# zoo.pooled_decoder's design: only the prompt tokens' attention to the image on pooled tokens.
+LIGHT_DECODER = "pooled-tokens"
+
+
 @dataclass
 class ModelConfig:
     """What a checkpoint needs to rebuild its model: the encoder's shape, whether it has a class prompt, and the
@@ -35,13 +39,21 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return {"encoder": self.encoder.to_dict(), "class_prompt": self.class_prompt,
-                "decoder_token_stride": self.decoder_token_stride}
+                "decoder_token_stride": self.decoder_token_stride,
+                "decoder": "sam" if self.decoder_token_stride == 1 else LIGHT_DECODER}
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":
-        # Checkpoints written before the light decoder existed have SAM's decoder.
+        """Checkpoints written before the light decoder existed have SAM's decoder. A stride without this light
+        decoder's name was written by an earlier design (both attentions pooled), whose masks this one does not
+        reproduce: refused, not loaded into the wrong decoder."""
+        stride = int(values.get("decoder_token_stride", 1))
+        decoder = values.get("decoder", "sam" if stride == 1 else "an earlier light decoder")
+        if decoder != ("sam" if stride == 1 else LIGHT_DECODER):
+            raise ValueError(f"decoder {decoder!r} with decoder_token_stride {stride}: this version builds SAM's decoder"
+                             f" (stride 1) or {LIGHT_DECODER!r} (stride 2 or more)")
         return cls(encoder=TinyViTConfig.from_dict(values["encoder"]), class_prompt=bool(values["class_prompt"]),
-                   decoder_token_stride=int(values.get("decoder_token_stride", 1)))
+                   decoder_token_stride=stride)
 
 
 class ModalityHead(nn.Module):

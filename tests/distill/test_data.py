@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill.data import balanced_weights, find_samples, parse_fractions, sample_box, sample_tensor
+from distill.data import balanced_weights, find_samples, parse_fractions, sample_box, sample_object, sample_tensor
 from tests.helpers import write_npz
 from zoo.io import CaseError
 
@@ -54,6 +54,25 @@ def test_jittered_box_moves_each_side_within_bounds(data_dir):
     assert np.abs(boxes - tight).max() <= 4
     assert (boxes < tight).any(axis=0).all() and (boxes > tight).any(axis=0).all()  # inwards and outwards
     assert (sample_box(us, torch.Generator().manual_seed(3), jitter=4) == sample_box(us, torch.Generator().manual_seed(3), jitter=4)).all()
+
+
+def test_sample_object_is_the_box_and_mask_of_one_label(tmp_path):
+    gts = np.zeros((40, 50), np.uint8)
+    gts[5:20, 10:30] = 1
+    gts[25:38, 2:8] = 2
+    write_npz(tmp_path / "2DBox_US_0.npz", imgs=np.zeros((40, 50, 3), np.uint8),
+              boxes=np.array([[10, 5, 29, 19], [2, 25, 7, 37]]), gts=gts)
+    us = find_samples([tmp_path])[0]
+    chosen = set()
+    for seed in range(8):
+        box, mask = sample_object(us, torch.Generator().manual_seed(seed))
+        assert (box == sample_box(us, torch.Generator().manual_seed(seed))).all()  # the same draws
+        assert mask.shape == (1, 256, 256) and set(mask.unique().tolist()) == {0.0, 1.0}
+        rows, cols = np.nonzero(mask[0].numpy())
+        # the mask is the box's object: its extent at 256 scale is the box, within one source pixel (256 / 50 px)
+        assert np.abs(np.array([cols.min(), rows.min(), cols.max(), rows.max()]) - box.numpy()).max() <= 256 / 50 + 1
+        chosen.add(tuple(box.tolist()))
+    assert len(chosen) == 2  # both labels get drawn
 
 
 def test_bad_data_directories(tmp_path):

@@ -128,3 +128,23 @@ def test_the_mask_loss_decodes_with_each_samples_modality_through_a_class_prompt
     # per step: the student's two samples, then the teacher's, each with that sample's modality (not the head's guess)
     expected = [modality_id(samples[i].modality) for batch in epoch_batches(samples, settings, 0)[:2] for i in batch]
     assert seen == expected[:2] * 2 + expected[2:] * 2 and None not in seen
+
+
+def test_the_ground_truth_loss_is_dice_and_focal_of_the_students_mask_for_the_drawn_object(setup, tmp_path):
+    from distill.data import sample_object, sample_tensor
+    from distill.losses import embedding_loss, segmentation_loss
+
+    samples, keys, cache = setup
+    student = ClassPromptSAM(TINY_STUDENT).eval()  # no dropout: the same forward twice
+    settings = TrainSettings(out_dir=tmp_path / "run", batch_size=2, device="cpu", flip=False, gt_loss_weight=2.0)
+    loss = Trainer(student, samples, keys, cache, settings)._micro_batch_loss([0, 3], torch.Generator().manual_seed(5))
+
+    g = torch.Generator().manual_seed(5)  # without flips the generator draws only the objects, in sample order
+    objects = [sample_object(samples[i], g) for i in (0, 3)]
+    with torch.no_grad():
+        embeddings = student.image_encoder(torch.stack([sample_tensor(samples[i]) for i in (0, 3)]))
+        logits = torch.cat([student.decode(embeddings[j : j + 1], box[None]) for j, (box, _) in enumerate(objects)])
+        targets = torch.stack([cache.get(keys[i]).float() for i in (0, 3)])
+        expected = embedding_loss(embeddings, targets) + 2.0 * segmentation_loss(logits, torch.stack([m for _, m in objects]))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert segmentation_loss(logits, torch.stack([m for _, m in objects])).item() > 0.1  # the term is not negligible

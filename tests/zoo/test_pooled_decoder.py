@@ -8,8 +8,8 @@ from segment_anything.modeling.transformer import Attention
 
 import zoo.index
 from tests.helpers import TINY, tiny_model
-from zoo.checkpoint import load_checkpoint, save_checkpoint
-from zoo.class_prompt import ClassPromptSAM, ModelConfig
+from zoo.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from zoo.class_prompt import LIGHT_DECODER, ClassPromptSAM, ModelConfig
 from zoo.export import export_variant
 from zoo.flops import decoder_flops_per_box
 from zoo.pooled_decoder import PooledMaskDecoder, PooledTwoWayTransformer, attend_to_few_tokens, pool_tokens, upscale_2x
@@ -122,8 +122,22 @@ def test_checkpoint_keeps_the_stride_and_old_checkpoints_have_sams_decoder(tmp_p
     assert loaded.config.decoder_token_stride == 2
     assert isinstance(loaded.mask_decoder.transformer, PooledTwoWayTransformer)
     legacy = TINY.to_dict()
-    del legacy["decoder_token_stride"]
+    del legacy["decoder_token_stride"], legacy["decoder"]
     assert ModelConfig.from_dict(legacy) == TINY
+
+
+def test_a_checkpoint_of_the_earlier_light_decoder_is_refused_by_name(tmp_path):
+    """The earlier light decoder (both attentions pooled) wrote a stride but no decoder name; its weights would load
+    into today's light decoder and give other masks."""
+    path = save_checkpoint(tmp_path / "earlier.pt", ClassPromptSAM(replace(TINY, decoder_token_stride=2)).eval())
+    payload = torch.load(path, weights_only=True)
+    del payload["config"]["decoder"]
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=r"earlier\.pt: .*an earlier light decoder.*decoder_token_stride 2"):
+        load_checkpoint(path)
+    mixed = replace(TINY, decoder_token_stride=1).to_dict() | {"decoder": LIGHT_DECODER}
+    with pytest.raises(ValueError, match="'pooled-tokens' with decoder_token_stride 1"):
+        ModelConfig.from_dict(mixed)
 
 
 def test_the_openvino_export_decodes_as_pytorch(tmp_path):
