@@ -146,7 +146,8 @@ def load_training_state(out_dir: Path) -> dict:
 
 class Trainer:
     """The training loop with distillation as its task: `student.image_encoder` learns the cached teacher
-    embeddings (and, optionally, the frozen decoder's masks); the decoder and prompt encoder are frozen.
+    embeddings (and, optionally, the frozen decoder's masks of them and the ground truth); the decoder and prompt
+    encoder are frozen.
 
     Other stages subclass it and override `is_trainable`, `param_groups`, `_micro_batch_loss` and the
     `end_of_epoch` / `extra_state` hooks (see distill.finetune)."""
