@@ -66,7 +66,7 @@ class TrainSettings:
                                         "ground truth")
     # 3D inference prompts every slice but the middle one with the box of its neighbour's predicted mask (plus
     # 3 px), never the tight box: a student that matches its teacher only on tight boxes drifts over a volume.
-    mask_box_jitter: int = option(0, "mask loss: each side of the box moves by a random -this..+this pixels")
+    mask_box_jitter: int = option(0, "mask and ground-truth losses: each side of the box moves by a random -this..+this pixels")
     train_parts: str = option("", "encoder parts that train, comma-separated module names under image_encoder "
                                   "('fusion': a high-resolution path added to a trained student); default: all")
 

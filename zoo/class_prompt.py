@@ -37,10 +37,14 @@ class ModelConfig:
     class_prompt: bool = False
     decoder_token_stride: int = 1
 
+    @property
+    def decoder(self) -> str:
+        """The decoder's design, named in checkpoints: 'sam', or LIGHT_DECODER for a stride of 2 or more."""
+        return "sam" if self.decoder_token_stride == 1 else LIGHT_DECODER
+
     def to_dict(self) -> dict:
         return {"encoder": self.encoder.to_dict(), "class_prompt": self.class_prompt,
-                "decoder_token_stride": self.decoder_token_stride,
-                "decoder": "sam" if self.decoder_token_stride == 1 else LIGHT_DECODER}
+                "decoder_token_stride": self.decoder_token_stride, "decoder": self.decoder}
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":
@@ -48,12 +52,13 @@ class ModelConfig:
         decoder's name was written by an earlier design (both attentions pooled), whose masks this one does not
         reproduce: refused, not loaded into the wrong decoder."""
         stride = int(values.get("decoder_token_stride", 1))
+        config = cls(encoder=TinyViTConfig.from_dict(values["encoder"]), class_prompt=bool(values["class_prompt"]),
+                     decoder_token_stride=stride)
         decoder = values.get("decoder", "sam" if stride == 1 else "an earlier light decoder")
-        if decoder != ("sam" if stride == 1 else LIGHT_DECODER):
+        if decoder != config.decoder:
             raise ValueError(f"decoder {decoder!r} with decoder_token_stride {stride}: this version builds SAM's decoder"
                              f" (stride 1) or {LIGHT_DECODER!r} (stride 2 or more)")
-        return cls(encoder=TinyViTConfig.from_dict(values["encoder"]), class_prompt=bool(values["class_prompt"]),
-                   decoder_token_stride=stride)
+        return config
 
 
 class ModalityHead(nn.Module):
