@@ -55,7 +55,8 @@ def radar_plot(rows: list[dict], path: Path) -> Path:
 def latency_plot(rows: list[dict], path: Path, threads: int) -> Path:
     """End-to-end 2D latency (log scale) against DSC averaged over modalities, one point per variant."""
     fig, ax = plt.subplots(figsize=(7, 5))
-    for i, r in enumerate(sorted(rows, key=lambda r: _score(r, "latency_2d_ms"))):
+    timed = [r for r in rows if np.isfinite(_score(r, "latency_2d_ms"))]  # a --no-latency row has no point
+    for i, r in enumerate(sorted(timed, key=lambda r: _score(r, "latency_2d_ms"))):
         x, y = _score(r, "latency_2d_ms"), _score(r, "dsc_mean_modalities")
         ax.scatter([x], [y], s=60)
         # neighbours in latency often score alike (a model and its export): their labels go above and below

@@ -131,6 +131,13 @@ def select_cases(data_dir: Path, per_modality: int | None, seed: int = 0, small_
     return sorted(chosen)
 
 
+def split_label(entry: str) -> tuple[str, str]:
+    """A --models entry 'LABEL=MODEL' -> (LABEL, MODEL): the board names MODEL (a zoo name or path) LABEL; any other
+    entry is named by variant_label."""
+    label, equals, model = entry.partition("=")
+    return (label.strip(), model.strip()) if equals and label.strip() else (variant_label(entry), entry)
+
+
 def variant_label(name: str) -> str:
     """A zoo name as it is; a checkpoint path by its file stem; a replaced parent's @<sha8> (model_parent) kept."""
     name, at, version = name.partition("@")
@@ -142,8 +149,8 @@ def variant_label(name: str) -> str:
     return label + at + version
 
 
-def benchmark_variant(name: str, files: list[Path], threads: int, timing: dict, segs_dir: Path | None,
-                      cache_dir: Path | None) -> dict:
+def benchmark_variant(entry: str, files: list[Path], threads: int, timing: dict, segs_dir: Path | None,
+                      cache_dir: Path | None, labels: dict[str, str] | None = None) -> dict:
     """Runs in a child process: every case through zoo's inference path, then latency, FLOPs and size.
 
     With a cache_dir, image embeddings are looked up there first (float32, keyed by the encoder's weights), so
@@ -151,11 +158,11 @@ def benchmark_variant(name: str, files: list[Path], threads: int, timing: dict, 
     from zoo.flops import model_size
     from zoo.index import load, model_bytes, model_parent
 
+    label, name = split_label(entry)
     torch.set_num_threads(threads)
     model = load(name)
     scored = CachedEncoder(model, cache_dir) if cache_dir is not None else model
     modalities = ModalityChoice(scored)
-    label = variant_label(name)
     cases, errors = [], []
     confusion = modality_confusion()
     for path in tqdm(files, desc=f"{name}", unit="case", leave=False):
@@ -179,7 +186,7 @@ def benchmark_variant(name: str, files: list[Path], threads: int, timing: dict, 
             confusion[modality_id(case.modality), modality_id(result.head_modality)] += 1
         cases.append({"case": path.name, "modality": case.modality or "unknown", "model": label,
                       "dsc": dsc, "nsd": nsd, "seconds": seconds})
-    latency = measure_latency(model, **timing)
+    latency = measure_latency(model, **timing) if timing else dict.fromkeys(LATENCY_FIELDS, "")
     size = model_size(model)
     row = {
         "model": label, "backend": model.backend, "precision": model.precision, "params_M": size["params"] / 1e6,
@@ -189,10 +196,14 @@ def benchmark_variant(name: str, files: list[Path], threads: int, timing: dict, 
         # This child's peak; ru_maxrss also covers the parent's RSS when it spawned the child, which is much smaller.
         "peak_RSS_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "head_accuracy": head_accuracy(confusion) if confusion.sum() else "",
-        "parent": variant_label(model_parent(name) or ""),
+        # a parent benchmarked in the same run under a label of its own is named by it
+        "parent": (labels or {}).get(model_parent(name) or "", variant_label(model_parent(name) or "")),
         "cpu": cpu_model(), "cpu_flags": " ".join(cpu_flags()),
     }
     return {"cases": cases, "row": row, "errors": errors, "confusion": confusion if confusion.sum() else None}
+
+
+LATENCY_FIELDS = ("latency_2d_ms", "encoder_ms", "decoder_ms_per_box", "latency_3d_s")
 
 
 def leaderboard_row(result: dict) -> dict:
@@ -221,7 +232,7 @@ def compare_with_parents(rows: list[dict], timed_together: set[str]) -> None:
         for metric in ("dsc", "nsd"):
             if row[f"{metric}_mean_modalities"] != "" and parent[f"{metric}_mean_modalities"] != "":
                 row[f"{metric}_vs_parent"] = row[f"{metric}_mean_modalities"] - parent[f"{metric}_mean_modalities"]
-        if {row["model"], parent["model"]} <= timed_together:
+        if {row["model"], parent["model"]} <= timed_together and row["encoder_ms"] != "" and parent["encoder_ms"] != "":
             row["encoder_speedup_vs_parent"] = parent["encoder_ms"] / row["encoder_ms"]
         elif {row["model"], parent["model"]} & timed_together:
             row["encoder_speedup_vs_parent"] = ""  # one of them was re-timed: an earlier ratio no longer holds
@@ -260,13 +271,14 @@ def check_mergeable(out: Path, files: list[Path]) -> None:
                          "benchmark into another --out or with the same --data and --all / --cases-per-modality")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=None,
                         help="directory of challenge npz files with gts (default: $MEDSEG_DATA, else ../shared/data/medseg-real/val)")
     parser.add_argument("--models", default=None,
-                        help="comma-separated zoo names or checkpoint paths, or 'all' (every zoo variant); default: "
+                        help="comma-separated zoo names or checkpoint paths (LABEL=PATH names a row), or 'all' (every "
+                             "zoo variant); default: "
                              "LiteMedSAM and the zoo's main models (index entries marked default_benchmark)")
     parser.add_argument("--out", type=Path, default=RUNS_DIR / "benchmark", help="output directory (default runs/benchmark)")
     parser.add_argument("--cases-per-modality", type=int, default=1, help="seeded sample size per modality")
@@ -282,17 +294,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", type=Path, default=ENCODER_CACHE_DIR,
                         help="where image embeddings are kept for variants that share an encoder")
     parser.add_argument("--no-embedding-cache", action="store_true", help="embed every image anew for every variant")
+    parser.add_argument("--no-latency", action="store_true", help="scores only: leave the latency columns empty")
     parser.add_argument("--merge", action="store_true",
                         help="add this run's models to OUT's leaderboard (same cases), replacing their earlier rows")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 3:
         parser.error("--repeats must be at least 3")
     return args
 
 
-def latency_timing(args: argparse.Namespace) -> dict:
+def latency_timing(args: argparse.Namespace) -> dict | None:
     """measure_latency's repeats and warm-up runs: the full run's 5 and 2; a sample's 3 and 1, as its latencies
-    only have to place the variants (the shipped leaderboard's come from --all)."""
+    only have to place the variants (the shipped leaderboard's come from --all); None with --no-latency."""
+    if args.no_latency:
+        return None
     full = {"repeats": 5, "warmup": 2} if args.all else {"repeats": 3, "warmup": 1}
     return {**full, "repeats": args.repeats or full["repeats"]}
 
@@ -302,12 +322,13 @@ def benchmark_models(models: list[str], files: list[Path], args: argparse.Namesp
     results, failed = [], []
     context = multiprocessing.get_context("spawn")
     cache_dir = None if args.no_embedding_cache else args.cache_dir
+    labels = {model: label for label, model in map(split_label, models)}
     for name in tqdm(models, desc="models", unit="model"):
-        segs_dir = args.save_segs / variant_label(name) if args.save_segs else None
+        segs_dir = args.save_segs / split_label(name)[0] if args.save_segs else None
         try:
             with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
                 result = pool.submit(benchmark_variant, name, files, args.threads, latency_timing(args), segs_dir,
-                                     cache_dir).result()
+                                     cache_dir, labels).result()
         except Exception as err:  # a broken variant is reported; the others still run
             failed.append(name)
             tqdm.write(f"error: variant {name} failed: {type(err).__name__}: {err}", file=sys.stderr)
@@ -387,9 +408,10 @@ def run(args: argparse.Namespace) -> list[dict]:
         raise SystemExit(f"error: {data_dir}: not a directory")
     models = chosen_models(args.models)
     files = select_cases(data_dir, None if args.all else args.cases_per_modality, args.seed, args.volumes == "small")
-    outputs = [(args.out, "--out")] + [(args.save_segs / variant_label(m), "--save-segs") for m in models if args.save_segs]
+    outputs = [(args.out, "--out")] + [(args.save_segs / split_label(m)[0], "--save-segs") for m in models if args.save_segs]
+    paths = [Path(split_label(m)[1]) for m in models]
     for output, option in outputs:
-        refuse_overwriting_inputs(output, [data_dir, *files, *(Path(m) for m in models if Path(m).exists())], option)
+        refuse_overwriting_inputs(output, [data_dir, *files, *(p for p in paths if p.exists())], option)
     if args.merge:
         check_mergeable(args.out, files)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ from distill.data import find_samples
 from distill.train import Trainer, TrainSettings
 from zoo.checkpoint import load_checkpoint, save_checkpoint
 from zoo.class_prompt import ClassPromptSAM
-from zoo.cli import RUNS_DIR, add_settings_options, redefault, run_cli, settings_from_args
+from zoo.cli import RUNS_DIR, add_settings_options, positive_int, redefault, run_cli, settings_from_args
 from zoo.embedding_cache import DEFAULT_CACHE_DIR, encoder_cache_id
 from zoo.flops import count_params, encoder_flops
 from zoo.io import SHARED_DATA, refuse_overwriting_inputs
@@ -122,7 +122,7 @@ class PruneSettings(TrainSettings):
     checkpoint_every: int = redefault(TrainSettings, "checkpoint_every", 20)
 
 
-def parse_args(argv):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m compress.prune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="zoo name or checkpoint path of the PyTorch model to prune")
@@ -132,10 +132,16 @@ def parse_args(argv):
     p.add_argument("--data", type=Path, nargs="+", default=[SHARED_DATA / "train"], help="challenge npz directories")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     p.add_argument("--slice-step", type=int, default=5)
+    p.add_argument("--max-samples", type=positive_int, default=None, help="at most this many recovery samples, taken "
+                   "in turn from each modality (a quick try)")
     add_settings_options(p, PruneSettings)
     p.add_argument("--resume", action="store_true", help="continue the recovery in WORK")
-    p.add_argument("--threads", type=int, default=None)
-    return p.parse_args(argv)
+    p.add_argument("--threads", type=positive_int, default=None)
+    return p
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
 
 
 def run(args) -> Path:
@@ -167,7 +173,7 @@ def run(args) -> Path:
     if args.epochs > 0:
         # the slices with an object: those the decoder is asked about (and whose parent embeddings are cached)
         samples = find_samples(args.data, args.slice_step, None, args.seed, foreground_only=True,
-                               skipped=getattr(args, "skipped", None))
+                               skipped=getattr(args, "skipped", None), max_samples=args.max_samples)
         cache = EmbeddingCache(args.cache_dir, encoder_cache_id(parent))
         keys = cache.build(samples, parent.to(args.device).eval(), args.device)
         trainer = Trainer(model, samples, keys, cache, settings)

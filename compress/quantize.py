@@ -36,17 +36,15 @@ import argparse
 import copy
 import importlib.metadata
 import os
-import random
 import re
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from compress.export import load_parent
-from distill.data import DataError, Sample, find_samples, sample_box, sample_tensor
+from distill.data import DataError, find_samples, round_robin, sample_box, sample_tensor
 from zoo.class_prompt import ClassPromptSAM
 from zoo.cli import RUNS_DIR, run_cli
 from zoo.cpu import cpu_flags
@@ -59,26 +57,10 @@ QUANTIZERS = {"openvino": "nncf", "onnxruntime": "onnxruntime", "optimum": "opti
 MODEL_TYPES = ("auto", "transformer")
 
 
-def _round_robin(samples: list[Sample], count: int, seed: int) -> list[Sample]:
-    """`count` samples taken in turn from each modality, each modality's in a seeded order."""
-    by_modality = defaultdict(list)
-    for sample in samples:
-        by_modality[sample.modality].append(sample)
-    rng = random.Random(seed)
-    for group in by_modality.values():
-        rng.shuffle(group)
-    chosen = []
-    while len(chosen) < count and any(by_modality.values()):
-        for modality in sorted(by_modality):
-            if by_modality[modality] and len(chosen) < count:
-                chosen.append(by_modality[modality].pop())
-    return chosen
-
-
 def calibration_images(data_dirs: list[Path], count: int, seed: int = 0, skipped: list[str] | None = None) -> list[np.ndarray]:
     """`count` preprocessed images (1, 3, 256, 256) float32, taken round-robin over modalities in a seeded order
     (unusable files reported and left out when a `skipped` list is given, see distill.data.find_samples)."""
-    samples = _round_robin(find_samples(data_dirs, slice_step=5, seed=seed, skipped=skipped), count, seed)
+    samples = round_robin(find_samples(data_dirs, slice_step=5, seed=seed, skipped=skipped), count, seed)
     images = [sample_tensor(s)[None].numpy() for s in samples]
     usable = [image for image in images if image.max() > image.min()]  # a constant slice says nothing about ranges
     if not usable:
@@ -90,7 +72,7 @@ def decoder_inputs(model: ClassPromptSAM, data_dirs: list[Path], count: int, see
                    skipped: list[str] | None = None) -> list[dict[str, np.ndarray]]:
     """`count` decoder inputs as at inference, round-robin over modalities: the model's embedding of an image with
     ground truth, the 256-scale box of one of its labels and (class-prompt models) its modality."""
-    samples = _round_robin(find_samples(data_dirs, slice_step=5, seed=seed, foreground_only=True, skipped=skipped), count, seed)
+    samples = round_robin(find_samples(data_dirs, slice_step=5, seed=seed, foreground_only=True, skipped=skipped), count, seed)
     if not samples:
         raise DataError(f"{', '.join(map(str, data_dirs))}: no images with ground truth to calibrate the decoder on")
     generator = torch.Generator().manual_seed(seed)
@@ -301,7 +283,7 @@ def quantize_variant(model: ClassPromptSAM, out: Path, backend: str, images: lis
     return write_variant(out, model, build, runtime, "int8", metadata)
 
 
-def parse_args(argv):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m compress.quantize", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="zoo name or checkpoint path")
@@ -320,6 +302,11 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="variant folder (default runs/compress/<model>_<backend>_int8)")
     parser.add_argument("--ship", default=None, metavar="NAME", help="also ship the variant in the zoo as NAME")
+    return parser
+
+
+def parse_args(argv):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.n_calib < 1:
         parser.error("--n-calib must be at least 1")

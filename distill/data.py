@@ -55,10 +55,28 @@ def read_case(path: Path) -> Case:
     return load_case(path)
 
 
+def round_robin(samples: list[Sample], count: int, seed: int) -> list[Sample]:
+    """`count` samples taken in turn from each modality, each modality's in a seeded order."""
+    by_modality = defaultdict(list)
+    for sample in samples:
+        by_modality[sample.modality].append(sample)
+    rng = random.Random(seed)
+    for group in by_modality.values():
+        rng.shuffle(group)
+    chosen = []
+    while len(chosen) < count and any(by_modality.values()):
+        for modality in sorted(by_modality):
+            if by_modality[modality] and len(chosen) < count:
+                chosen.append(by_modality[modality].pop())
+    return chosen
+
+
 def find_samples(data_dirs: list[Path], slice_step: int = 5, fractions: dict[str, float] | None = None,
-                 seed: int = 0, foreground_only: bool = False, skipped: list[str] | None = None) -> list[Sample]:
+                 seed: int = 0, foreground_only: bool = False, skipped: list[str] | None = None,
+                 max_samples: int | None = None) -> list[Sample]:
     """Every 2D image and every `slice_step`-th slice of every volume, then a seeded subsample per modality.
-    `foreground_only` keeps only samples with a ground-truth label (what box-prompted fine-tuning can use).
+    `foreground_only` keeps only samples with a ground-truth label (what box-prompted fine-tuning can use);
+    `max_samples` keeps at most that many, taken in turn from each modality (a quick try, a recipe's --smoke run).
 
     A file that cannot be used raises CaseError / DataError naming it; with a `skipped` list it is reported on
     stderr (one line), appended there and left out instead, so one bad file does not stop a long run."""
@@ -82,7 +100,7 @@ def find_samples(data_dirs: list[Path], slice_step: int = 5, fractions: dict[str
             by_modality[modality].extend(Sample(path, z, modality) for z in slices)
         elif not foreground_only or case.gts.any():
             by_modality[modality].append(Sample(path, None, modality))
-    if not by_modality:
+    if not any(by_modality.values()):
         raise DataError(f"{', '.join(map(str, data_dirs))}: no usable samples"
                         + (f" ({len(skipped)} file(s) skipped)" if skipped else ""))
     fractions = fractions or {"default": 1.0}
@@ -90,8 +108,12 @@ def find_samples(data_dirs: list[Path], slice_step: int = 5, fractions: dict[str
     samples = []
     for modality in sorted(by_modality):
         group = by_modality[modality]
-        keep = max(1, round(len(group) * fractions.get(modality, fractions["default"])))
+        # a modality's volumes may have no object on the slices taken: its group is empty
+        keep = min(len(group), max(1, round(len(group) * fractions.get(modality, fractions["default"]))))
         samples.extend(sorted(rng.sample(group, keep), key=lambda s: (str(s.path), s.z or 0)))
+    if max_samples is not None and len(samples) > max_samples:
+        kept = set(round_robin(samples, max_samples, seed))
+        samples = [s for s in samples if s in kept]
     return samples
 
 

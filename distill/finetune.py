@@ -37,7 +37,7 @@ from distill.losses import segmentation_loss
 from distill.train import Trainer, TrainSettings, _flip, _flip_box
 from zoo.checkpoint import CheckpointError, build_litemedsam, load_checkpoint, save_checkpoint
 from zoo.class_prompt import ClassPromptSAM, ModalityHead, ModelConfig
-from zoo.cli import RUNS_DIR, add_settings_options, option, redefault, run_cli, settings_from_args
+from zoo.cli import RUNS_DIR, add_settings_options, option, positive_int, redefault, run_cli, settings_from_args
 from zoo.embedding_cache import DEFAULT_CACHE_DIR, ENCODER_CACHE_DIR, CachedEncoder, encoder_cache_id
 from zoo.io import SHARED_DATA, refuse_overwriting_inputs, write_csv_atomic
 from zoo.modalities import MODALITIES, head_accuracy, modality_confusion, modality_id
@@ -61,6 +61,11 @@ class FinetuneSettings(TrainSettings):
     head_weight: float = option(1.0, "modality-head cross-entropy weight")
     new_parts_lr_scale: float = option(10.0, "learning-rate factor of the zero-initialized class prompt and the fresh head")
     train_encoder: bool = option(False, "train the encoder too (no embedding cache)")
+    # What ships is stored this way (zoo.index add copies such a file as it is), so that the board and the INT8
+    # variants are made from the very weights that ship.
+    half: bool = option(False, "store OUT/best.pt in float16")
+    encoder_from: str | None = option(None, "leave LiteMedSAM's unchanged encoder out of OUT/best.pt (checked)",
+                                      choices=("litemedsam",))
 
 
 # The mask loss and encoder parts of distillation do not apply here: fine-tuning learns masks from ground truth
@@ -84,6 +89,12 @@ def build_model(init: str, class_prompt: bool, decoder_token_stride: int | None 
     return model
 
 
+def save_best(settings: FinetuneSettings, model: ClassPromptSAM, metadata: dict) -> Path:
+    """OUT/best.pt (atomic), stored as the settings say (float16, without LiteMedSAM's encoder)."""
+    return save_checkpoint(settings.out_dir / "best.pt", model, metadata, half=settings.half,
+                           encoder_from=settings.encoder_from)
+
+
 class EmbeddingSource:
     """Image embeddings of samples: a frozen encoder's from a cache (the fp16 training cache by key, or a
     CachedEncoder), a trained encoder's computed anew."""
@@ -101,10 +112,11 @@ class EmbeddingSource:
 
 
 @torch.inference_mode()
-def evaluate(model: ClassPromptSAM, samples: list[Sample], embeddings: EmbeddingSource, progress: bool = True) -> dict:
+def evaluate(model, samples: list[Sample], embeddings: EmbeddingSource, progress: bool = True) -> dict:
     """Official DSC/NSD of every validation sample (each object prompted by its tight box, masks at the original
     size), per modality and as means over modalities, and the modality head's accuracy and confusion matrix."""
-    model.eval()
+    if isinstance(model, torch.nn.Module):  # an exported variant answers the same interface
+        model.eval()
     scores: dict[str, list[tuple[float, float]]] = {}
     confusion = modality_confusion()
     for i, sample in enumerate(tqdm(samples, desc="validate", unit="img", leave=False, disable=not progress)):
@@ -206,8 +218,7 @@ class FineTuner(Trainer):
             metrics = {k: result[k] for k in ("score", "dsc", "nsd", "head_accuracy")}
             metrics["per_modality"] = {m: {"dsc": d, "nsd": n} for m, (d, n) in result["per_modality"].items()}
             metrics["confusion"] = result["confusion"].tolist()
-            save_checkpoint(self.settings.out_dir / "best.pt", self.student.eval(), {
-                **self.metadata, "steps": self.step, "epoch": epoch, "val": metrics})
+            save_best(self.settings, self.student.eval(), {**self.metadata, "steps": self.step, "epoch": epoch, "val": metrics})
             self.train_mode()
             if self.student.has_modality_head:
                 confusion_plot(result["confusion"], self.settings.out_dir / "confusion.png",
@@ -256,27 +267,28 @@ def fit_modality_head(head: ModalityHead, features: torch.Tensor, labels: torch.
     head.eval()
 
 
-def refit_head(best: Path, samples, keys, cache, val_samples, val_source: EmbeddingSource, seed: int = 0) -> dict:
+def refit_head(settings: FinetuneSettings, samples, keys, cache, val_samples, val_source: EmbeddingSource) -> dict:
     """Fit the modality head of OUT/best.pt on the training samples' pooled embeddings and rewrite best.pt (atomic)
     with its accuracy and confusion matrix on the validation samples; the segmentation weights are unchanged."""
+    best = settings.out_dir / "best.pt"
     model, metadata = load_checkpoint(best)
     train_x = pooled_embeddings(EmbeddingSource(samples, model, keys, cache), len(samples), "train features")
     val_x = pooled_embeddings(val_source, len(val_samples), "val features")
     train_y = torch.tensor([modality_id(s.modality) for s in samples])
     val_y = torch.tensor([modality_id(s.modality) for s in val_samples])
-    fit_modality_head(model.modality_head, train_x, train_y, seed=seed)
+    fit_modality_head(model.modality_head, train_x, train_y, seed=settings.seed)
     with torch.inference_mode():
         predicted = model.modality_head.mlp(val_x).argmax(dim=1)
     confusion = modality_confusion()
     np.add.at(confusion, (val_y.numpy(), predicted.numpy()), 1)
     accuracy = head_accuracy(confusion)
     metadata.setdefault("val", {}).update(head_accuracy=accuracy, confusion=confusion.tolist(), head="fitted on pooled train embeddings")
-    save_checkpoint(best, model, metadata)
+    save_best(settings, model, metadata)
     confusion_plot(confusion, best.parent / "confusion.png", f"modality head on {len(val_samples)} val samples: accuracy {accuracy:.3f}")
     return {"head_accuracy": accuracy}
 
 
-def parse_args(argv):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m distill.finetune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init", default="litemedsam", help="'litemedsam' or a zoo checkpoint (e.g. a distilled student)")
@@ -289,11 +301,18 @@ def parse_args(argv):
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     p.add_argument("--slice-step", type=int, default=5)
     p.add_argument("--fractions", default=None, help="per-modality fraction of training samples kept, e.g. CT=0.5")
+    p.add_argument("--max-samples", type=positive_int, default=None, help="at most this many train and this many val "
+                   "samples, taken in turn from each modality (a quick try)")
     add_settings_options(p, FinetuneSettings, skip=NOT_OPTIONS)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    p.add_argument("--head-only", action="store_true", help="only refit the modality head of OUT/best.pt")
-    p.add_argument("--threads", type=int, default=None)
-    return p.parse_args(argv)
+    p.add_argument("--head-only", action="store_true",
+                   help="only refit the modality head: of OUT/best.pt, or where there is none yet, of --init's model")
+    p.add_argument("--threads", type=positive_int, default=None)
+    return p
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
 
 
 def run(args) -> Path:
@@ -305,8 +324,9 @@ def run(args) -> Path:
     model = build_model(args.init, class_prompt=not args.no_class_prompt, decoder_token_stride=args.decoder_token_stride)
     skipped = getattr(args, "skipped", None)
     samples = find_samples(args.data, args.slice_step, parse_fractions(args.fractions), args.seed, foreground_only=True,
-                           skipped=skipped)
-    val_samples = find_samples(args.val, args.slice_step, None, args.seed, foreground_only=True, skipped=skipped)
+                           skipped=skipped, max_samples=args.max_samples)
+    val_samples = find_samples(args.val, args.slice_step, None, args.seed, foreground_only=True, skipped=skipped,
+                               max_samples=args.max_samples)
     for sample in samples + val_samples:
         modality_id(sample.modality)  # every sample needs a known modality for the head and the class prompt
     cache = EmbeddingCache(args.cache_dir, encoder_cache_id(model))
@@ -316,7 +336,7 @@ def run(args) -> Path:
     settings = settings_from_args(FinetuneSettings, args, out_dir=args.out)
     metadata = {"stage": "finetune", "init": args.init, "class_prompt": not args.no_class_prompt,
                 "decoder_token_stride": model.config.decoder_token_stride,
-                "data": [str(d) for d in args.data], "val": [str(d) for d in args.val], "samples": len(samples),
+                "data": [str(d) for d in args.data], "val_data": [str(d) for d in args.val], "samples": len(samples),
                 "val_samples": len(val_samples), "slice_step": args.slice_step, "settings": settings.to_dict()}
     trainer = FineTuner(model, samples, keys, cache, settings, val_samples, metadata, args.cache_dir / "encoders")
     best = args.out / "best.pt"
@@ -325,8 +345,11 @@ def run(args) -> Path:
             trainer.resume()
         result = trainer.fit()
         print(f"wrote {best}: step {result['best_step']} of {result['steps']}, val (DSC + NSD) / 2 = {result['best_score']:.4f}")
+    elif not best.exists():  # the head of --init's model, which is otherwise kept as it is
+        args.out.mkdir(parents=True, exist_ok=True)
+        save_best(settings, model, {**metadata, "head_only": True})
     if trainer.student.has_modality_head and not args.train_encoder:
-        head = refit_head(best, samples, keys, cache, val_samples, trainer.val_embeddings, args.seed)
+        head = refit_head(settings, samples, keys, cache, val_samples, trainer.val_embeddings)
         print(f"modality head fitted on {len(samples)} pooled train embeddings: val accuracy {head['head_accuracy']:.4f}")
     return best
 

@@ -23,7 +23,7 @@ from distill.data import find_samples, parse_fractions
 from distill.train import Trainer, TrainSettings, world
 from zoo.checkpoint import copy_matching_weights, init_from_litemedsam, save_checkpoint, sha256_file
 from zoo.class_prompt import ClassPromptSAM, ModelConfig
-from zoo.cli import RUNS_DIR, add_settings_options, run_cli, settings_from_args
+from zoo.cli import RUNS_DIR, add_settings_options, positive_int, run_cli, settings_from_args
 from zoo.embedding_cache import DEFAULT_CACHE_DIR, encoder_cache_id
 from zoo.encoders import ENCODER_CONFIGS, TinyViTEncoder
 from zoo.index import load
@@ -42,14 +42,16 @@ def teacher_id(kind: str, checkpoint: str | None, teacher) -> str:
     return encoder_cache_id(teacher)
 
 
-def build_student(name: str, init: str, decoder_from: str | None = None) -> ClassPromptSAM:
+def build_student(name: str, init: str, decoder_from: str | None = None,
+                  decoder_token_stride: int | None = None) -> ClassPromptSAM:
     """A student encoder by config name with LiteMedSAM's prompt encoder and mask decoder.
 
     init: 'litemedsam' (its encoder weights where shapes match), 'none' (a random encoder), or a zoo model / checkpoint
     whose weights are copied where names and shapes match (a part the config adds, say a high-resolution path, keeps
     its initialization). decoder_from: a zoo model / checkpoint whose prompt encoder, mask decoder (of its kind: SAM's
     or the light one) and class-prompt parts replace LiteMedSAM's, say a fine-tuned model whose masks the
-    --mask-loss-weight term then matches."""
+    --mask-loss-weight term then matches. decoder_token_stride: that decoder made light (zoo.pooled_decoder: the same
+    weights, the tokens' attention to the image on a pooled grid) or, with 1, SAM's again; default: as it is."""
     if name not in ENCODER_CONFIGS:
         raise ValueError(f"unknown student {name!r}; expected one of {', '.join(ENCODER_CONFIGS)}")
     source = None if decoder_from is None else load(decoder_from)
@@ -57,6 +59,10 @@ def build_student(name: str, init: str, decoder_from: str | None = None) -> Clas
         raise ValueError(f"{decoder_from}: --decoder-from needs a PyTorch model, not an exported variant")
     class_prompt = source is not None and source.has_modality_head
     stride = 1 if source is None else source.config.decoder_token_stride  # its decoder as it is, light or SAM's
+    if decoder_token_stride is not None:
+        if decoder_token_stride < 1:
+            raise ValueError(f"--decoder-token-stride must be at least 1, got {decoder_token_stride}")
+        stride = decoder_token_stride
     student = ClassPromptSAM(ModelConfig(encoder=ENCODER_CONFIGS[name], class_prompt=class_prompt, decoder_token_stride=stride))
     init_from_litemedsam(student)
     if init == "none":
@@ -72,7 +78,7 @@ def build_student(name: str, init: str, decoder_from: str | None = None) -> Clas
     return student
 
 
-def parse_args(argv):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m distill.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="medsam",
@@ -83,15 +89,24 @@ def parse_args(argv):
                    help="litemedsam, none (random encoder), or a zoo model / checkpoint to start the student from")
     p.add_argument("--decoder-from", default=None,
                    help="zoo model / checkpoint whose decoder, prompt encoder and class-prompt parts the student uses")
+    p.add_argument("--decoder-token-stride", type=int, default=None,
+                   help="that decoder with the tokens' attention to the image on a pooled grid of this stride (4: the "
+                        "light decoder, zoo.pooled_decoder; same weights), or 1 for SAM's; default: as it is")
     p.add_argument("--data", type=Path, nargs="+", default=[DEFAULT_TRAIN], help="challenge npz directories")
     p.add_argument("--out", type=Path, default=RUNS_DIR / "distill")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     p.add_argument("--slice-step", type=int, default=5, help="take every n-th slice of 3D volumes")
     p.add_argument("--fractions", default=None, help="per-modality fraction kept, e.g. CT=0.02,default=0.1 (paper)")
+    p.add_argument("--max-samples", type=positive_int, default=None, help="at most this many samples, taken in turn "
+                   "from each modality (a quick try)")
     add_settings_options(p, TrainSettings)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    p.add_argument("--threads", type=int, default=None)
-    return p.parse_args(argv)
+    p.add_argument("--threads", type=positive_int, default=None)
+    return p
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
 
 
 def run(args) -> Path:
@@ -111,7 +126,7 @@ def run(args) -> Path:
     teacher = build_teacher(args.teacher, args.teacher_checkpoint)  # a missing checkpoint fails here, first
     ident = teacher_id(args.teacher, args.teacher_checkpoint or os.environ.get(CHECKPOINT_ENV), teacher)
     samples = find_samples(args.data, args.slice_step, parse_fractions(args.fractions), args.seed,
-                           skipped=getattr(args, "skipped", None))
+                           skipped=getattr(args, "skipped", None), max_samples=args.max_samples)
     cache = EmbeddingCache(args.cache_dir, ident)
     # An exported teacher (ONNX Runtime / OpenVINO) embeds one image at a time, on the CPU.
     on_device = isinstance(teacher, torch.nn.Module)
@@ -124,7 +139,7 @@ def run(args) -> Path:
         keys = cache.build(samples, teacher, args.device, batch_size=batch, progress=False)  # all hits: only the keys
     del teacher
 
-    student = build_student(args.student, args.init, args.decoder_from)
+    student = build_student(args.student, args.init, args.decoder_from, args.decoder_token_stride)
     settings = settings_from_args(TrainSettings, args, out_dir=args.out)
     trainer = Trainer(student, samples, keys, cache, settings)
     if args.resume:
@@ -134,7 +149,8 @@ def run(args) -> Path:
     if rank == 0:
         save_checkpoint(out, trainer.student.cpu().eval(), {
             "stage": "distill", "teacher": args.teacher, "teacher_id": ident, "student": args.student,
-            "init": args.init, "decoder_from": args.decoder_from, "data": [str(d) for d in args.data], "samples": len(samples),
+            "init": args.init, "decoder_from": args.decoder_from,
+            "decoder_token_stride": student.config.decoder_token_stride, "data": [str(d) for d in args.data], "samples": len(samples),
             "slice_step": args.slice_step, "settings": settings.to_dict(), **result,
         })
         print(f"wrote {out} after {result['steps']} steps (final loss {result['final_loss']:.5g}); "

