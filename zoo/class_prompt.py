@@ -82,7 +82,8 @@ class ClassPromptSAM(nn.Module):
       embed(image)                      (1, 3, 256, 256) -> (1, 256, 64, 64)
       encoder_fingerprint()             a hash that is equal exactly when embed() gives equal outputs
       predict_modality(embedding)       (1, 256, 64, 64) -> (1, 11) logits, or None without a head
-      decode(embedding, boxes, modality) boxes (N, 4) at 256 scale -> (N, 1, 256, 256) mask logits
+      decode(embedding, boxes, modality, points=None, point_labels=None, mask_input=None)
+                                        boxes (N, 4) at 256 scale -> (N, 1, 256, 256) mask logits
     """
 
     backend = "pytorch"
@@ -128,16 +129,30 @@ class ClassPromptSAM(nn.Module):
     def predict_modality(self, embedding: torch.Tensor) -> torch.Tensor | None:
         return None if self.modality_head is None else self.modality_head(embedding)
 
-    def decode(self, embedding: torch.Tensor, boxes: torch.Tensor, modality: torch.Tensor | int | None = None) -> torch.Tensor:
+    def decode(self, embedding: torch.Tensor, boxes: torch.Tensor, modality: torch.Tensor | int | None = None,
+               points: torch.Tensor | None = None, point_labels: torch.Tensor | None = None,
+               mask_input: torch.Tensor | None = None) -> torch.Tensor:
         """embedding (1 or N, 256, 64, 64), boxes (N, 4), modality: id, (N,) ids or None -> logits (N, 1, 256, 256).
 
-        Without a given modality a class-prompt model uses its head's prediction."""
-        sparse, dense = self.prompt_encoder(points=None, boxes=boxes.reshape(-1, 1, 4).float(), masks=None)
+        Clicks: points (N, P, 2) as (x, y) at 256 scale with point_labels (N, P): 1 positive, 0 negative, -1 padding
+        (ignored); mask_input (N, 1, 256, 256): the previous step's logits. Without a given modality a class-prompt
+        model uses its head's prediction."""
+        clicks = None
+        if points is not None:
+            if point_labels is None or point_labels.shape != points.shape[:2]:
+                raise ValueError("points (N, P, 2) need point_labels (N, P)")
+            clicks = (points.float(), point_labels.float())
+        sparse, dense = self.prompt_encoder(points=clicks, boxes=boxes.reshape(-1, 1, 4).float(),
+                                            masks=None if mask_input is None else mask_input.float())
         if self.class_prompt is not None:
             if modality is None:
                 modality = self.predict_modality(embedding).argmax(dim=1)
             ids = torch.as_tensor(modality, device=sparse.device).reshape(-1)
-            sparse = sparse + self.class_prompt(ids)[:, None, :]  # (N or 1, 1, 256) onto both box tokens
+            prompt = self.class_prompt(ids)[:, None, :]  # (N or 1, 1, 256)
+            if clicks is None:
+                sparse = sparse + prompt  # onto both box tokens
+            else:  # onto the box tokens only, the last two: the class prompt is part of the box prompt
+                sparse = torch.cat([sparse[:, :-2], sparse[:, -2:] + prompt], dim=1)
         logits, _ = self.mask_decoder(
             image_embeddings=embedding, image_pe=self.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,

@@ -26,5 +26,10 @@ class SegmentationRuntime(Protocol):
     def predict_modality(self, embedding: torch.Tensor) -> torch.Tensor | None:
         """(1, 256, 64, 64) -> (1, 11) modality logits, or None for a model without a modality head."""
 
-    def decode(self, embedding: torch.Tensor, boxes: torch.Tensor, modality: int | None = None) -> torch.Tensor:
-        """boxes (N, 4) [x0, y0, x1, y1] at 256 scale -> (N, 1, 256, 256) mask logits (> 0 is foreground)."""
+    def decode(self, embedding: torch.Tensor, boxes: torch.Tensor, modality: int | None = None,
+               points: torch.Tensor | None = None, point_labels: torch.Tensor | None = None,
+               mask_input: torch.Tensor | None = None) -> torch.Tensor:
+        """boxes (N, 4) [x0, y0, x1, y1] at 256 scale -> (N, 1, 256, 256) mask logits (> 0 is foreground).
+
+        Clicks (issue #31; PyTorch today, exported graphs to follow): points (N, P, 2) (x, y) at 256 scale,
+        point_labels (N, P) 1 positive / 0 negative / -1 padding, mask_input (N, 1, 256, 256) the previous logits."""
