@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks.metrics import case_scores
 from zoo.cli import run_main
-from zoo.io import (
+from zoo.data.io import (
     CaseError,
     OverwriteError,
     WriteError,
@@ -29,6 +28,7 @@ from zoo.io import (
     refuse_overwriting_inputs,
     write_csv_atomic,
 )
+from zoo.data.scoring import case_scores
 from zoo.modalities import MODALITIES, modality_from_name
 
 SUMMARY_FIELDS = ["group", "cases", "dsc", "nsd"]

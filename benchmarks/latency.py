@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from zoo.io import Case
+from zoo.data.io import Case
+from zoo.data.preprocess import IMAGE_SIZE
 from zoo.predict import ModalityChoice, segment_case
-from zoo.preprocess import IMAGE_SIZE
 
 
 def _median_seconds(fn, repeats: int, warmup: int) -> float:

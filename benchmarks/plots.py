@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from zoo.io import atomic_path  # noqa: E402
+from zoo.data.io import atomic_path  # noqa: E402
 from zoo.modalities import MODALITIES  # noqa: E402
 
 

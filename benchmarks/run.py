@@ -39,11 +39,8 @@ from tqdm import tqdm
 
 from benchmarks.evaluate import summarize
 from benchmarks.latency import measure_latency
-from benchmarks.metrics import case_scores
 from zoo.cli import RUNS_DIR, positive_int, run_cli
-from zoo.cpu import cpu_flags, cpu_model
-from zoo.embedding_cache import ENCODER_CACHE_DIR, CachedEncoder
-from zoo.io import (
+from zoo.data.io import (
     SHARED_DATA,
     CaseError,
     WriteError,
@@ -54,8 +51,11 @@ from zoo.io import (
     save_npz_atomic,
     write_csv_atomic,
 )
+from zoo.data.scoring import case_scores
 from zoo.modalities import MODALITIES, head_accuracy, modality_confusion, modality_from_name, modality_id
 from zoo.predict import ModalityChoice, segment_case
+from zoo.runtime.cpu import cpu_flags, cpu_model
+from zoo.runtime.embedding_cache import ENCODER_CACHE_DIR, CachedEncoder
 
 DEFAULT_DATA = SHARED_DATA / "val"
 REFERENCE_PARAMS_M = 10.99  # the class-prompt TinyViT paper's model
@@ -68,7 +68,7 @@ LEADERBOARD_FIELDS = (
     + ["dsc_mean_modalities", "nsd_mean_modalities", "dsc_mean_cases", "nsd_mean_cases"]
     + ["parent", "dsc_vs_parent", "nsd_vs_parent", "encoder_speedup_vs_parent"]
     # Appended, so that earlier leaderboards still merge (their rows leave these empty): which precision is fast
-    # depends on the CPU's instruction set (zoo.cpu).
+    # depends on the CPU's instruction set (zoo.runtime.cpu).
     + ["cpu", "cpu_flags"]
 )
 
@@ -155,8 +155,8 @@ def benchmark_variant(entry: str, files: list[Path], threads: int, timing: dict,
 
     With a cache_dir, image embeddings are looked up there first (float32, keyed by the encoder's weights), so
     variants sharing an encoder embed each image once; latency is always measured on the model itself."""
-    from zoo.flops import model_size
     from zoo.index import load, model_bytes, model_parent
+    from zoo.models.flops import model_size
 
     label, name = split_label(entry)
     torch.set_num_threads(threads)

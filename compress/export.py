@@ -1,10 +1,10 @@
 """Export a zoo model to ONNX Runtime or OpenVINO (FP32) as a variant folder that zoo.load reads; the graph
-export itself is zoo.export's (a derived zoo entry uses it on first load).
+export itself is zoo.runtime.export's (a derived zoo entry uses it on first load).
 
     python -m compress.export zoo/cp_tinyvit.pt --backend openvino --out runs/compress/cp_tinyvit_openvino_fp32
     python -m compress.export zoo/cp_tinyvit.pt --backend openvino --precision bf16    # CPUs with AVX512_BF16 / AMX
 
-A bf16 variant is the fp32 graph that OpenVINO is told to compute in bf16 (zoo.exported.OPENVINO_PRECISION); it is
+A bf16 variant is the fp32 graph that OpenVINO is told to compute in bf16 (zoo.runtime.exported.OPENVINO_PRECISION); it is
 refused on a CPU where OpenVINO cannot (it would run f32 and be labelled bf16).
 """
 
@@ -14,13 +14,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from zoo.checkpoint import sha256_file
-from zoo.class_prompt import ClassPromptSAM
 from zoo.cli import RUNS_DIR, run_cli
-from zoo.export import EXPORT_PRECISIONS, check_precision, export_variant
-from zoo.exported import BACKENDS
+from zoo.data.io import refuse_overwriting_inputs
 from zoo.index import load, model_file
-from zoo.io import refuse_overwriting_inputs
+from zoo.models.checkpoint import sha256_file
+from zoo.models.class_prompt import ClassPromptSAM
+from zoo.runtime.export import EXPORT_PRECISIONS, check_precision, export_variant
+from zoo.runtime.exported import BACKENDS
 
 
 def load_parent(name: str) -> tuple[ClassPromptSAM, dict]:

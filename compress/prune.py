@@ -2,7 +2,7 @@
 
     python -m compress.prune zoo/cp_tinyvit.pt --ratio 0.5 --out runs/prune/cp_tinyvit_p50.pt
 
-Every unit of zoo.pruning loses `ratio` of its width: conv-chain middle channels (MBConv, patch merging), MLP
+Every unit of zoo.models.pruning loses `ratio` of its width: conv-chain middle channels (MBConv, patch merging), MLP
 hidden units, attention heads (at least one kept). Which ones go is decided by L2 magnitude: for channels and
 hidden units over the whole group of coupled weights that torch-pruning's DepGraph finds for them (checked to stay
 inside the unit), for heads over each head's qkv rows and proj columns (timm's TinyViT lays qkv out head by head,
@@ -31,15 +31,15 @@ from timm.models.tiny_vit import Attention, NormMlp
 
 from compress.export import load_parent
 from distill.cache import EmbeddingCache
-from distill.data import find_samples
 from distill.train import Trainer, TrainSettings
-from zoo.checkpoint import load_checkpoint, save_checkpoint
-from zoo.class_prompt import ClassPromptSAM
 from zoo.cli import RUNS_DIR, add_settings_options, positive_int, redefault, run_cli, settings_from_args
-from zoo.embedding_cache import DEFAULT_CACHE_DIR, encoder_cache_id
-from zoo.flops import count_params, encoder_flops
-from zoo.io import SHARED_DATA, refuse_overwriting_inputs
-from zoo.pruning import head_channels, narrow_unit, prunable_units, unit_width, unit_widths
+from zoo.data.io import SHARED_DATA, refuse_overwriting_inputs
+from zoo.data.samples import find_samples
+from zoo.models.checkpoint import load_checkpoint, save_checkpoint
+from zoo.models.class_prompt import ClassPromptSAM
+from zoo.models.flops import count_params, encoder_flops
+from zoo.models.pruning import head_channels, narrow_unit, prunable_units, unit_width, unit_widths
+from zoo.runtime.embedding_cache import DEFAULT_CACHE_DIR, encoder_cache_id
 
 
 def kept_width(width: int, ratio: float) -> int:

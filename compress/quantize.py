@@ -23,7 +23,7 @@ patterns apply to both graphs, whose node names start /image_encoder/ and /mask_
 The relative error of the INT8 embedding against the PyTorch model's, ||int8 - fp32|| / ||fp32|| averaged over
 --n-check images of --check (default: the val split), is measured and kept in the manifest's metadata.
 
-The result is a variant folder (zoo.exported) that zoo.load, zoo.predict and benchmarks.run take like any model;
+The result is a variant folder (zoo.runtime.exported) that zoo.load, zoo.predict and benchmarks.run take like any model;
 `--ship NAME` (or `python -m zoo.index add NAME FOLDER [--quantized-only]`) commits it to the zoo as zoo/NAME/ with an
 index entry that says on which CPUs INT8 is faster; when the model is a committed zoo checkpoint, only the INT8
 graphs are committed and the float ones are exported from it on first load. Calibration reads licensed train
@@ -44,14 +44,14 @@ import numpy as np
 import torch
 
 from compress.export import load_parent
-from distill.data import DataError, find_samples, round_robin, sample_box, sample_tensor
-from zoo.class_prompt import ClassPromptSAM
 from zoo.cli import RUNS_DIR, run_cli
-from zoo.cpu import cpu_flags
-from zoo.export import EncoderGraph, export_onnx, onnx_to_openvino, write_variant
-from zoo.exported import _graph, read_manifest
-from zoo.io import SHARED_DATA, refuse_overwriting_inputs
+from zoo.data.io import SHARED_DATA, refuse_overwriting_inputs
+from zoo.data.samples import DataError, find_samples, round_robin, sample_box, sample_tensor
 from zoo.modalities import canonical_modality, modality_id
+from zoo.models.class_prompt import ClassPromptSAM
+from zoo.runtime.cpu import cpu_flags
+from zoo.runtime.export import EncoderGraph, export_onnx, onnx_to_openvino, write_variant
+from zoo.runtime.exported import _graph, read_manifest
 
 QUANTIZERS = {"openvino": "nncf", "onnxruntime": "onnxruntime", "optimum": "optimum-onnx", "inc": "neural-compressor-pt"}
 MODEL_TYPES = ("auto", "transformer")
@@ -59,7 +59,7 @@ MODEL_TYPES = ("auto", "transformer")
 
 def calibration_images(data_dirs: list[Path], count: int, seed: int = 0, skipped: list[str] | None = None) -> list[np.ndarray]:
     """`count` preprocessed images (1, 3, 256, 256) float32, taken round-robin over modalities in a seeded order
-    (unusable files reported and left out when a `skipped` list is given, see distill.data.find_samples)."""
+    (unusable files reported and left out when a `skipped` list is given, see zoo.data.samples.find_samples)."""
     samples = round_robin(find_samples(data_dirs, slice_step=5, seed=seed, skipped=skipped), count, seed)
     images = [sample_tensor(s)[None].numpy() for s in samples]
     usable = [image for image in images if image.max() > image.min()]  # a constant slice says nothing about ranges
@@ -153,7 +153,7 @@ def quantize_onnxruntime(onnx_path: Path, out_path: Path, images: list[np.ndarra
 
 
 def optimum_config_name(flags: tuple[str, ...]) -> str:
-    """Optimum's AutoQuantizationConfig constructor for a CPU with these flags (zoo.cpu.cpu_flags)."""
+    """Optimum's AutoQuantizationConfig constructor for a CPU with these flags (zoo.runtime.cpu.cpu_flags)."""
     if any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8")):
         return "avx512_vnni"
     if "avx512f" in flags:
@@ -358,7 +358,7 @@ def ship_description(manifest: dict) -> str:
     error += (f"; masks' Dice vs FP32 {meta['mask_dice_vs_fp32']:.3f} on {meta['mask_dice_vs_fp32_inputs']} val boxes"
               if "mask_dice_vs_fp32" in meta else "")
     return (made + error + ". Faster than FP32 on CPUs with INT8 dot-product instructions (AVX512_VNNI, AVX-VNNI, "
-            "AMX); on AVX2-only CPUs INT8 is not faster than FP32 (zoo.cpu.auto_precision)")
+            "AMX); on AVX2-only CPUs INT8 is not faster than FP32 (zoo.runtime.cpu.auto_precision)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Teacher embeddings computed once and kept on disk in float16 (zoo.embedding_cache's layout, one folder per
+"""Teacher embeddings computed once and kept on disk in float16 (zoo.runtime.embedding_cache's layout, one folder per
 teacher id). An interrupted build leaves no half-written entry and simply resumes: entries already there are
 skipped once their checksum is verified; a damaged one is reported, deleted and computed again."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from distill.data import Sample, sample_tensor
-from zoo import embedding_cache as zoo_cache
-from zoo.embedding_cache import image_key
+from zoo.data.samples import Sample, sample_tensor
+from zoo.runtime import embedding_cache as zoo_cache
+from zoo.runtime.embedding_cache import image_key
 
 
 class EmbeddingCache(zoo_cache.EmbeddingCache):

@@ -29,20 +29,20 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from benchmarks.metrics import case_scores
 from benchmarks.plots import confusion_plot
 from distill.cache import EmbeddingCache
-from distill.data import Sample, find_samples, parse_fractions, sample_labels, sample_target, sample_tensor
 from distill.losses import segmentation_loss
 from distill.train import Trainer, TrainSettings, _flip, _flip_box
-from zoo.checkpoint import CheckpointError, build_litemedsam, load_checkpoint, save_checkpoint
-from zoo.class_prompt import ClassPromptSAM, ModalityHead, ModelConfig
 from zoo.cli import RUNS_DIR, add_settings_options, option, positive_int, redefault, run_cli, settings_from_args
-from zoo.embedding_cache import DEFAULT_CACHE_DIR, ENCODER_CACHE_DIR, CachedEncoder, encoder_cache_id
-from zoo.io import SHARED_DATA, refuse_overwriting_inputs, write_csv_atomic
+from zoo.data.io import SHARED_DATA, refuse_overwriting_inputs, write_csv_atomic
+from zoo.data.preprocess import label_box, resized_shape, scale_boxes
+from zoo.data.samples import Sample, find_samples, parse_fractions, sample_labels, sample_target, sample_tensor
+from zoo.data.scoring import case_scores
 from zoo.modalities import MODALITIES, head_accuracy, modality_confusion, modality_id
+from zoo.models.checkpoint import CheckpointError, build_litemedsam, load_checkpoint, save_checkpoint
+from zoo.models.class_prompt import ClassPromptSAM, ModalityHead, ModelConfig
 from zoo.predict import decode_masks
-from zoo.preprocess import label_box, resized_shape, scale_boxes
+from zoo.runtime.embedding_cache import DEFAULT_CACHE_DIR, ENCODER_CACHE_DIR, CachedEncoder, encoder_cache_id
 
 NEW_PARTS = ("modality_head.", "class_prompt.")
 
@@ -75,7 +75,7 @@ NOT_OPTIONS = ("mask_loss_weight", "gt_loss_weight", "mask_box_jitter", "train_p
 
 def build_model(init: str, class_prompt: bool, decoder_token_stride: int | None = None) -> ClassPromptSAM:
     """LiteMedSAM ('litemedsam') or a zoo checkpoint (a path), with a fresh head and zero class prompt if asked
-    and the checkpoint has none. `decoder_token_stride` 2 or more swaps in zoo.pooled_decoder's light decoder
+    and the checkpoint has none. `decoder_token_stride` 2 or more swaps in zoo.models.pooled_decoder's light decoder
     (the tokens' attention to the image on a pooled grid), with the checkpoint's decoder weights (it has the same)."""
     if init == "litemedsam" and decoder_token_stride in (None, 1):
         return build_litemedsam(class_prompt=class_prompt)
@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default="litemedsam", help="'litemedsam' or a zoo checkpoint (e.g. a distilled student)")
     p.add_argument("--no-class-prompt", action="store_true", help="the ablation: the same fine-tuning without head and class prompt")
     p.add_argument("--decoder-token-stride", type=int, default=None,
-                   help="2 or more: the decoder's token-to-image attention on a pooled grid (zoo.pooled_decoder; default: the init's)")
+                   help="2 or more: the decoder's token-to-image attention on a pooled grid (zoo.models.pooled_decoder; default: the init's)")
     p.add_argument("--data", type=Path, nargs="+", default=[SHARED_DATA / "train"])
     p.add_argument("--val", type=Path, nargs="+", default=[SHARED_DATA / "val"], help="model selection data")
     p.add_argument("--out", type=Path, default=RUNS_DIR / "finetune")

@@ -48,10 +48,10 @@ from pathlib import Path
 
 import tomllib
 
-from zoo.checkpoint import LITEMEDSAM, code_revision, sha256_file, update_metadata
+from distill.teachers import CHECKPOINT_ENV
 from zoo.cli import RUNS_DIR, positive_int, run_cli
-from zoo.io import SHARED_DATA, atomic_path, write_csv_atomic
-from zoo.teachers import CHECKPOINT_ENV
+from zoo.data.io import SHARED_DATA, atomic_path, write_csv_atomic
+from zoo.models.checkpoint import LITEMEDSAM, code_revision, sha256_file, update_metadata
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 CODE_PACKAGES = ("zoo", "distill", "compress", "benchmarks")
@@ -387,8 +387,8 @@ def execute(stage: Stage, folder: Path, outputs: dict[str, Path], args: argparse
 def val_scores(stage: Stage, output: Path, val_dirs: list[Path], smoke: bool) -> dict:
     """The stage's val scores: a board's rows; a fine-tuned model's own validation; else the model scored per slice
     on the val split (every 2D image and every 5th slice with an object, each object prompted by its tight box)."""
-    from zoo.checkpoint import load_checkpoint
-    from zoo.io import read_csv
+    from zoo.data.io import read_csv
+    from zoo.models.checkpoint import load_checkpoint
 
     if stage.kind == "benchmark":
         return {row["model"]: {"dsc": float(row["dsc_mean_modalities"]), "nsd": float(row["nsd_mean_modalities"])}
@@ -397,8 +397,8 @@ def val_scores(stage: Stage, output: Path, val_dirs: list[Path], smoke: bool) ->
         val = load_checkpoint(output)[1].get("val", {})
         if "dsc" in val:
             return {k: val[k] for k in ("dsc", "nsd", "head_accuracy", "per_modality") if k in val}
-    from distill.data import find_samples
     from distill.finetune import EmbeddingSource, evaluate
+    from zoo.data.samples import find_samples
     from zoo.index import load
 
     model = load(output)

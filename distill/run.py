@@ -19,16 +19,16 @@ import torch
 import torch.distributed as dist
 
 from distill.cache import EmbeddingCache
-from distill.data import find_samples, parse_fractions
+from distill.teachers import CHECKPOINT_ENV, TEACHERS, build_teacher
 from distill.train import Trainer, TrainSettings, world
-from zoo.checkpoint import copy_matching_weights, init_from_litemedsam, save_checkpoint, sha256_file
-from zoo.class_prompt import ClassPromptSAM, ModelConfig
 from zoo.cli import RUNS_DIR, add_settings_options, positive_int, run_cli, settings_from_args
-from zoo.embedding_cache import DEFAULT_CACHE_DIR, encoder_cache_id
-from zoo.encoders import ENCODER_CONFIGS, TinyViTEncoder
+from zoo.data.io import SHARED_DATA, refuse_overwriting_inputs
+from zoo.data.samples import find_samples, parse_fractions
 from zoo.index import load
-from zoo.io import SHARED_DATA, refuse_overwriting_inputs
-from zoo.teachers import CHECKPOINT_ENV, TEACHERS, build_teacher
+from zoo.models.checkpoint import copy_matching_weights, init_from_litemedsam, save_checkpoint, sha256_file
+from zoo.models.class_prompt import ClassPromptSAM, ModelConfig
+from zoo.models.encoders import ENCODER_CONFIGS, TinyViTEncoder
+from zoo.runtime.embedding_cache import DEFAULT_CACHE_DIR, encoder_cache_id
 
 DEFAULT_TRAIN = SHARED_DATA / "train"
 
@@ -36,7 +36,7 @@ DEFAULT_TRAIN = SHARED_DATA / "train"
 def teacher_id(kind: str, checkpoint: str | None, teacher) -> str:
     """Names the cache folder: the teacher kind, its weights' hash and the torch version computing it, so different
     weights never share entries. LiteMedSAM's and a zoo model's is its encoder's (whose fingerprint names its
-    runtime), shared with fine-tuning and pruning (zoo.embedding_cache.encoder_cache_id)."""
+    runtime), shared with fine-tuning and pruning (zoo.runtime.embedding_cache.encoder_cache_id)."""
     if kind in ("medsam", "sam"):
         return f"{kind}-{sha256_file(checkpoint)[:16]}-torch{torch.__version__}"
     return encoder_cache_id(teacher)
@@ -50,7 +50,7 @@ def build_student(name: str, init: str, decoder_from: str | None = None,
     whose weights are copied where names and shapes match (a part the config adds, say a high-resolution path, keeps
     its initialization). decoder_from: a zoo model / checkpoint whose prompt encoder, mask decoder (of its kind: SAM's
     or the light one) and class-prompt parts replace LiteMedSAM's, say a fine-tuned model whose masks the
-    --mask-loss-weight term then matches. decoder_token_stride: that decoder made light (zoo.pooled_decoder: the same
+    --mask-loss-weight term then matches. decoder_token_stride: that decoder made light (zoo.models.pooled_decoder: the same
     weights, the tokens' attention to the image on a pooled grid) or, with 1, SAM's again; default: as it is."""
     if name not in ENCODER_CONFIGS:
         raise ValueError(f"unknown student {name!r}; expected one of {', '.join(ENCODER_CONFIGS)}")
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zoo model / checkpoint whose decoder, prompt encoder and class-prompt parts the student uses")
     p.add_argument("--decoder-token-stride", type=int, default=None,
                    help="that decoder with the tokens' attention to the image on a pooled grid of this stride (4: the "
-                        "light decoder, zoo.pooled_decoder; same weights), or 1 for SAM's; default: as it is")
+                        "light decoder, zoo.models.pooled_decoder; same weights), or 1 for SAM's; default: as it is")
     p.add_argument("--data", type=Path, nargs="+", default=[DEFAULT_TRAIN], help="challenge npz directories")
     p.add_argument("--out", type=Path, default=RUNS_DIR / "distill")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)

@@ -23,13 +23,13 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from distill.cache import EmbeddingCache
-from distill.data import Sample, balanced_weights, sample_object, sample_tensor
 from distill.losses import embedding_loss, mask_distillation_loss, segmentation_loss
-from zoo.checkpoint import CheckpointError, read_weights
 from zoo.cli import option
-from zoo.cpu import BF16_FLAGS, cpu_flags
-from zoo.io import atomic_path, read_csv, write_csv_atomic
+from zoo.data.io import atomic_path, read_csv, write_csv_atomic
+from zoo.data.samples import Sample, balanced_weights, sample_object, sample_tensor
 from zoo.modalities import canonical_modality, modality_id
+from zoo.models.checkpoint import CheckpointError, read_weights
+from zoo.runtime.cpu import BF16_FLAGS, cpu_flags
 
 TRAIN_FORMAT = "cp-tinyvit-train/1"
 LOG_FIELDS = ["step", "epoch", "loss", "lr", "images_per_s"]

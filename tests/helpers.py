@@ -20,8 +20,8 @@ from pydicom.data import get_testdata_file
 from segment_anything.modeling import ImageEncoderViT
 from timm.models.tiny_vit import Attention
 
-from zoo.class_prompt import ClassPromptSAM, ModelConfig
-from zoo.encoders import TinyViTConfig, TinyViTEncoder
+from zoo.models.class_prompt import ClassPromptSAM, ModelConfig
+from zoo.models.encoders import TinyViTConfig, TinyViTEncoder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -214,7 +214,7 @@ def write_malicious_checkpoint(path: Path, marker: Path) -> Path:
     return path
 
 
-# Images in users' formats (zoo.formats, zoo.segment, zoo.convert) and damaged files (the caches).
+# Images in users' formats (zoo.data.formats, zoo.segment, zoo.convert) and damaged files (the caches).
 
 def write_volume(path, array, spacing=(0.8, 0.7, 3.0), origin=(10.0, -20.0, 5.0)):
     """(D, H, W) array -> a SimpleITK file; spacing and origin in (x, y, z)."""

@@ -6,7 +6,7 @@ import sys
 from tests.helpers import REPO
 
 # Loading a model, a derived (exported-on-first-load) entry included, and segmenting go through these.
-ZOO_ENTRY_POINTS = ("zoo.index", "zoo.predict", "zoo.export", "zoo.cli")
+ZOO_ENTRY_POINTS = ("zoo.index", "zoo.predict", "zoo.runtime.export", "zoo.cli")
 
 
 def test_zoo_imports_neither_compress_nor_distill():

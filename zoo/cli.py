@@ -10,8 +10,8 @@ import types
 import typing
 from pathlib import Path
 
-from zoo.checkpoint import CheckpointError
-from zoo.io import CaseError
+from zoo.data.io import CaseError
+from zoo.models.checkpoint import CheckpointError
 
 # Where commands write by default: relative to the working directory, as an installed package has no repository.
 RUNS_DIR = Path("runs")
@@ -34,7 +34,7 @@ def run_cli(run_fn, args) -> int:
     line on Ctrl-C (files are written whole or not at all, so what was written is usable: training resumes).
 
     `run_fn(args)` appends what it skipped to `args.skipped`. ValueError covers the data errors of the stages above
-    zoo (distill.data.DataError is one)."""
+    zoo (zoo.data.samples.DataError is one)."""
     args.skipped = []
     try:
         run_fn(args)

@@ -6,7 +6,7 @@ distill.run, distill.finetune and benchmarks.run train and score on them.
 IMAGES is a file, a DICOM series folder or a folder of inputs; LABELS the label map (a folder of label maps named
 like the images, or like zoo.segment's outputs: a DICOM's <name>.nii.gz, a JPEG's .png). Each pair becomes
 NPZ_DIR/2DBox_<Modality>_<name>.npz (3DBox_ for a volume; a name already so prefixed is kept) with
-  imgs     uint8: 2D (H, W, 3) (grey copied into 3 channels), 3D (D, H, W); intensities as zoo.formats.to_uint8
+  imgs     uint8: 2D (H, W, 3) (grey copied into 3 channels), 3D (D, H, W); intensities as zoo.data.formats.to_uint8
   gts      the label values relabelled 1..N consecutively in ascending order of value (uint8; uint16 beyond 255)
   boxes    int64 tight inclusive boxes in label order: 2D [x0, y0, x1, y1], 3D [x0, y0, z0, x1, y1, z1]
   spacing  [z, y, x] in mm for 3D, [1, 1] for 2D
@@ -25,8 +25,8 @@ import numpy as np
 from tqdm import tqdm
 
 from zoo.cli import run_cli
-from zoo.formats import ImageFile, label_map_boxes, label_map_for, list_inputs, parse_window, read_image, to_uint8
-from zoo.io import CaseError, save_npz_atomic
+from zoo.data.formats import ImageFile, label_map_boxes, label_map_for, list_inputs, parse_window, read_image, to_uint8
+from zoo.data.io import CaseError, save_npz_atomic
 from zoo.modalities import MODALITIES, canonical_modality
 
 

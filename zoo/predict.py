@@ -23,9 +23,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from zoo.checkpoint import CheckpointError
 from zoo.cli import positive_int, run_main
-from zoo.io import (
+from zoo.data.io import (
     TEMP_PREFIX,
     Case,
     CaseError,
@@ -39,9 +38,10 @@ from zoo.io import (
     save_npz_atomic,
     write_csv_atomic,
 )
+from zoo.data.preprocess import box_from_mask, postprocess_logits, preprocess_image, scale_boxes
 from zoo.modalities import MODALITIES, canonical_modality, modality_id
-from zoo.preprocess import box_from_mask, postprocess_logits, preprocess_image, scale_boxes
-from zoo.runtime import SegmentationRuntime
+from zoo.models.checkpoint import CheckpointError
+from zoo.runtime.interface import SegmentationRuntime
 
 EMBEDDING_CACHE_BYTES = 1 << 30  # slice embeddings kept for reuse within one volume (256 slices of 4 MB)
 DECODE_CHUNK = 16  # boxes decoded at once; bounds memory for images with many objects
@@ -49,7 +49,7 @@ DECODE_CHUNK = 16  # boxes decoded at once; bounds memory for images with many o
 
 @dataclass
 class Segmentation:
-    segs: np.ndarray  # (H, W) or (D, H, W) labels: uint8, uint16 for more than 255 boxes (zoo.io.label_dtype)
+    segs: np.ndarray  # (H, W) or (D, H, W) labels: uint8, uint16 for more than 255 boxes (zoo.data.io.label_dtype)
     modality: str | None  # the modality given to the class prompt; None for a model without one
     modality_source: str  # 'given', 'file', 'head' or 'unused'
     head_modality: str | None = None  # the modality head's prediction on the first embedded image, if it has one

@@ -7,8 +7,8 @@ or boxes; the labels are written in the input's format and geometry.
 --prompt-mask: a label map in the input's geometry; each label value gets one tight box (a 3D box for a volume) and
 keeps its value in the output. --boxes: JSON {"<input file name>": [[x0, y0, x1, y1], ...]} for 2D images,
 [[x0, y0, z0, x1, y1, z1], ...] for volumes, inclusive voxel indices: x the column, y the row, z the slice (see
-zoo.formats for the axes); labels are 1..N in box order. For a folder INPUT, MASK is a folder of masks named like
-the inputs (or like their outputs). Intensities are made 8-bit as the challenge data were (zoo.formats.to_uint8),
+zoo.data.formats for the axes); labels are 1..N in box order. For a folder INPUT, MASK is a folder of masks named like
+the inputs (or like their outputs). Intensities are made 8-bit as the challenge data were (zoo.data.formats.to_uint8),
 and the case goes through zoo.predict.segment_case, the one inference path. OUT_DIR/<input name> (a JPEG's labels:
 .png; a DICOM's: <name>.nii.gz) holds the labels, `--overlay` adds <name>_overlay.png, and OUT_DIR/segment.csv
 has one row per input: the modality used (and where it came from), the intensity rule, seconds, status.
@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from zoo.cli import positive_int, run_cli
-from zoo.formats import (
+from zoo.data.formats import (
     ImageFile,
     label_map_boxes,
     label_map_for,
@@ -37,9 +37,9 @@ from zoo.formats import (
     to_uint8,
     write_labels,
 )
-from zoo.io import Case, CaseError, refuse_overwriting_inputs, write_csv_atomic
+from zoo.data.io import Case, CaseError, refuse_overwriting_inputs, write_csv_atomic
+from zoo.data.overlay import encode_png, overlay_picture, write_bytes_atomic
 from zoo.modalities import MODALITIES, canonical_modality
-from zoo.overlay import encode_png, overlay_picture, write_bytes_atomic
 from zoo.predict import ModalityChoice, segment_case
 
 REPORT_NAME = "segment.csv"

@@ -4,7 +4,7 @@ import pytest
 
 from benchmarks.evaluate import main, summarize
 from tests.helpers import write_npz
-from zoo.io import read_csv
+from zoo.data.io import read_csv
 
 
 def test_scores_directories_and_summarizes_by_modality(tmp_path, capsys):

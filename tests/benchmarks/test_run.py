@@ -5,9 +5,9 @@ import pytest
 
 from benchmarks.run import LEADERBOARD_FIELDS, compare_with_parents, main, merge_previous, select_cases, variant_label
 from tests.helpers import tiny_model, write_npz
-from zoo.checkpoint import save_checkpoint
-from zoo.cpu import cpu_flags, cpu_model
-from zoo.io import read_csv, write_csv_atomic
+from zoo.data.io import read_csv, write_csv_atomic
+from zoo.models.checkpoint import save_checkpoint
+from zoo.runtime.cpu import cpu_flags, cpu_model
 
 
 @pytest.fixture
@@ -187,8 +187,8 @@ def test_labels_name_checkpoints_by_stem_and_keep_a_replaced_parents_hash():
 def test_models_default_to_the_zoos_benchmark_set_and_all_to_every_variant_this_cpu_runs(tmp_path, monkeypatch, capsys):
     import json
 
-    import zoo.cpu
     import zoo.index
+    import zoo.runtime.cpu
     from benchmarks.run import chosen_models
 
     index = tmp_path / "index.json"
@@ -196,12 +196,12 @@ def test_models_default_to_the_zoos_benchmark_set_and_all_to_every_variant_this_
                {"name": "a_p50", "precision": "fp32"}, {"name": "a_bf16", "precision": "bf16", "default_benchmark": True}]
     index.write_text(json.dumps({"models": entries}))
     monkeypatch.setattr(zoo.index, "INDEX_PATH", index)
-    monkeypatch.setattr(zoo.cpu, "openvino_supports_bf16", lambda: False)
+    monkeypatch.setattr(zoo.runtime.cpu, "openvino_supports_bf16", lambda: False)
     assert chosen_models(None) == ["litemedsam", "a"]
     assert chosen_models("all") == ["litemedsam", "a", "a_p50"]
     assert capsys.readouterr().out.count("not benchmarked: a_bf16: a bf16 variant; this CPU") == 2
     assert chosen_models("a_bf16, x.pt") == ["a_bf16", "x.pt"]  # asked for by name: tried, and reported if it fails
-    monkeypatch.setattr(zoo.cpu, "openvino_supports_bf16", lambda: True)
+    monkeypatch.setattr(zoo.runtime.cpu, "openvino_supports_bf16", lambda: True)
     assert chosen_models(None) == ["litemedsam", "a", "a_bf16"]
 
 
@@ -217,8 +217,8 @@ def test_shipped_fast_models_reproduce_their_recorded_val_scores(val_dir, model,
     from pathlib import Path
 
     import zoo.index
-    from benchmarks.metrics import case_scores
-    from zoo.io import load_case
+    from zoo.data.io import load_case
+    from zoo.data.scoring import case_scores
     from zoo.predict import ModalityChoice, segment_case
 
     board = Path(__file__).resolve().parents[2] / "benchmarks" / "cases.csv"

@@ -5,10 +5,10 @@ import torch
 import zoo.index
 from compress.prune import head_importance, kept_width, main, prune_encoder, pruned_model
 from tests.helpers import SMALL, small_encoder, write_npz
-from zoo.checkpoint import load_checkpoint, save_checkpoint
-from zoo.class_prompt import ClassPromptSAM, ModelConfig
-from zoo.flops import encoder_flops
-from zoo.pruning import prunable_units, unit_widths
+from zoo.models.checkpoint import load_checkpoint, save_checkpoint
+from zoo.models.class_prompt import ClassPromptSAM, ModelConfig
+from zoo.models.flops import encoder_flops
+from zoo.models.pruning import prunable_units, unit_widths
 
 
 def small_model(seed=0) -> ClassPromptSAM:

@@ -5,8 +5,8 @@ import torch
 import zoo.index
 from compress.quantize import main
 from tests.helpers import empty_zoo, tiny_model, write_npz
-from zoo.checkpoint import save_checkpoint
-from zoo.exported import ExportedModel
+from zoo.models.checkpoint import save_checkpoint
+from zoo.runtime.exported import ExportedModel
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +130,8 @@ def test_ship_commits_the_int8_variant_to_the_zoo_with_where_it_is_faster(setup,
 def test_ship_of_a_zoo_models_variant_commits_only_the_int8_encoder(setup, tmp_path, monkeypatch, capsys):
     import json
 
-    from zoo.checkpoint import CheckpointError
-    from zoo.exported import MANIFEST
+    from zoo.models.checkpoint import CheckpointError
+    from zoo.runtime.exported import MANIFEST
 
     root, calib, model_path = setup
     index = empty_zoo(tmp_path, monkeypatch)
@@ -175,7 +175,7 @@ def test_ship_of_a_zoo_models_variant_commits_only_the_int8_encoder(setup, tmp_p
         zoo.index.load("tiny_openvino_int8")
 
     # Only an INT8 variant ships its quantized graphs alone; an FP32 export is listed with --export instead.
-    from zoo.export import export_variant
+    from zoo.runtime.export import export_variant
 
     fp32 = export_variant(zoo.index.load("tiny"), {"parent": "tiny", "parent_sha256": zoo.index.read_index()[0]["sha256"]},
                           tmp_path / "fp32", "openvino")
@@ -185,7 +185,7 @@ def test_ship_of_a_zoo_models_variant_commits_only_the_int8_encoder(setup, tmp_p
 
 def test_decoder_int8_is_calibrated_on_boxes_of_the_ground_truth_and_ships_without_the_float_head(setup, tmp_path, monkeypatch, capsys):
 
-    from zoo.exported import MANIFEST
+    from zoo.runtime.exported import MANIFEST
 
     root, calib, model_path = setup
     labelled = tmp_path / "labelled"

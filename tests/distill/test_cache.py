@@ -2,9 +2,9 @@ import numpy as np
 import torch
 
 from distill.cache import EmbeddingCache
-from distill.data import find_samples
 from tests.helpers import CountingTeacher, write_npz
-from zoo.io import TEMP_PREFIX
+from zoo.data.io import TEMP_PREFIX
+from zoo.data.samples import find_samples
 
 
 def test_build_computes_misses_once_then_hits(tmp_path):

@@ -6,9 +6,9 @@ import torch
 
 from distill.finetune import build_model, main
 from tests.helpers import TINY_STUDENT, write_npz
-from zoo.checkpoint import load_checkpoint, save_checkpoint
-from zoo.class_prompt import ClassPromptSAM
-from zoo.io import load_case, read_csv
+from zoo.data.io import load_case, read_csv
+from zoo.models.checkpoint import load_checkpoint, save_checkpoint
+from zoo.models.class_prompt import ClassPromptSAM
 from zoo.predict import ModalityChoice, segment_case
 
 
@@ -94,9 +94,9 @@ def test_ablation_has_no_class_prompt(data):
 
 
 def test_light_decoder_starts_from_the_checkpoints_decoder_and_is_kept(data):
-    """--decoder-token-stride 2 fine-tunes the light decoder (zoo.pooled_decoder) from the init's SAM decoder
+    """--decoder-token-stride 2 fine-tunes the light decoder (zoo.models.pooled_decoder) from the init's SAM decoder
     weights; the result records the stride, so zoo.load rebuilds the light decoder."""
-    from zoo.pooled_decoder import PooledTwoWayTransformer
+    from zoo.models.pooled_decoder import PooledTwoWayTransformer
 
     start = build_model(str(data / "tiny.pt"), class_prompt=True, decoder_token_stride=2)
     source, _ = load_checkpoint(data / "tiny.pt")
@@ -128,7 +128,7 @@ def test_clear_errors(data, capsys):
 
 def test_fit_modality_head_learns_separable_modalities():
     from distill.finetune import fit_modality_head
-    from zoo.class_prompt import ModalityHead
+    from zoo.models.class_prompt import ModalityHead
 
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(3, 256, generator=g) * 0.05  # pooled embeddings are small and close together

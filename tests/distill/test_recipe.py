@@ -6,9 +6,9 @@ import torch
 
 from distill import recipe
 from tests.helpers import REPO, TINY, TINY_STUDENT, empty_zoo, small_sam_checkpoint, write_npz
-from zoo.checkpoint import load_checkpoint, read_payload, save_checkpoint, sha256_file
-from zoo.class_prompt import ClassPromptSAM
-from zoo.io import read_csv
+from zoo.data.io import read_csv
+from zoo.models.checkpoint import load_checkpoint, read_payload, save_checkpoint, sha256_file
+from zoo.models.class_prompt import ClassPromptSAM
 
 RECIPES = REPO / "recipes"
 
@@ -120,7 +120,7 @@ batch_size = 4
 @pytest.fixture
 def chain(data, monkeypatch):
     """A three-stage recipe of tiny models (teacher and student); write(...) varies its learning rates."""
-    from zoo.encoders import ENCODER_CONFIGS
+    from zoo.models.encoders import ENCODER_CONFIGS
 
     monkeypatch.setitem(ENCODER_CONFIGS, "tiny_test", TINY_STUDENT.encoder)
     torch.manual_seed(0)

@@ -6,8 +6,8 @@ import pytest
 
 from distill.run import main
 from tests.helpers import REPO, small_sam_checkpoint, write_npz
-from zoo.checkpoint import CheckpointError, load_checkpoint
-from zoo.io import load_case, read_csv
+from zoo.data.io import load_case, read_csv
+from zoo.models.checkpoint import CheckpointError, load_checkpoint
 from zoo.predict import ModalityChoice, segment_case
 
 
@@ -122,9 +122,9 @@ def test_student_from_a_trained_model_with_another_models_decoder(tmp_path):
     import torch
 
     from distill.run import build_student
-    from zoo.checkpoint import save_checkpoint
-    from zoo.class_prompt import ClassPromptSAM, ModelConfig
-    from zoo.encoders import ENCODER_CONFIGS
+    from zoo.models.checkpoint import save_checkpoint
+    from zoo.models.class_prompt import ClassPromptSAM, ModelConfig
+    from zoo.models.encoders import ENCODER_CONFIGS
 
     torch.manual_seed(0)
     trained = ClassPromptSAM(ModelConfig(encoder=ENCODER_CONFIGS["fast"])).eval()

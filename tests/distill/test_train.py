@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from distill.cache import EmbeddingCache
-from distill.data import find_samples
 from distill.train import Trainer, TrainSettings, epoch_batches, load_training_state
 from tests.helpers import TINY_STUDENT, CountingTeacher, write_npz
-from zoo.class_prompt import ClassPromptSAM
-from zoo.io import TEMP_PREFIX, read_csv
+from zoo.data.io import TEMP_PREFIX, read_csv
+from zoo.data.samples import find_samples
+from zoo.models.class_prompt import ClassPromptSAM
 
 
 @pytest.fixture
@@ -131,8 +131,8 @@ def test_the_mask_loss_decodes_with_each_samples_modality_through_a_class_prompt
 
 
 def test_the_ground_truth_loss_is_dice_and_focal_of_the_students_mask_for_the_drawn_object(setup, tmp_path):
-    from distill.data import sample_object, sample_tensor
     from distill.losses import embedding_loss, segmentation_loss
+    from zoo.data.samples import sample_object, sample_tensor
 
     samples, keys, cache = setup
     student = ClassPromptSAM(TINY_STUDENT).eval()  # no dropout: the same forward twice

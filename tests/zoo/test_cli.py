@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from zoo.checkpoint import CheckpointError
 from zoo.cli import run_cli
-from zoo.io import CaseError
+from zoo.data.io import CaseError
+from zoo.models.checkpoint import CheckpointError
 
 
 def test_exit_codes_and_one_line_per_problem(capsys):

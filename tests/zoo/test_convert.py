@@ -6,7 +6,7 @@ from pydicom.data import get_testdata_file
 
 from tests.helpers import write_volume
 from zoo.convert import main
-from zoo.io import load_case
+from zoo.data.io import load_case
 
 
 def test_volume_round_trip_npz_nifti_npz_is_exact(val_dir, tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import REPO, write_npz
-from zoo.io import Case, load_case, read_csv
+from zoo.data.io import Case, load_case, read_csv
 from zoo.modalities import MODALITIES
 from zoo.predict import ModalityChoice, SliceEmbeddings, main, propagation_plan, segment_case
 
@@ -134,8 +134,8 @@ def test_large_volume_stays_under_the_memory_limit(tmp_path):
     script = textwrap.dedent("""
         import numpy as np, torch
         from pathlib import Path
-        from zoo.checkpoint import build_litemedsam
-        from zoo.io import Case
+        from zoo.models.checkpoint import build_litemedsam
+        from zoo.data.io import Case
         from zoo.predict import ModalityChoice, segment_case
         rng = np.random.default_rng(0)
         volume = rng.integers(0, 255, (300, 512, 512), dtype=np.uint8)
@@ -154,7 +154,7 @@ def test_large_volume_stays_under_the_memory_limit(tmp_path):
 
 def test_class_prompt_model_says_which_modality_it_used(tmp_path):
     from tests.helpers import tiny_model
-    from zoo.checkpoint import save_checkpoint
+    from zoo.models.checkpoint import save_checkpoint
 
     model_path = save_checkpoint(tmp_path / "cp.pt", tiny_model())
     inputs = tmp_path / "in"
@@ -176,7 +176,7 @@ def test_class_prompt_model_says_which_modality_it_used(tmp_path):
 
 def test_bad_input_corpus(tmp_path, capsys):
     from tests.helpers import NOT_NPZ, assert_reported, tiny_model, write_corpus
-    from zoo.checkpoint import save_checkpoint
+    from zoo.models.checkpoint import save_checkpoint
 
     bad, good = write_corpus(tmp_path / "in")
     model = str(save_checkpoint(tmp_path / "tiny.pt", tiny_model()))
@@ -205,7 +205,7 @@ def test_bad_input_corpus(tmp_path, capsys):
 def tiny_setup(tmp_path):
     """A tiny class-prompt checkpoint and an input folder of three small 2D cases."""
     from tests.helpers import tiny_model
-    from zoo.checkpoint import save_checkpoint
+    from zoo.models.checkpoint import save_checkpoint
 
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -245,7 +245,7 @@ def test_write_errors_are_reported_per_file_and_the_run_goes_on(tiny_setup, tmp_
 def test_stale_temporary_files_of_the_tool_are_removed_and_only_those(tiny_setup, tmp_path, capsys):
     import subprocess as sp
 
-    from zoo.io import TEMP_PREFIX
+    from zoo.data.io import TEMP_PREFIX
 
     model, inputs = tiny_setup
     out = tmp_path / "out"

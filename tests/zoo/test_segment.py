@@ -8,9 +8,9 @@ import SimpleITK as sitk
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from benchmarks.metrics import case_scores
 from tests.helpers import nifti_header, write_dicom_series, write_npz, write_volume
-from zoo.formats import read_image, tight_boxes
+from zoo.data.formats import read_image, tight_boxes
+from zoo.data.scoring import case_scores
 from zoo.predict import predict_files
 from zoo.segment import main, segment_files
 
@@ -25,7 +25,7 @@ def fast_model():
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     from tests.helpers import tiny_model
-    from zoo.checkpoint import save_checkpoint
+    from zoo.models.checkpoint import save_checkpoint
 
     return save_checkpoint(tmp_path / "tiny.pt", tiny_model())
 

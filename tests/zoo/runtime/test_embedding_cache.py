@@ -1,0 +1,100 @@
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tests.helpers import flip_bytes, tiny_model
+from zoo.data.io import Case
+from zoo.predict import ModalityChoice, segment_case
+from zoo.runtime.embedding_cache import CachedEncoder, EmbeddingCache, encoder_cache_id, image_key, module_fingerprint
+
+
+def _volume_case():
+    rng = np.random.default_rng(0)
+    return Case(path=Path("3DBox_CT_x.npz"), image=rng.integers(0, 255, (6, 32, 32), dtype=np.uint8),
+                boxes=np.array([[8, 8, 1, 19, 19, 4]]), gts=None, spacing=np.ones(3), modality="CT")
+
+
+def test_cached_encoder_gives_the_same_masks_and_is_shared_by_equal_encoders(tmp_path):
+    case = _volume_case()
+    model = tiny_model()
+    plain = segment_case(model, case, ModalityChoice(model)).segs
+    cached = CachedEncoder(model, tmp_path)
+    assert np.array_equal(segment_case(cached, case, ModalityChoice(cached)).segs, plain)
+    computed = cached.cache.misses
+    assert computed > 0 and len(list(tmp_path.rglob("*.emb"))) == computed
+
+    other = tiny_model()
+    other.mask_decoder.iou_token.weight.data += 1  # another decoder on the same encoder: shares the entries
+    shared = CachedEncoder(other, tmp_path)
+    segment_case(shared, case, ModalityChoice(shared))
+    assert shared.cache.hits == computed and shared.cache.misses == 0
+    assert np.array_equal(segment_case(cached, case, ModalityChoice(cached)).segs, plain)  # from the cache, float32
+
+
+def test_fingerprint_changes_with_any_weight_and_buffer():
+    model = tiny_model()
+    base = module_fingerprint(model.image_encoder)
+    assert base == tiny_model().encoder_fingerprint()
+    model.image_encoder.neck[0].weight.data[0, 0, 0, 0] += 1e-6
+    assert module_fingerprint(model.image_encoder) != base
+    bn = next(m for m in tiny_model().image_encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = module_fingerprint(bn)
+    bn.running_mean += 1
+    assert module_fingerprint(bn) != before
+
+
+def test_damaged_entry_is_reported_once_dropped_and_recomputed(tmp_path, capsys):
+    cache = EmbeddingCache(tmp_path, "enc")
+    key = image_key(torch.zeros(3, 256, 256))
+    cache.put(key, torch.ones(256, 64, 64))
+    assert cache.get(key).dtype == torch.float16
+    flip_bytes(cache.path(key))
+    assert cache.get(key) is None and not cache.path(key).exists()
+    (line,) = capsys.readouterr().err.splitlines()
+    assert f"{cache.path(key)}: damaged embedding-cache entry (checksum mismatch)" in line
+    cache.path(key).parent.mkdir(parents=True, exist_ok=True)
+    cache.path(key).write_bytes(b"broken")
+    assert cache.get(key) is None and not cache.path(key).exists()
+
+
+def test_flipped_bytes_in_cached_embeddings_give_a_clean_runs_masks(tmp_path, capsys):
+    """1 MiB of every entry inverted in place (sizes kept): the run reports and recomputes them, masks unchanged."""
+    case = _volume_case()
+    model = tiny_model()
+    clean = segment_case(model, case, ModalityChoice(model)).segs
+    cached = CachedEncoder(model, tmp_path)
+    segment_case(cached, case, ModalityChoice(cached))
+    entries = sorted(tmp_path.rglob("*.emb"))
+    for entry in entries:
+        flip_bytes(entry)
+    capsys.readouterr()
+    again = CachedEncoder(model, tmp_path)
+    assert np.array_equal(segment_case(again, case, ModalityChoice(again)).segs, clean)
+    assert again.cache.hits == 0 and again.cache.misses == len(entries)
+    warnings = capsys.readouterr().err.splitlines()
+    assert sorted(w.split(": damaged")[0].removeprefix("warning: ") for w in warnings) == list(map(str, entries))
+    assert all(EmbeddingCache(tmp_path, again.cache.dir.name, torch.float32).get(e.name.split(".")[0]) is not None
+               for e in entries)
+
+
+def test_key_covers_dtype_and_runtime(tmp_path):
+    key = image_key(torch.zeros(3, 256, 256))
+    EmbeddingCache(tmp_path, "enc", torch.float16).put(key, torch.ones(2, 2))
+    assert EmbeddingCache(tmp_path, "enc", torch.float32).get(key) is None  # fp16 entries never read as fp32
+    model = tiny_model()
+    ident = encoder_cache_id(model)
+    assert encoder_cache_id(tiny_model().half()) != ident  # the same weights in another dtype
+    model.backend = "onnxruntime"  # the same weights computed by another runtime (and its version)
+    assert encoder_cache_id(model) != ident
+
+
+def test_every_backend_a_variant_may_name_has_a_cache_key():
+    from zoo.runtime.exported import MANIFEST_BACKENDS
+
+    model = tiny_model()
+    keys = set()
+    for backend in ("pytorch", *MANIFEST_BACKENDS):  # 'inc' (a torch.export program) once had none: a KeyError
+        model.backend = backend
+        keys.add(encoder_cache_id(model))
+    assert len(keys) == 1 + len(MANIFEST_BACKENDS)

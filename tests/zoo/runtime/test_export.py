@@ -1,0 +1,224 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import zoo.index
+from tests.helpers import empty_zoo, tiny_model, write_npz
+from zoo.data.io import load_case
+from zoo.models.checkpoint import CheckpointError, save_checkpoint
+from zoo.models.flops import model_size
+from zoo.predict import ModalityChoice, segment_case
+from zoo.runtime.export import export_variant, write_variant
+from zoo.runtime.exported import ExportedModel, _OpenVINOGraph
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_exported_variant_answers_like_the_pytorch_model(model, backend, tmp_path):
+    out = export_variant(model, {"parent": "tiny"}, tmp_path / backend, backend)
+    exported = zoo.index.load(out)
+    assert isinstance(exported, ExportedModel) and exported.backend == backend and exported.precision == "fp32"
+    assert exported.size == model_size(model)
+    # What the runtime really computes in, read back from the compiled graphs: OpenVINO defaults to bf16 on
+    # AVX512_BF16 / AMX CPUs, so an fp32 variant has to ask for f32 explicitly.
+    assert {part: graph.inference_precision for part, graph in exported.graphs.items()} == dict.fromkeys(exported.graphs, "f32")
+    image = torch.rand(1, 3, 256, 256)
+    boxes = torch.tensor([[10.0, 10.0, 100.0, 100.0], [50.0, 60.0, 200.0, 220.0], [0.0, 0.0, 255.0, 255.0]])
+    with torch.inference_mode():
+        embedding = model.embed(image)
+        assert torch.allclose(exported.embed(image), embedding, atol=1e-4)
+        assert torch.allclose(exported.predict_modality(embedding), model.predict_modality(embedding), atol=1e-4)
+        for modality in (None, 4, torch.tensor([1, 2, 3])):
+            assert torch.allclose(exported.decode(embedding, boxes, modality), model.decode(embedding, boxes, modality), atol=1e-3)
+        assert exported.decode(embedding, boxes[:1], 2).shape == (1, 1, 256, 256)
+    path = write_npz(tmp_path / "2DBox_US_x.npz", imgs=np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8),
+                     boxes=np.array([[5, 5, 30, 30], [10, 20, 45, 38]]))
+    case = load_case(path)
+    ours = segment_case(exported, case, ModalityChoice(exported)).segs
+    theirs = segment_case(model, case, ModalityChoice(model)).segs
+    assert (ours == theirs).mean() > 0.99
+
+
+def test_openvino_compiles_the_precision_the_manifest_names(model, tmp_path):
+    import openvino
+
+    out = export_variant(model, {}, tmp_path / "v", "openvino")
+    encoder = out / json.loads((out / "manifest.json").read_text())["files"]["encoder"]["path"]
+    assert _OpenVINOGraph(encoder, 1, "fp32").inference_precision == "f32"
+    assert _OpenVINOGraph(encoder, 1, "int8").inference_precision == "f32"
+    bf16 = _OpenVINOGraph(encoder, 1, "bf16").inference_precision
+    if "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        assert bf16 == "bf16"
+    with pytest.raises(CheckpointError, match="unknown precision 'fp8'"):
+        _OpenVINOGraph(encoder, 1, "fp8")
+
+
+def test_a_changed_graph_file_is_refused(model, tmp_path):
+    out = export_variant(model, {}, tmp_path / "v", "onnxruntime")
+    graph = out / "decoder.onnx"
+    graph.write_bytes(graph.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="decoder.onnx: sha256 does not match"):
+        ExportedModel(out)
+    (out / "manifest.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not a readable manifest"):
+        ExportedModel(out)
+    with pytest.raises(CheckpointError, match="no manifest.json"):
+        ExportedModel(tmp_path)
+
+
+def test_out_and_a_shipped_copy_are_never_their_input(model, tmp_path, monkeypatch, capsys):
+    import compress.export  # the export CLI (zoo.runtime.export's command)
+
+    source = save_checkpoint(tmp_path / "tiny.pt", model)
+    before = source.read_bytes()
+    assert compress.export.main([str(source), "--backend", "onnxruntime", "--out", str(source)]) == 2
+    assert "--out is the input" in capsys.readouterr().err
+    index = tmp_path / "index.json"  # a zoo whose folder holds the checkpoint: `add tiny tiny.pt` would replace it
+    index.write_text(json.dumps({"models": []}))
+    monkeypatch.setattr(zoo.index, "INDEX_PATH", index)
+    monkeypatch.setattr(zoo.index, "ZOO_DIR", tmp_path)
+    assert zoo.index.main(["add", "tiny", str(source), "--half"]) == 2
+    assert "NAME is the input" in capsys.readouterr().err
+    assert source.read_bytes() == before and zoo.index.read_index() == []
+
+
+def test_nothing_is_overwritten_and_a_failed_export_leaves_nothing(model, tmp_path):
+    out = export_variant(model, {}, tmp_path / "v", "onnxruntime")
+    before = json.loads((out / "manifest.json").read_text())
+    with pytest.raises(FileExistsError):
+        export_variant(model, {}, out, "onnxruntime")
+    assert json.loads((out / "manifest.json").read_text()) == before
+
+    def failing(folder):
+        (folder / "half-written.onnx").write_bytes(b"x")
+        raise RuntimeError("converter crashed")
+
+    with pytest.raises(RuntimeError):
+        write_variant(tmp_path / "w", model, failing, "onnxruntime", "fp32", {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v"]
+
+
+def test_index_add_ships_an_exported_folder(model, tmp_path, monkeypatch):
+    empty_zoo(tmp_path, monkeypatch)
+    out = export_variant(model, {}, tmp_path / "v", "onnxruntime")
+    assert zoo.index.main(["add", "tiny_ort", str(out)]) == 0
+    (entry,) = zoo.index.read_index()
+    assert entry["file"] == "tiny_ort/manifest.json" and entry["backend"] == "onnxruntime"
+    assert entry["params_M"] == pytest.approx(model_size(model)["params"] / 1e6, abs=1e-3)
+    assert isinstance(zoo.index.load("tiny_ort"), ExportedModel)
+    assert zoo.index.model_bytes("tiny_ort") > (out / "encoder.onnx").stat().st_size
+
+
+def test_a_derived_entry_is_exported_once_on_first_load_and_follows_its_parent(model, tmp_path, monkeypatch, capsys):
+    index = empty_zoo(tmp_path, monkeypatch)
+    source = save_checkpoint(tmp_path / "best.pt", model)
+    assert zoo.index.main(["add", "tiny", str(source)]) == 0
+    assert zoo.index.main(["add", "tiny_ov", "tiny", "--export", "openvino"]) == 0
+    entry = zoo.index.read_index()[1]
+    assert entry["file"] is None and entry["derived_from"] == "tiny" and entry["backend"] == "openvino"
+    assert entry["params_M"] == pytest.approx(model_size(model)["params"] / 1e6, abs=1e-3)
+    assert not list(index.parent.glob("tiny_ov*"))  # nothing committed beside the parent checkpoint
+    (folder,) = (tmp_path / "cache").iterdir()
+    assert zoo.index.model_file("tiny_ov") == folder / "manifest.json"
+
+    monkeypatch.setattr(zoo.index, "export_variant", lambda *a, **k: pytest.fail("exported twice"))
+    exported = zoo.index.load("tiny_ov")  # `add` exported it (to measure it): now it comes from the cache
+    image = torch.rand(1, 3, 256, 256)
+    with torch.inference_mode():
+        assert torch.allclose(zoo.index.load("tiny_ov").embed(image), model.embed(image), atol=1e-4)
+    assert exported.backend == "openvino"
+    assert exported.manifest["metadata"]["parent_sha256"] == zoo.index.read_index()[0]["sha256"]
+
+    monkeypatch.undo()  # the real exporter again, for the damaged export below
+    monkeypatch.setattr(zoo.index, "INDEX_PATH", index)
+    monkeypatch.setattr(zoo.index, "ZOO_DIR", index.parent)
+    monkeypatch.setattr(zoo.index, "EXPORT_CACHE", tmp_path / "cache")
+    capsys.readouterr()
+    weights = bytearray((folder / "encoder.bin").read_bytes())  # bytes flipped in place, the size unchanged
+    weights[len(weights) // 2 : len(weights) // 2 + 64] = bytes(b ^ 0xFF for b in weights[len(weights) // 2 : len(weights) // 2 + 64])
+    (folder / "encoder.bin").write_bytes(bytes(weights))
+    with torch.inference_mode():  # discarded, exported again, and answering like a clean export
+        assert torch.allclose(zoo.index.load("tiny_ov").embed(image), model.embed(image), atol=1e-4)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and f"{folder / 'encoder.bin'}: sha256 does not match" in warnings[0]
+    zoo.index.load("tiny_ov")
+    assert "warning" not in capsys.readouterr().err  # the new export is clean
+    (index.parent / "tiny.pt").write_bytes(b"changed")  # a changed parent is refused, not exported
+    with pytest.raises(CheckpointError, match="does not match the zoo index"):
+        zoo.index.load("tiny_ov")
+    for not_a_checkpoint in ("nonexistent", "tiny_ov"):  # an export is made from a committed .pt, not from an export
+        assert zoo.index.main(["add", "bad", not_a_checkpoint, "--export", "onnxruntime"]) == 2
+        assert "needs the name of a committed zoo checkpoint" in capsys.readouterr().err
+
+
+def test_a_bf16_variant_is_offered_where_the_cpu_computes_bf16_and_refused_elsewhere(model, tmp_path, monkeypatch, capsys):
+    import compress.export  # the export CLI (zoo.runtime.export's command)
+    import zoo.runtime.cpu
+
+    checkpoint = save_checkpoint(tmp_path / "tiny.pt", model)
+    assert compress.export.main([str(checkpoint), "--backend", "onnxruntime", "--precision", "bf16", "--out", str(tmp_path / "o")]) == 2
+    assert "bf16 is offered for openvino only" in capsys.readouterr().err
+    if zoo.runtime.cpu.openvino_supports_bf16():
+        assert compress.export.main([str(checkpoint), "--precision", "bf16", "--out", str(tmp_path / "b")]) == 0
+        variant = zoo.index.load(tmp_path / "b")
+        assert variant.precision == "bf16" and variant.graphs["encoder"].inference_precision == "bf16"
+        fp32 = export_variant(model, {}, tmp_path / "f", "openvino")
+        assert variant.encoder_fingerprint() != zoo.index.load(fp32).encoder_fingerprint()
+        image = torch.rand(1, 3, 256, 256)
+        with torch.inference_mode():
+            reference = model.embed(image)
+            assert 0 < ((variant.embed(image) - reference).norm() / reference.norm()).item() < 0.05
+    monkeypatch.setattr(zoo.runtime.cpu, "openvino_supports_bf16", lambda: False)  # as on a CPU without AVX512_BF16 / AMX
+    assert compress.export.main([str(checkpoint), "--precision", "bf16", "--out", str(tmp_path / "n")]) == 2
+    assert "has no BF16 support in OpenVINO" in capsys.readouterr().err
+    assert not (tmp_path / "n").exists() and not (tmp_path / "o").exists()
+
+
+def test_a_derived_bf16_entry_is_listed_once_and_left_out_of_default_runs_on_cpus_without_bf16(model, tmp_path, monkeypatch, capsys):
+    import zoo.runtime.cpu
+
+    index = empty_zoo(tmp_path, monkeypatch)
+    assert zoo.index.main(["add", "tiny", str(save_checkpoint(tmp_path / "best.pt", model))]) == 0
+    assert zoo.index.main(["add", "tiny_ort", "tiny", "--export", "onnxruntime", "--precision", "bf16"]) == 2
+    assert "bf16 on openvino" in capsys.readouterr().err
+    if zoo.runtime.cpu.openvino_supports_bf16():
+        assert zoo.index.main(["add", "tiny_ov", "tiny", "--export", "openvino"]) == 0
+        assert zoo.index.main(["add", "tiny_bf16", "tiny", "--export", "openvino", "--precision", "bf16"]) == 0
+        entry = zoo.index.read_index()[2]
+        assert entry["precision"] == "bf16" and entry["file"] is None and "BF16" in entry["source"]
+        variant = zoo.index.load("tiny_bf16")
+        assert {g.inference_precision for g in variant.graphs.values()} == {"bf16"}
+        assert zoo.index.model_file("tiny_bf16") != zoo.index.model_file("tiny_ov")  # its own export
+        assert zoo.index.not_on_this_cpu("tiny_bf16") is None
+    else:
+        index.write_text(json.dumps({"models": [*zoo.index.read_index(), {**zoo.index.read_index()[0], "name": "tiny_bf16",
+                                                                          "precision": "bf16"}]}))
+    monkeypatch.setattr(zoo.runtime.cpu, "openvino_supports_bf16", lambda: False)
+    assert "no AVX512_BF16 or AMX" in zoo.index.not_on_this_cpu("tiny_bf16")
+    assert zoo.index.not_on_this_cpu("tiny") is None and zoo.index.not_on_this_cpu("not a zoo name") is None
+
+
+@pytest.mark.parametrize("from_parent", ["decoder", ["encoder"], ["heads"], [["decoder"]]])
+def test_a_manifest_naming_odd_parts_from_its_parent_is_refused(model, tmp_path, from_parent):
+    import shutil
+
+    from zoo.runtime.exported import MANIFEST, read_manifest
+
+    out = export_variant(model, {"parent": "tiny"}, tmp_path / "v", "onnxruntime", "fp32")
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    manifest = json.loads((broken / MANIFEST).read_text())
+    (broken / MANIFEST).write_text(json.dumps({**manifest, "from_parent": from_parent}))
+    with pytest.raises(CheckpointError, match="'from_parent' must list parts"):
+        read_manifest(broken)
+    manifest["files"].pop("decoder")
+    (broken / MANIFEST).write_text(json.dumps({**manifest, "from_parent": ["decoder"]}))
+    assert read_manifest(broken)["from_parent"] == ["decoder"]  # a partial variant reads; it loads by zoo name only
+    with pytest.raises(CheckpointError, match="load it by its zoo name"):
+        ExportedModel(broken)

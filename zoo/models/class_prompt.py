@@ -1,0 +1,169 @@
+"""ClassPromptSAM: a TinyViT encoder, SAM's prompt encoder and mask decoder, and optionally the class-prompt
+parts of the class-prompt TinyViT paper: a modality head on the image embedding and a learned per-modality
+vector added to the box's prompt tokens.
+
+With `class_prompt=False` it is exactly LiteMedSAM; with a zero class-prompt table it still gives LiteMedSAM's
+masks, so fine-tuning starts from LiteMedSAM's behaviour.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+
+from zoo.data.preprocess import IMAGE_SIZE
+from zoo.modalities import MODALITIES
+from zoo.models.encoders import ENCODER_CONFIGS, TinyViTConfig, TinyViTEncoder
+from zoo.models.pooled_decoder import PooledMaskDecoder, PooledTwoWayTransformer
+from zoo.runtime.embedding_cache import module_fingerprint
+
+EMBED_DIM = 256
+
+
+# zoo.models.pooled_decoder's design: only the prompt tokens' attention to the image on pooled tokens.
+LIGHT_DECODER = "pooled-tokens"
+
+
+@dataclass
+class ModelConfig:
+    """What a checkpoint needs to rebuild its model: the encoder's shape, whether it has a class prompt, and the
+    mask decoder's token stride (1: SAM's decoder; 2 or more: zoo.models.pooled_decoder's light decoder, SAM's with the
+    prompt tokens' attention to the image on a pooled grid)."""
+
+    encoder: TinyViTConfig = field(default_factory=lambda: ENCODER_CONFIGS["litemedsam"])
+    class_prompt: bool = False
+    decoder_token_stride: int = 1
+
+    @property
+    def decoder(self) -> str:
+        """The decoder's design, named in checkpoints: 'sam', or LIGHT_DECODER for a stride of 2 or more."""
+        return "sam" if self.decoder_token_stride == 1 else LIGHT_DECODER
+
+    def to_dict(self) -> dict:
+        return {"encoder": self.encoder.to_dict(), "class_prompt": self.class_prompt,
+                "decoder_token_stride": self.decoder_token_stride, "decoder": self.decoder}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        """Checkpoints written before the light decoder existed have SAM's decoder. A stride without this light
+        decoder's name was written by an earlier design (both attentions pooled), whose masks this one does not
+        reproduce: refused, not loaded into the wrong decoder."""
+        stride = int(values.get("decoder_token_stride", 1))
+        config = cls(encoder=TinyViTConfig.from_dict(values["encoder"]), class_prompt=bool(values["class_prompt"]),
+                     decoder_token_stride=stride)
+        decoder = values.get("decoder", "sam" if stride == 1 else "an earlier light decoder")
+        if decoder != config.decoder:
+            raise ValueError(f"decoder {decoder!r} with decoder_token_stride {stride}: this version builds SAM's decoder"
+                             f" (stride 1) or {LIGHT_DECODER!r} (stride 2 or more)")
+        return config
+
+
+class ModalityHead(nn.Module):
+    """Globally averaged image embedding -> modality logits: (B, 256, 64, 64) -> (B, 11).
+    Linear 256→256, ReLU, Linear 256→256, ReLU, Linear 256→11."""
+
+    def __init__(self, dim: int = EMBED_DIM, num_classes: int = len(MODALITIES)):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, num_classes),
+        )
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        return self.mlp(embedding.mean(dim=(2, 3)))
+
+
+class ClassPromptSAM(nn.Module):
+    """Box-prompted segmentation with an optional class prompt.
+
+    The interface every model variant answers (see zoo.runtime.interface):
+      embed(image)                      (1, 3, 256, 256) -> (1, 256, 64, 64)
+      encoder_fingerprint()             a hash that is equal exactly when embed() gives equal outputs
+      predict_modality(embedding)       (1, 256, 64, 64) -> (1, 11) logits, or None without a head
+      decode(embedding, boxes, modality, points=None, point_labels=None, mask_input=None)
+                                        boxes (N, 4) at 256 scale -> (N, 1, 256, 256) mask logits
+    """
+
+    backend = "pytorch"
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.image_encoder = TinyViTEncoder(config.encoder)
+        grid = config.encoder.embedding_size
+        self.prompt_encoder = PromptEncoder(
+            embed_dim=EMBED_DIM, image_embedding_size=(grid, grid), input_image_size=(IMAGE_SIZE, IMAGE_SIZE),
+            mask_in_chans=16,
+        )
+        shape = dict(depth=2, embedding_dim=EMBED_DIM, mlp_dim=2048, num_heads=8)
+        decoder = dict(num_multimask_outputs=3, transformer_dim=EMBED_DIM, iou_head_depth=3, iou_head_hidden_dim=256)
+        stride = config.decoder_token_stride
+        if stride == 1:
+            self.mask_decoder = MaskDecoder(transformer=TwoWayTransformer(**shape), **decoder)
+        else:
+            self.mask_decoder = PooledMaskDecoder(transformer=PooledTwoWayTransformer(token_stride=stride, **shape), **decoder)
+        if config.class_prompt:
+            self.modality_head = ModalityHead()
+            self.class_prompt = nn.Embedding(len(MODALITIES), EMBED_DIM)
+            nn.init.zeros_(self.class_prompt.weight)  # starts as LiteMedSAM
+        else:
+            self.modality_head = None
+            self.class_prompt = None
+
+    @property
+    def precision(self) -> str:
+        return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[next(self.parameters()).dtype]
+
+    @property
+    def has_modality_head(self) -> bool:
+        return self.modality_head is not None
+
+    def embed(self, image: torch.Tensor) -> torch.Tensor:
+        return self.image_encoder(image)
+
+    def encoder_fingerprint(self) -> str:
+        return module_fingerprint(self.image_encoder)
+
+    def predict_modality(self, embedding: torch.Tensor) -> torch.Tensor | None:
+        return None if self.modality_head is None else self.modality_head(embedding)
+
+    def decode(self, embedding: torch.Tensor, boxes: torch.Tensor, modality: torch.Tensor | int | None = None,
+               points: torch.Tensor | None = None, point_labels: torch.Tensor | None = None,
+               mask_input: torch.Tensor | None = None) -> torch.Tensor:
+        """embedding (1 or N, 256, 64, 64), boxes (N, 4), modality: id, (N,) ids or None -> logits (N, 1, 256, 256).
+
+        Clicks: points (N, P, 2) as (x, y) at 256 scale with point_labels (N, P): 1 positive, 0 negative, -1 padding
+        (ignored); mask_input (N, 1, 256, 256): the previous step's logits. Without a given modality a class-prompt
+        model uses its head's prediction."""
+        clicks = None
+        if points is not None:
+            if point_labels is None or point_labels.shape != points.shape[:2]:
+                raise ValueError("points (N, P, 2) need point_labels (N, P)")
+            clicks = (points.float(), point_labels.float())
+        sparse, dense = self.prompt_encoder(points=clicks, boxes=boxes.reshape(-1, 1, 4).float(),
+                                            masks=None if mask_input is None else mask_input.float())
+        if self.class_prompt is not None:
+            if modality is None:
+                modality = self.predict_modality(embedding).argmax(dim=1)
+            ids = torch.as_tensor(modality, device=sparse.device).reshape(-1)
+            prompt = self.class_prompt(ids)[:, None, :]  # (N or 1, 1, 256)
+            if clicks is None:
+                sparse = sparse + prompt  # onto both box tokens
+            else:  # onto the box tokens only, the last two: the class prompt is part of the box prompt
+                sparse = torch.cat([sparse[:, :-2], sparse[:, -2:] + prompt], dim=1)
+        logits, _ = self.mask_decoder(
+            image_embeddings=embedding, image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
+        )
+        return logits
+
+    def forward(self, image: torch.Tensor, boxes: torch.Tensor, modality: torch.Tensor | int | None = None) -> torch.Tensor:
+        """Training path: image (B, 3, 256, 256), one box per image (B, 4) -> (B, 1, 256, 256) logits."""
+        embedding = self.embed(image)
+        if embedding.shape[0] == 1:
+            return self.decode(embedding, boxes, modality)
+        # mask_decoder repeats the embedding per prompt; one box per image is decoded image by image.
+        ids = [None] * len(boxes) if modality is None else torch.as_tensor(modality).reshape(-1).expand(len(boxes))
+        return torch.cat([self.decode(embedding[i : i + 1], boxes[i : i + 1], ids[i]) for i in range(len(boxes))])

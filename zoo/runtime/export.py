@@ -1,0 +1,184 @@
+"""The graph export a derived zoo variant needs: a model's parts to ONNX (torch.onnx) and OpenVINO IR, written as
+an exported variant folder with its sha256 manifest that zoo.runtime.exported reads.
+
+zoo.index exports a derived entry on its first load with this module; `python -m compress.export` is its command.
+Graph inputs and outputs are listed in zoo.runtime.exported.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from zoo.data.preprocess import IMAGE_SIZE
+from zoo.models.checkpoint import sha256_file
+from zoo.models.class_prompt import EMBED_DIM, ClassPromptSAM
+from zoo.models.flops import model_size
+from zoo.runtime.exported import FORMAT, MANIFEST, PARTS, check_backend, graph_runtime, read_manifest
+
+OPSET = 17
+
+
+class EncoderGraph(nn.Module):
+    """image (1, 3, 256, 256) -> embedding (1, 256, 64, 64)."""
+
+    def __init__(self, model: ClassPromptSAM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(image)
+
+
+class HeadGraph(nn.Module):
+    """embedding (1, 256, 64, 64) -> modality logits (1, 11)."""
+
+    def __init__(self, model: ClassPromptSAM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        return self.model.predict_modality(embedding)
+
+
+class DecoderGraph(nn.Module):
+    """decode() with the modality as an input (class-prompt models) or without one."""
+
+    def __init__(self, model: ClassPromptSAM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, embedding: torch.Tensor, boxes: torch.Tensor, modality: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.decode(embedding, boxes, modality)
+
+
+def export_onnx(model: ClassPromptSAM, folder: Path, parts: tuple[str, ...] = PARTS) -> dict[str, Path]:
+    """encoder.onnx, decoder.onnx (a dynamic number of boxes) and, with a modality head, head.onnx; only those
+    in `parts`. A copy is traced: tracing leaves state behind in timm's attention-bias caches."""
+    model = copy.deepcopy(model).float().eval()
+    grid = model.config.encoder.embedding_size
+    image = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    embedding = torch.randn(1, EMBED_DIM, grid, grid)
+    boxes = torch.tensor([[10.0, 20.0, 120.0, 140.0], [30.0, 30.0, 90.0, 200.0]])
+    paths = {"encoder": folder / "encoder.onnx", "decoder": folder / "decoder.onnx"}
+    exports = [(EncoderGraph(model), (image,), ["image"], ["embedding"], {}, paths["encoder"])]
+    decoder_inputs, decoder_names = (embedding, boxes), ["embedding", "boxes"]
+    dynamic = {"boxes": {0: "boxes"}, "logits": {0: "boxes"}}
+    if model.has_modality_head:
+        decoder_inputs += (torch.tensor([3, 3]),)
+        decoder_names.append("modality")
+        dynamic["modality"] = {0: "boxes"}
+        paths["head"] = folder / "head.onnx"
+        exports.append((HeadGraph(model), (embedding,), ["embedding"], ["modality_logits"], {}, paths["head"]))
+    exports.append((DecoderGraph(model), decoder_inputs, decoder_names, ["logits"], dynamic, paths["decoder"]))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about shape arithmetic that is constant here
+        for module, inputs, in_names, out_names, axes, path in exports:
+            if path.stem not in parts:
+                continue
+            torch.onnx.export(module, inputs, str(path), input_names=in_names, output_names=out_names,
+                              dynamic_axes=axes or None, opset_version=OPSET, dynamo=False)
+    return {part: path for part, path in paths.items() if part in parts}
+
+
+def runtime_version(backend: str) -> str:
+    """The installed version of a backend's runtime package (names cached exports: a new converter re-exports)."""
+    return importlib.metadata.version(backend)
+
+
+def onnx_to_openvino(onnx_path: Path, xml_path: Path, compress_to_fp16: bool = False) -> Path:
+    import openvino
+
+    openvino.save_model(openvino.convert_model(str(onnx_path)), str(xml_path), compress_to_fp16=compress_to_fp16)
+    return xml_path
+
+
+def graph_files(path: Path) -> list[Path]:
+    """The files a graph consists of: model.onnx, or model.xml + model.bin."""
+    return [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]
+
+
+def write_variant(out: Path, model: ClassPromptSAM, build, backend: str, precision: str, metadata: dict) -> Path:
+    """Build a variant of `model` in a temporary folder beside `out` with build(folder) -> {part: graph path},
+    write its manifest (with the model's size), then rename it to `out`. A failure leaves nothing at `out`; an existing `out` is not touched."""
+    if out.exists():
+        raise FileExistsError(f"{out}: exists already; choose another --out (nothing is overwritten)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        parts = build(staging)
+        files = {part: {"path": path.name, "sha256": {f.name: sha256_file(f) for f in graph_files(path)}} for part, path in parts.items()}
+        for leftover in set(staging.iterdir()) - {staging / n for e in files.values() for n in e["sha256"]}:
+            leftover.unlink()  # intermediate graphs (an ONNX file behind an OpenVINO IR)
+        manifest = {"format": FORMAT, "backend": backend, "precision": precision, "class_prompt": model.has_modality_head,
+                    "size": model_size(model), "files": files, "metadata": metadata}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        os.chmod(staging, 0o755)
+        os.rename(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+EXPORT_PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(backend: str, precision: str) -> None:
+    """A clear error, before any work, for a precision this backend or this CPU cannot run. A bf16 variant is the
+    fp32 graph that OpenVINO is told to compute in bf16 (zoo.runtime.exported.OPENVINO_PRECISION); it is refused on a CPU
+    where OpenVINO cannot (it would run f32 and be labelled bf16)."""
+    if precision not in EXPORT_PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(EXPORT_PRECISIONS)}")
+    if precision == "bf16":
+        from zoo.runtime.cpu import cpu_model, openvino_supports_bf16
+
+        if backend != "openvino":
+            raise ValueError(f"--precision bf16 is offered for openvino only ({backend} computes float graphs in f32)")
+        if not openvino_supports_bf16():
+            raise ValueError(f"--precision bf16: this CPU ({cpu_model()}) has no BF16 support in OpenVINO "
+                             "(AVX512_BF16 or AMX); export fp32")
+
+
+def export_variant(model: ClassPromptSAM, metadata: dict, out: Path, backend: str, precision: str = "fp32") -> Path:
+    """A float variant of `model` on `backend`: fp32, or (OpenVINO on a CPU with BF16) computed in bf16."""
+    check_backend(backend)
+    check_precision(backend, precision)
+
+    def build(folder: Path) -> dict[str, Path]:
+        paths = export_onnx(model, folder)
+        if backend == "openvino":
+            paths = {part: onnx_to_openvino(p, p.with_suffix(".xml")) for part, p in paths.items()}
+        return paths
+
+    return write_variant(out, model, build, backend, precision, metadata)
+
+
+def complete_variant(shipped: Path, model: ClassPromptSAM, out: Path) -> Path:
+    """A zoo variant that ships only some parts (manifest `from_parent`, e.g. an INT8 encoder without the FP32
+    decoder and head of its parent) made whole at `out`: its checked files copied, the parts it takes from its
+    parent `model` exported to the runtime its graphs run on (OpenVINO, else ONNX Runtime)."""
+    manifest = read_manifest(shipped)
+    runtime = graph_runtime(manifest["backend"])
+
+    def build(folder: Path) -> dict[str, Path]:
+        paths = export_onnx(model, folder, tuple(manifest["from_parent"]))
+        if runtime == "openvino":
+            paths = {part: onnx_to_openvino(p, p.with_suffix(".xml")) for part, p in paths.items()}
+        for part, entry in manifest["files"].items():
+            for name in entry["sha256"]:
+                shutil.copyfile(shipped / name, folder / name)
+            paths[part] = folder / entry["path"]
+        return paths
+
+    metadata = {**manifest["metadata"], "shipped_parts": sorted(manifest["files"]), "from_parent": manifest["from_parent"]}
+    return write_variant(out, model, build, manifest["backend"], manifest["precision"], metadata)

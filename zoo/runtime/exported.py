@@ -1,0 +1,218 @@
+"""Exported model variants (ONNX Runtime, OpenVINO) behind the same interface as ClassPromptSAM.
+
+A variant is a folder: manifest.json plus one graph per part — `encoder` (image -> embedding), `decoder`
+(embedding, boxes[, modality] -> mask logits) and, for class-prompt models, `head` (embedding -> modality logits).
+The manifest records each file's sha256, checked before a graph is read. zoo.runtime.export (and compress.quantize) write these folders.
+A zoo variant may ship only its own parts (an INT8 encoder) and name the rest `from_parent`: those are its parent's FP32
+graphs, exported on first load (zoo.runtime.export.complete_variant); such a folder loads by its zoo name, not by path.
+A part's runtime follows its file: `.onnx` ONNX Runtime, `.xml` (+ `.bin`) OpenVINO, `.pt2` a torch.export program
+(backend 'inc': Intel Neural Compressor's PT2E INT8 encoder, with ONNX Runtime decoder and head).
+
+Graph inputs and outputs (N boxes):
+  encoder  image (1, 3, 256, 256) float32                       -> embedding (1, 256, 64, 64)
+  decoder  embedding (1, 256, 64, 64), boxes (N, 4) float32,
+           modality (N,) int64 (class-prompt models only)         -> logits (N, 1, 256, 256)
+  head     embedding (1, 256, 64, 64)                            -> modality_logits (1, 11)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from zoo.models.checkpoint import CheckpointError, sha256_file
+
+FORMAT = "cp-tinyvit-exported/1"
+MANIFEST = "manifest.json"
+BACKENDS = ("onnxruntime", "openvino")  # what compress.export exports to
+MANIFEST_BACKENDS = (*BACKENDS, "inc")  # and what a variant folder may name (compress.quantize --backend inc)
+PARTS = ("encoder", "decoder", "head")
+# What OpenVINO computes the float parts of a variant in. Its CPU plugin defaults to bf16 on CPUs with
+# AVX512_BF16 or AMX, so without an explicit hint an "fp32" variant silently runs in bf16 there. An int8
+# variant's layers that are not quantized stay f32.
+OPENVINO_PRECISION = {"fp32": "f32", "int8": "f32", "bf16": "bf16"}
+
+
+def check_backend(backend: str) -> str:
+    """`backend` if it is one of BACKENDS; ValueError naming the choices otherwise."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def graph_runtime(backend: str) -> str:
+    """The runtime a variant's float graphs run on: OpenVINO for an OpenVINO variant, ONNX Runtime otherwise (an
+    'inc' variant's decoder and head too)."""
+    return "openvino" if backend == "openvino" else "onnxruntime"
+
+
+def read_manifest(folder: Path) -> dict:
+    """The manifest of an exported variant, with every listed file present and matching its sha256."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: not an exported model (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not a readable manifest ({err})") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a cp-tinyvit exported-model manifest (expected format {FORMAT!r})")
+    if manifest.get("backend") not in MANIFEST_BACKENDS:
+        raise CheckpointError(f"{path}: unknown backend {manifest.get('backend')!r}; expected one of {', '.join(MANIFEST_BACKENDS)}")
+    files = manifest.get("files", {})
+    if not isinstance(manifest.get("size"), dict) or not isinstance(files, dict):
+        raise CheckpointError(f"{path}: the manifest has no size or no files")
+    from_parent = manifest.setdefault("from_parent", [])
+    if not isinstance(from_parent, list) or not all(isinstance(p, str) for p in from_parent) \
+            or not set(from_parent) <= set(PARTS) - set(files):
+        raise CheckpointError(f"{path}: 'from_parent' must list parts ({', '.join(PARTS)}) that the folder does not ship")
+    if not {"encoder", "decoder"} <= set(files) | set(from_parent):
+        raise CheckpointError(f"{path}: the manifest lists no encoder or no decoder graph")
+    for part, entry in files.items():
+        for name, digest in entry["sha256"].items():
+            file = folder / name
+            if not file.is_file():
+                raise CheckpointError(f"{file}: {part} graph file listed in {MANIFEST} is missing")
+            if sha256_file(file) != digest:
+                raise CheckpointError(f"{file}: sha256 does not match {MANIFEST}; refusing a changed or truncated file")
+    return manifest
+
+
+class _OnnxRuntimeGraph:
+    # ONNX Runtime's CPU provider computes float graphs in f32 on every CPU.
+    inference_precision = "f32"
+
+    def __init__(self, path: Path, threads: int, precision: str):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own exception types for unreadable graphs
+            raise CheckpointError(f"{path}: ONNX Runtime cannot load this graph ({err})") from err
+
+    def __call__(self, **inputs: np.ndarray) -> np.ndarray:
+        return self.session.run(None, inputs)[0]
+
+
+class _OpenVINOGraph:
+    def __init__(self, path: Path, threads: int, precision: str):
+        import openvino
+
+        if precision not in OPENVINO_PRECISION:
+            raise CheckpointError(f"{path}: unknown precision {precision!r}; expected one of {', '.join(OPENVINO_PRECISION)}")
+        config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[precision]}
+        try:
+            self.compiled = openvino.Core().compile_model(str(path), "CPU", config)
+        except Exception as err:  # openvino raises RuntimeError subclasses of its own
+            raise CheckpointError(f"{path}: OpenVINO cannot load this model ({err})") from err
+        if precision == "bf16" and self.inference_precision != "bf16":
+            # OpenVINO would quietly run f32 on a CPU without BF16: the variant's label would be false.
+            from zoo.runtime.cpu import cpu_model
+
+            raise CheckpointError(f"{path}: a bf16 variant, but this CPU ({cpu_model()}) has no BF16 support in "
+                                  "OpenVINO; load the fp32 variant instead")
+        self.request = self.compiled.create_infer_request()
+
+    @property
+    def inference_precision(self) -> str:
+        """What the compiled graph computes its float layers in, as OpenVINO reports it ('f32', 'bf16')."""
+        return self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+
+    def __call__(self, **inputs: np.ndarray) -> np.ndarray:
+        return self.request.infer(inputs)[self.compiled.output(0)].copy()
+
+
+class _TorchExportGraph:
+    """A torch.export program (.pt2), run in PyTorch with its threads."""
+
+    inference_precision = "f32"  # PyTorch's CPU kernels compute float ops in f32 unless asked otherwise
+
+    def __init__(self, path: Path, threads: int, precision: str):
+        # torch.export.load unpickles its weights and, where that fails, retries without weights_only; forcing
+        # weights_only keeps a crafted file from running code (its sha256 is checked already, this guards more).
+        # The quantize / dequantize ops of a PT2E INT8 program live in this torch library, which nothing else imports
+        # in a process that did not quantize: without it the program's nodes do not resolve.
+        import torch.ao.quantization.fx._decomposed  # noqa: F401
+
+        previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+        os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+        try:
+            self.module = torch.export.load(str(path)).module()
+        except Exception as err:  # torch raises assorted types for an unreadable archive
+            raise CheckpointError(f"{path}: not a loadable torch.export program ({err})") from err
+        finally:
+            if previous is None:
+                del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+            else:
+                os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+    def __call__(self, **inputs: np.ndarray) -> np.ndarray:
+        # A program exported with positional inputs takes them so, in the graph's input order (zoo.runtime.exported's table).
+        with torch.inference_mode():
+            return self.module(*(torch.from_numpy(v) for v in inputs.values())).numpy()
+
+
+_GRAPHS = {".onnx": _OnnxRuntimeGraph, ".xml": _OpenVINOGraph, ".pt2": _TorchExportGraph}
+
+
+def _graph(path: Path, threads: int, precision: str):
+    if path.suffix not in _GRAPHS:
+        raise CheckpointError(f"{path}: unknown graph format {path.suffix!r}; expected one of {', '.join(_GRAPHS)}")
+    return _GRAPHS[path.suffix](path, threads, precision)
+
+
+class ExportedModel:
+    """An exported variant: embed / predict_modality / decode as zoo.runtime.interface describes, on ONNX Runtime, OpenVINO
+    or torch.export, with torch.get_num_threads() threads (so `--threads` applies to every backend alike)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        manifest = read_manifest(self.folder)
+        if manifest["from_parent"]:
+            raise CheckpointError(f"{self.folder}: ships only its {', '.join(manifest['files'])} graphs; its "
+                                  f"{', '.join(manifest['from_parent'])} come from its parent: load it by its zoo name")
+        self.manifest = manifest
+        self.backend = manifest["backend"]
+        self.precision = manifest["precision"]
+        self.class_prompt = bool(manifest.get("class_prompt"))
+        self.size = manifest["size"]  # the PyTorch parent's params and FLOPs (zoo.models.flops.model_size)
+        threads = torch.get_num_threads()
+        self.graphs = {part: _graph(self.folder / entry["path"], threads, self.precision)
+                       for part, entry in manifest["files"].items()}
+
+    @property
+    def has_modality_head(self) -> bool:
+        return "head" in self.graphs
+
+    def encoder_fingerprint(self) -> str:
+        """Hash of the encoder graph's files (graph and weights) and of the precision it runs in: equal exactly
+        when the embeddings are (one graph computed in f32 and in bf16 gives different ones)."""
+        digests = sorted(self.manifest["files"]["encoder"]["sha256"].values())
+        precision = self.graphs["encoder"].inference_precision
+        return f"{self.backend}-" + hashlib.sha256("".join([*digests, precision]).encode()).hexdigest()
+
+    def embed(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.graphs["encoder"](image=image.numpy().astype(np.float32)))
+
+    def predict_modality(self, embedding: torch.Tensor) -> torch.Tensor | None:
+        if "head" not in self.graphs:
+            return None
+        return torch.from_numpy(self.graphs["head"](embedding=embedding.numpy().astype(np.float32)))
+
+    def decode(self, embedding: torch.Tensor, boxes: torch.Tensor, modality: torch.Tensor | int | None = None) -> torch.Tensor:
+        inputs = {"embedding": embedding.numpy().astype(np.float32), "boxes": boxes.reshape(-1, 4).numpy().astype(np.float32)}
+        if self.class_prompt:
+            if modality is None:
+                modality = self.predict_modality(embedding).argmax(dim=1)
+            ids = torch.as_tensor(modality).reshape(-1).expand(len(inputs["boxes"]))
+            inputs["modality"] = ids.numpy().astype(np.int64)
+        return torch.from_numpy(self.graphs["decoder"](**inputs))
