@@ -4,7 +4,7 @@ export itself is zoo.runtime.export's (a derived zoo entry uses it on first load
     python -m compress.export zoo/cp_tinyvit.pt --backend openvino --out runs/compress/cp_tinyvit_openvino_fp32
     python -m compress.export zoo/cp_tinyvit.pt --backend openvino --precision bf16    # CPUs with AVX512_BF16 / AMX
 
-A bf16 variant is the fp32 graph that OpenVINO is told to compute in bf16 (zoo.runtime.exported.OPENVINO_PRECISION); it is
+A bf16 variant is the fp32 graph that OpenVINO is told to compute in bf16 (zoo.runtime.backends.OPENVINO_PRECISION); it is
 refused on a CPU where OpenVINO cannot (it would run f32 and be labelled bf16).
 """
 
@@ -17,10 +17,10 @@ from pathlib import Path
 from zoo.cli import RUNS_DIR, run_cli
 from zoo.data.io import refuse_overwriting_inputs
 from zoo.index import load, model_file
-from zoo.models.checkpoint import sha256_file
 from zoo.models.class_prompt import ClassPromptSAM
-from zoo.runtime.export import EXPORT_PRECISIONS, check_precision, export_variant
-from zoo.runtime.exported import BACKENDS
+from zoo.models.weights import sha256_file
+from zoo.runtime.backends import EXPORT_BACKENDS, EXPORT_PRECISIONS, check_precision
+from zoo.runtime.export import export_variant
 
 
 def load_parent(name: str) -> tuple[ClassPromptSAM, dict]:
@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m compress.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="zoo name or checkpoint path")
-    parser.add_argument("--backend", choices=BACKENDS, default="openvino")
+    parser.add_argument("--backend", choices=EXPORT_BACKENDS, default="openvino")
     parser.add_argument("--precision", choices=EXPORT_PRECISIONS, default="fp32",
                         help="what the float graphs compute in (bf16: openvino on CPUs with AVX512_BF16 / AMX)")
     parser.add_argument("--out", type=Path, default=None, help="variant folder (default runs/compress/<model>_<backend>_<precision>)")

@@ -37,6 +37,7 @@ from zoo.data.io import SHARED_DATA, refuse_overwriting_inputs
 from zoo.data.samples import find_samples
 from zoo.models.checkpoint import load_checkpoint, save_checkpoint
 from zoo.models.class_prompt import ClassPromptSAM
+from zoo.models.factory import create_model
 from zoo.models.flops import count_params, encoder_flops
 from zoo.models.pruning import head_channels, narrow_unit, prunable_units, unit_width, unit_widths
 from zoo.runtime.embedding_cache import DEFAULT_CACHE_DIR, encoder_cache_id
@@ -104,7 +105,7 @@ def prune_encoder(encoder: torch.nn.Module, ratio: float) -> dict[str, int]:
 def pruned_model(parent: ClassPromptSAM, ratio: float) -> ClassPromptSAM:
     """A copy of `parent` with its encoder pruned; its config records the widths, so it saves and loads as any
     zoo checkpoint."""
-    model = ClassPromptSAM(parent.config)
+    model = create_model(parent.config)
     model.load_state_dict(parent.state_dict())
     widths = prune_encoder(model.image_encoder, ratio)
     model.image_encoder.config = replace(parent.config.encoder, widths=tuple(sorted(widths.items())))

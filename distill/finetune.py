@@ -39,8 +39,10 @@ from zoo.data.preprocess import label_box, resized_shape, scale_boxes
 from zoo.data.samples import Sample, find_samples, parse_fractions, sample_labels, sample_target, sample_tensor
 from zoo.data.scoring import case_scores
 from zoo.modalities import MODALITIES, head_accuracy, modality_confusion, modality_id
-from zoo.models.checkpoint import CheckpointError, build_litemedsam, load_checkpoint, save_checkpoint
-from zoo.models.class_prompt import ClassPromptSAM, ModalityHead, ModelConfig
+from zoo.models.checkpoint import load_checkpoint, save_checkpoint
+from zoo.models.class_prompt import ClassPromptSAM, ModalityHead
+from zoo.models.factory import build_litemedsam, create_model
+from zoo.models.weights import CheckpointError
 from zoo.predict import decode_masks
 from zoo.runtime.embedding_cache import DEFAULT_CACHE_DIR, ENCODER_CACHE_DIR, CachedEncoder, encoder_cache_id
 
@@ -81,7 +83,7 @@ def build_model(init: str, class_prompt: bool, decoder_token_stride: int | None 
         return build_litemedsam(class_prompt=class_prompt)
     source = build_litemedsam(class_prompt=class_prompt) if init == "litemedsam" else load_checkpoint(init)[0]
     stride = source.config.decoder_token_stride if decoder_token_stride is None else decoder_token_stride
-    model = ClassPromptSAM(ModelConfig(encoder=source.config.encoder, class_prompt=class_prompt, decoder_token_stride=stride))
+    model = create_model(source.config, class_prompt=class_prompt, decoder_token_stride=stride)
     weights = {k: v for k, v in source.state_dict().items() if not k.startswith(NEW_PARTS) or class_prompt}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or any(not k.startswith(NEW_PARTS) for k in missing):

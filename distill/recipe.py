@@ -51,7 +51,8 @@ import tomllib
 from distill.teachers import CHECKPOINT_ENV
 from zoo.cli import RUNS_DIR, positive_int, run_cli
 from zoo.data.io import SHARED_DATA, atomic_path, write_csv_atomic
-from zoo.models.checkpoint import LITEMEDSAM, code_revision, sha256_file, update_metadata
+from zoo.models.checkpoint import code_revision, update_metadata
+from zoo.models.weights import LITEMEDSAM, sha256_file
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 CODE_PACKAGES = ("zoo", "distill", "compress", "benchmarks")

@@ -25,9 +25,11 @@ from zoo.cli import RUNS_DIR, add_settings_options, positive_int, run_cli, setti
 from zoo.data.io import SHARED_DATA, refuse_overwriting_inputs
 from zoo.data.samples import find_samples, parse_fractions
 from zoo.index import load
-from zoo.models.checkpoint import copy_matching_weights, init_from_litemedsam, save_checkpoint, sha256_file
-from zoo.models.class_prompt import ClassPromptSAM, ModelConfig
-from zoo.models.encoders import ENCODER_CONFIGS, TinyViTEncoder
+from zoo.models.checkpoint import save_checkpoint
+from zoo.models.class_prompt import ClassPromptSAM
+from zoo.models.encoders import ENCODER_CONFIGS
+from zoo.models.factory import copy_matching_weights, create_model, init_from_litemedsam
+from zoo.models.weights import sha256_file
 from zoo.runtime.embedding_cache import DEFAULT_CACHE_DIR, encoder_cache_id
 
 DEFAULT_TRAIN = SHARED_DATA / "train"
@@ -63,11 +65,9 @@ def build_student(name: str, init: str, decoder_from: str | None = None,
         if decoder_token_stride < 1:
             raise ValueError(f"--decoder-token-stride must be at least 1, got {decoder_token_stride}")
         stride = decoder_token_stride
-    student = ClassPromptSAM(ModelConfig(encoder=ENCODER_CONFIGS[name], class_prompt=class_prompt, decoder_token_stride=stride))
-    init_from_litemedsam(student)
-    if init == "none":
-        student.image_encoder = TinyViTEncoder(student.config.encoder)
-    elif init != "litemedsam":
+    student = create_model(name, class_prompt=class_prompt, decoder_token_stride=stride)
+    init_from_litemedsam(student, skip=("image_encoder.",) if init == "none" else ())  # 'none': a random encoder
+    if init not in ("litemedsam", "none"):
         initial = load(init)
         if not isinstance(initial, ClassPromptSAM):
             raise ValueError(f"{init}: --init needs a PyTorch model, not an exported variant")

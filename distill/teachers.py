@@ -19,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT
 
-from zoo.models.checkpoint import CheckpointError, build_litemedsam, read_weights
+from zoo.models.factory import build_litemedsam
+from zoo.models.weights import CheckpointError, read_weights
 
 CHECKPOINT_ENV = "MEDSAM_CHECKPOINT"
 TEACHERS = ("medsam", "sam", "litemedsam")

@@ -28,7 +28,7 @@ from zoo.cli import option
 from zoo.data.io import atomic_path, read_csv, write_csv_atomic
 from zoo.data.samples import Sample, balanced_weights, sample_object, sample_tensor
 from zoo.modalities import canonical_modality, modality_id
-from zoo.models.checkpoint import CheckpointError, read_weights
+from zoo.models.weights import CheckpointError, read_weights
 from zoo.runtime.cpu import BF16_FLAGS, cpu_flags
 
 TRAIN_FORMAT = "cp-tinyvit-train/1"

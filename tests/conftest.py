@@ -30,7 +30,7 @@ def reference_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def litemedsam():
-    from zoo.models.checkpoint import build_litemedsam
+    from zoo.models.factory import build_litemedsam
 
     return build_litemedsam()
 

@@ -11,7 +11,7 @@ import typing
 from pathlib import Path
 
 from zoo.data.io import CaseError
-from zoo.models.checkpoint import CheckpointError
+from zoo.models.weights import CheckpointError
 
 # Where commands write by default: relative to the working directory, as an installed package has no repository.
 RUNS_DIR = Path("runs")

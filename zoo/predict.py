@@ -40,7 +40,7 @@ from zoo.data.io import (
 )
 from zoo.data.preprocess import box_from_mask, postprocess_logits, preprocess_image, scale_boxes
 from zoo.modalities import MODALITIES, canonical_modality, modality_id
-from zoo.models.checkpoint import CheckpointError
+from zoo.models.weights import CheckpointError
 from zoo.runtime.interface import SegmentationRuntime
 
 EMBEDDING_CACHE_BYTES = 1 << 30  # slice embeddings kept for reuse within one volume (256 slices of 4 MB)

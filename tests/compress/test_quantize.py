@@ -130,7 +130,7 @@ def test_ship_commits_the_int8_variant_to_the_zoo_with_where_it_is_faster(setup,
 def test_ship_of_a_zoo_models_variant_commits_only_the_int8_encoder(setup, tmp_path, monkeypatch, capsys):
     import json
 
-    from zoo.models.checkpoint import CheckpointError
+    from zoo.models.weights import CheckpointError
     from zoo.runtime.exported import MANIFEST
 
     root, calib, model_path = setup

@@ -7,8 +7,9 @@ import torch
 from distill import recipe
 from tests.helpers import REPO, TINY, TINY_STUDENT, empty_zoo, small_sam_checkpoint, write_npz
 from zoo.data.io import read_csv
-from zoo.models.checkpoint import load_checkpoint, read_payload, save_checkpoint, sha256_file
+from zoo.models.checkpoint import load_checkpoint, read_payload, save_checkpoint
 from zoo.models.class_prompt import ClassPromptSAM
+from zoo.models.weights import sha256_file
 
 RECIPES = REPO / "recipes"
 

@@ -7,7 +7,8 @@ import pytest
 from distill.run import main
 from tests.helpers import REPO, small_sam_checkpoint, write_npz
 from zoo.data.io import load_case, read_csv
-from zoo.models.checkpoint import CheckpointError, load_checkpoint
+from zoo.models.checkpoint import load_checkpoint
+from zoo.models.weights import CheckpointError
 from zoo.predict import ModalityChoice, segment_case
 
 

@@ -4,7 +4,7 @@ import torch
 
 from distill.teachers import build_teacher, vit_shape_from_state_dict
 from tests.helpers import small_sam_checkpoint
-from zoo.models.checkpoint import CheckpointError
+from zoo.models.weights import CheckpointError
 
 
 @pytest.mark.parametrize("kind", ["medsam", "sam"])

@@ -5,7 +5,7 @@ import pytest
 
 from zoo.cli import run_cli
 from zoo.data.io import CaseError
-from zoo.models.checkpoint import CheckpointError
+from zoo.models.weights import CheckpointError
 
 
 def test_exit_codes_and_one_line_per_problem(capsys):

@@ -134,7 +134,7 @@ def test_large_volume_stays_under_the_memory_limit(tmp_path):
     script = textwrap.dedent("""
         import numpy as np, torch
         from pathlib import Path
-        from zoo.models.checkpoint import build_litemedsam
+        from zoo.models.factory import build_litemedsam
         from zoo.data.io import Case
         from zoo.predict import ModalityChoice, segment_case
         rng = np.random.default_rng(0)

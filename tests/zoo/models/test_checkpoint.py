@@ -6,8 +6,10 @@ import torch
 
 import zoo.index
 from tests.helpers import TINY, tiny_model
-from zoo.models.checkpoint import CheckpointError, build_litemedsam, load_checkpoint, save_checkpoint, sha256_file
+from zoo.models.checkpoint import load_checkpoint, save_checkpoint
 from zoo.models.class_prompt import ClassPromptSAM, ModelConfig
+from zoo.models.factory import build_litemedsam
+from zoo.models.weights import CheckpointError, sha256_file
 
 
 def test_round_trip_keeps_weights_config_and_metadata(tmp_path):
@@ -148,8 +150,9 @@ def test_litemedsam_loads_by_name():
 
 
 def test_fast_student_takes_every_litemedsam_weight():
-    from zoo.models.checkpoint import init_from_litemedsam, litemedsam_weights
     from zoo.models.encoders import ENCODER_CONFIGS
+    from zoo.models.factory import init_from_litemedsam
+    from zoo.models.weights import litemedsam_weights
 
     student = ClassPromptSAM(ModelConfig(encoder=ENCODER_CONFIGS["fast"])).eval()
     assert init_from_litemedsam(student) == []

@@ -3,7 +3,7 @@ import torch
 
 from zoo.data.io import load_case
 from zoo.modalities import MODALITIES
-from zoo.models.checkpoint import build_litemedsam
+from zoo.models.factory import build_litemedsam
 from zoo.predict import ModalityChoice, segment_case
 
 

