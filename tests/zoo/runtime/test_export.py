@@ -186,7 +186,7 @@ def test_a_bf16_variant_is_offered_where_the_cpu_computes_bf16_and_refused_elsew
 def test_a_derived_bf16_entry_is_listed_once_and_left_out_of_default_runs_on_cpus_without_bf16(model, tmp_path, monkeypatch, capsys):
     import zoo.runtime.cpu
 
-    index = empty_zoo(tmp_path, monkeypatch)
+    empty_zoo(tmp_path, monkeypatch)
     assert zoo.index.main(["add", "tiny", str(save_checkpoint(tmp_path / "best.pt", model))]) == 0
     assert zoo.index.main(["add", "tiny_ort", "tiny", "--export", "onnxruntime", "--precision", "bf16"]) == 2
     assert "onnxruntime computes in fp32, int8, not bf16" in capsys.readouterr().err
