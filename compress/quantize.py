@@ -47,7 +47,7 @@ from compress.export import load_parent
 from zoo.cli import RUNS_DIR, run_cli
 from zoo.data.io import SHARED_DATA, refuse_overwriting_inputs
 from zoo.data.samples import DataError, find_samples, round_robin, sample_box, sample_tensor
-from zoo.modalities import canonical_modality, modality_id
+from zoo.modalities import prompt_modality
 from zoo.models.class_prompt import ClassPromptSAM
 from zoo.runtime.cpu import cpu_flags
 from zoo.runtime.export import EncoderGraph, export_onnx, onnx_to_openvino, write_variant
@@ -81,10 +81,11 @@ def decoder_inputs(model: ClassPromptSAM, data_dirs: list[Path], count: int, see
         for sample in samples:
             item = {"embedding": model.embed(sample_tensor(sample)[None]).numpy(),
                     "boxes": sample_box(sample, generator)[None].numpy()}
-            if model.has_modality_head:  # the file's modality; the head's guess where its name carries none
-                known = canonical_modality(sample.modality)
-                guess = int(model.predict_modality(torch.from_numpy(item["embedding"])).argmax())
-                item["modality"] = np.array([modality_id(known) if known else guess], dtype=np.int64)
+            if model.has_modality_head:  # the decoder graph takes the modality: the file's, else the head's guess
+                chosen = prompt_modality(model, sample.modality)
+                if chosen is None:
+                    chosen = int(model.predict_modality(torch.from_numpy(item["embedding"])).argmax())
+                item["modality"] = np.array([chosen], dtype=np.int64)
             inputs.append(item)
     return inputs
 

@@ -32,19 +32,26 @@ from tqdm import tqdm
 from benchmarks.plots import confusion_plot
 from distill.cache import EmbeddingCache
 from distill.losses import segmentation_loss
-from distill.train import Trainer, TrainSettings, _flip, _flip_box
+from distill.train import Trainer, TrainSettings
 from zoo.cli import RUNS_DIR, add_settings_options, option, positive_int, redefault, run_cli, settings_from_args
 from zoo.data.io import SHARED_DATA, refuse_overwriting_inputs, write_csv_atomic
-from zoo.data.preprocess import label_box, resized_shape, scale_boxes
-from zoo.data.samples import Sample, find_samples, parse_fractions, sample_labels, sample_target, sample_tensor
-from zoo.data.scoring import case_scores
+from zoo.data.samples import (
+    DataError,
+    Sample,
+    find_samples,
+    flip,
+    flip_box,
+    parse_fractions,
+    sample_object,
+    sample_tensor,
+)
 from zoo.modalities import MODALITIES, head_accuracy, modality_confusion, modality_id
 from zoo.models.checkpoint import load_checkpoint, save_checkpoint
 from zoo.models.class_prompt import ClassPromptSAM, ModalityHead
 from zoo.models.factory import build_litemedsam, create_model
 from zoo.models.weights import CheckpointError
-from zoo.predict import decode_masks
 from zoo.runtime.embedding_cache import DEFAULT_CACHE_DIR, ENCODER_CACHE_DIR, CachedEncoder, encoder_cache_id
+from zoo.validate import score_samples
 
 NEW_PARTS = ("modality_head.", "class_prompt.")
 
@@ -113,41 +120,6 @@ class EmbeddingSource:
         return embedding[None].float()
 
 
-@torch.inference_mode()
-def evaluate(model, samples: list[Sample], embeddings: EmbeddingSource, progress: bool = True) -> dict:
-    """Official DSC/NSD of every validation sample (each object prompted by its tight box, masks at the original
-    size), per modality and as means over modalities, and the modality head's accuracy and confusion matrix."""
-    if isinstance(model, torch.nn.Module):  # an exported variant answers the same interface
-        model.eval()
-    scores: dict[str, list[tuple[float, float]]] = {}
-    confusion = modality_confusion()
-    for i, sample in enumerate(tqdm(samples, desc="validate", unit="img", leave=False, disable=not progress)):
-        gts = sample_labels(sample)
-        labels = np.unique(gts)
-        labels = labels[labels > 0]
-        lookup = np.zeros(int(gts.max()) + 1, dtype=np.uint8)
-        lookup[labels] = np.arange(1, len(labels) + 1)  # a slice's labels renumbered 1..k, as a case of its own
-        gts = lookup[gts]
-        boxes = [label_box(gts, label) for label in range(1, len(labels) + 1)]
-        embedding = embeddings(i)
-        true = modality_id(sample.modality)
-        if model.has_modality_head:
-            confusion[true, int(model.predict_modality(embedding).argmax())] += 1
-        masks = decode_masks(model, embedding, scale_boxes(np.array(boxes), gts.shape), sample.modality if model.has_modality_head else None,
-                             resized_shape(*gts.shape), gts.shape)
-        segs = np.zeros(gts.shape, dtype=np.uint8)
-        for label, mask in enumerate(masks, start=1):
-            segs[mask] = label
-        scores.setdefault(sample.modality, []).append(case_scores(gts, segs))
-    result = {"per_modality": {m: (float(np.mean([d for d, _ in v])), float(np.mean([n for _, n in v]))) for m, v in scores.items()}}
-    result["dsc"] = float(np.mean([d for d, _ in result["per_modality"].values()]))
-    result["nsd"] = float(np.mean([n for _, n in result["per_modality"].values()]))
-    result["score"] = (result["dsc"] + result["nsd"]) / 2
-    result["head_accuracy"] = head_accuracy(confusion)
-    result["confusion"] = confusion
-    return result
-
-
 VAL_FIELDS = ["step", "epoch", "score", "dsc", "nsd", "head_accuracy"] + [f"{k}_{m}" for m in MODALITIES for k in ("dsc", "nsd")]
 
 
@@ -161,6 +133,7 @@ class FineTuner(Trainer):
         self.train_embeddings = EmbeddingSource(samples, self.student, keys, cache)
         # Validation embeddings of a frozen encoder are float32 and shared with benchmarks.run's cache.
         val_encoder = self.student if settings.train_encoder else CachedEncoder(self.student, encoder_cache_dir)
+        self.val_encoder = val_encoder
         self.val_embeddings = EmbeddingSource(val_samples, val_encoder)
         self.val_rows: list[dict] = []
         self.best = {"score": -math.inf, "step": 0}
@@ -184,12 +157,15 @@ class FineTuner(Trainer):
         seg_losses, embeddings, modalities = [], [], []
         for i in indices:
             h, v = (torch.rand(2, generator=g) < 0.5).tolist() if settings.flip else (False, False)
-            mask, box = sample_target(self.samples[i], g, settings.box_jitter)
+            found = sample_object(self.samples[i], g, grow=settings.box_jitter)
+            if found is None:
+                raise DataError(f"{self.samples[i].path}: slice {self.samples[i].z} has no ground-truth object")
+            box, mask = found
             if settings.train_encoder:  # flip the image itself
-                embedding = self.student.embed(_flip(sample_tensor(self.samples[i]), h, v)[None].to(device))
+                embedding = self.student.embed(flip(sample_tensor(self.samples[i]), h, v)[None].to(device))
             else:
-                embedding = _flip(self.train_embeddings(i), h, v).to(device)
-            mask, box = _flip(mask, h, v).to(device), _flip_box(box, h, v).to(device)
+                embedding = flip(self.train_embeddings(i), h, v).to(device)
+            mask, box = flip(mask, h, v).to(device), flip_box(box, h, v).to(device)
             modality = modality_id(self.samples[i].modality)
             with torch.autocast(**self.autocast):
                 logits = self.student.decode(embedding, box[None], modality if self.student.has_modality_head else None)
@@ -206,7 +182,7 @@ class FineTuner(Trainer):
         self.validate(epoch)
 
     def validate(self, epoch: int) -> None:
-        result = evaluate(self.student, self.val_samples, self.val_embeddings)
+        result = score_samples(self.val_encoder, self.val_samples)
         self.train_mode()
         row = {"step": self.step, "epoch": epoch, **{k: f"{result[k]:.4f}" for k in ("score", "dsc", "nsd", "head_accuracy")}}
         for m, (dsc, nsd) in result["per_modality"].items():

@@ -398,13 +398,13 @@ def val_scores(stage: Stage, output: Path, val_dirs: list[Path], smoke: bool) ->
         val = load_checkpoint(output)[1].get("val", {})
         if "dsc" in val:
             return {k: val[k] for k in ("dsc", "nsd", "head_accuracy", "per_modality") if k in val}
-    from distill.finetune import EmbeddingSource, evaluate
     from zoo.data.samples import find_samples
     from zoo.index import load
+    from zoo.validate import score_samples
 
     model = load(output)
     samples = find_samples(val_dirs, 5, None, 0, foreground_only=True, max_samples=SMOKE_SAMPLES if smoke else None)
-    result = evaluate(model, samples, EmbeddingSource(samples, model))
+    result = score_samples(model, samples)
     scores = {k: result[k] for k in ("dsc", "nsd", "head_accuracy")}
     scores["per_modality"] = {m: {"dsc": d, "nsd": n} for m, (d, n) in result["per_modality"].items()}
     return scores

@@ -26,8 +26,8 @@ from distill.cache import EmbeddingCache
 from distill.losses import embedding_loss, mask_distillation_loss, segmentation_loss
 from zoo.cli import option
 from zoo.data.io import atomic_path, read_csv, write_csv_atomic
-from zoo.data.samples import Sample, balanced_weights, sample_object, sample_tensor
-from zoo.modalities import canonical_modality, modality_id
+from zoo.data.samples import Sample, balanced_weights, flip, flip_box, sample_object, sample_tensor
+from zoo.modalities import prompt_modality
 from zoo.models.weights import CheckpointError, read_weights
 from zoo.runtime.cpu import BF16_FLAGS, cpu_flags
 
@@ -113,20 +113,6 @@ def epoch_batches(samples: list[Sample], settings: TrainSettings, epoch: int) ->
     mine = [order[i] for i in shard]
     usable = len(mine) - len(mine) % settings.batch_size
     return [mine[i : i + settings.batch_size] for i in range(0, usable, settings.batch_size)]
-
-
-def _flip(tensor: torch.Tensor, horizontal: bool, vertical: bool) -> torch.Tensor:
-    dims = [d for d, on in ((-1, horizontal), (-2, vertical)) if on]
-    return torch.flip(tensor, dims) if dims else tensor
-
-
-def _flip_box(box: torch.Tensor, horizontal: bool, vertical: bool, size: int = 256) -> torch.Tensor:
-    x0, y0, x1, y1 = box.tolist()
-    if horizontal:
-        x0, x1 = size - 1 - x1, size - 1 - x0
-    if vertical:
-        y0, y1 = size - 1 - y1, size - 1 - y0
-    return torch.tensor([x0, y0, x1, y1])
 
 
 def _save_atomic(payload: dict, out_dir: Path) -> None:
@@ -257,12 +243,12 @@ class Trainer:
             target = self.cache.get(self.keys[i])
             if target is None:
                 raise RuntimeError(f"teacher embedding of {self.samples[i].path} slice {self.samples[i].z} is not cached")
-            images.append(_flip(sample_tensor(self.samples[i]), h, v))
-            targets.append(_flip(target.float(), h, v))
+            images.append(flip(sample_tensor(self.samples[i]), h, v))
+            targets.append(flip(target.float(), h, v))
             if uses_masks:
                 found = sample_object(self.samples[i], g, self.settings.mask_box_jitter)
-                boxes.append(None if found is None else _flip_box(found[0], h, v))
-                masks.append(None if found is None else _flip(found[1], h, v))
+                boxes.append(None if found is None else flip_box(found[0], h, v))
+                masks.append(None if found is None else flip(found[1], h, v))
         device = self.settings.device
         images, targets = torch.stack(images).to(device), torch.stack(targets).to(device)
         with torch.autocast(**self.autocast):
@@ -273,7 +259,7 @@ class Trainer:
             box_t = torch.stack([boxes[j] for j in with_box]).to(device)
             # A class-prompt decoder gets the sample's modality, as at inference (not the head's guess on a student
             # embedding that is still learning).
-            ids = [self._modality_id(self.samples[indices[j]]) for j in with_box]
+            ids = [prompt_modality(self.student, self.samples[indices[j]].modality) for j in with_box]
             student_logits = torch.cat([self.student.decode(embeddings[j : j + 1].float(), box_t[k : k + 1], ids[k]) for k, j in enumerate(with_box)])
             if self.settings.mask_loss_weight:
                 with torch.no_grad():
@@ -283,12 +269,6 @@ class Trainer:
                 truth = torch.stack([masks[j] for j in with_box]).to(device)
                 loss = loss + self.settings.gt_loss_weight * segmentation_loss(student_logits, truth)
         return loss
-
-    def _modality_id(self, sample: Sample) -> int | None:
-        """The class prompt's modality for a sample: its file's; None (the head's guess) for a model without a
-        class prompt or a file whose name carries no modality."""
-        known = canonical_modality(sample.modality) if self.student.has_modality_head else None
-        return modality_id(known) if known else None
 
     def _mean_across_ranks(self, value: float) -> float:
         if self.world_size == 1:

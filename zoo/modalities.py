@@ -38,6 +38,14 @@ def modality_id(name: str) -> int:
     return MODALITY_ID[canonical]
 
 
+def prompt_modality(model, name: str | None) -> int | None:
+    """The class prompt's modality id for a file of modality `name`: its own, where the name is a known modality
+    (in training, calibration and benchmarks alike); None where it is not, or the model has no class prompt (a
+    class-prompt model's decode then takes its head's guess)."""
+    known = canonical_modality(name) if name and model.has_modality_head else None
+    return MODALITY_ID[known] if known else None
+
+
 def modality_confusion() -> np.ndarray:
     """An empty (11, 11) int64 confusion matrix of a modality head: rows true modality, columns predicted."""
     return np.zeros((len(MODALITIES), len(MODALITIES)), dtype=np.int64)

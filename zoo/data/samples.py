@@ -158,24 +158,14 @@ def mask_256(gts: np.ndarray, label) -> torch.Tensor:
     return torch.from_numpy(mask256[None]).float()
 
 
-def sample_target(sample: Sample, generator: torch.Generator, box_jitter: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-    """One ground-truth object of a sample, chosen with `generator`: its mask at 256 scale, resized and padded as
-    the image (1, 256, 256) float, and its box (4,) at 256 scale with each side moved outwards by 0..box_jitter
-    pixels, as LiteMedSAM was trained."""
-    gts = sample_labels(sample)
-    label = _random_label(gts, generator)
-    if label is None:
-        raise DataError(f"{sample.path}: slice {sample.z} has no ground-truth object")
-    box = scale_boxes(label_box(gts, label)[None], gts.shape[:2])[0]
-    shift = torch.randint(0, box_jitter + 1, (4,), generator=generator).numpy()
-    box = np.clip(box + shift * np.array([-1, -1, 1, 1]), 0, IMAGE_SIZE - 1)
-    return mask_256(gts, label), torch.as_tensor(box, dtype=torch.float32)
+def sample_object(sample: Sample, generator: torch.Generator, jitter: int = 0,
+                  grow: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One ground-truth label present in the sample, chosen with `generator`: its 256-scale box (4,) and its mask at
+    256 scale, resized and padded as the image (1, 256, 256) float; None where the sample has no ground truth.
 
-
-def sample_object(sample: Sample, generator: torch.Generator, jitter: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """One ground-truth label present in the sample, chosen with `generator`: its 256-scale box (4,), each side
-    moved by a random -jitter..+jitter pixels (clipped to the image, at least 1 px wide and high), and its mask at
-    256 scale (1, 256, 256); None where the sample has no ground truth."""
+    grow: each side of the box moves out by a random 0..grow pixels (fine-tuning, as LiteMedSAM was trained);
+    jitter: each side moves by a random -jitter..+jitter pixels (distillation's mask losses); clipped to the image,
+    at least 1 px wide and high."""
     case = read_case(sample.path)
     if case.gts is None:
         return None
@@ -184,11 +174,30 @@ def sample_object(sample: Sample, generator: torch.Generator, jitter: int = 0) -
     if label is None:
         return None
     box = scale_boxes(label_box(gts, label)[None], gts.shape[:2])[0]
+    if grow:
+        box = box + torch.randint(0, grow + 1, (4,), generator=generator).numpy() * np.array([-1, -1, 1, 1])
     if jitter:
         box = box + torch.randint(-jitter, jitter + 1, (4,), generator=generator).numpy()
+    if grow or jitter:
         box = np.clip(box, 0, IMAGE_SIZE - 1)
         box[2:] = np.maximum(box[2:], box[:2] + 1)
     return torch.as_tensor(box, dtype=torch.float32), mask_256(gts, label)
+
+
+def flip(tensor: torch.Tensor, horizontal: bool, vertical: bool) -> torch.Tensor:
+    """A (…, H, W) image, embedding or mask flipped left-right and/or up-down (training augmentation)."""
+    dims = [d for d, on in ((-1, horizontal), (-2, vertical)) if on]
+    return torch.flip(tensor, dims) if dims else tensor
+
+
+def flip_box(box: torch.Tensor, horizontal: bool, vertical: bool, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """A (4,) box [x0, y0, x1, y1] at 256 scale flipped as its image by `flip`."""
+    x0, y0, x1, y1 = box.tolist()
+    if horizontal:
+        x0, x1 = size - 1 - x1, size - 1 - x0
+    if vertical:
+        y0, y1 = size - 1 - y1, size - 1 - y0
+    return torch.tensor([x0, y0, x1, y1])
 
 
 def sample_box(sample: Sample, generator: torch.Generator, jitter: int = 0) -> torch.Tensor | None:
