@@ -25,7 +25,16 @@ import numpy as np
 from tqdm import tqdm
 
 from zoo.cli import run_cli
-from zoo.data.formats import ImageFile, label_map_boxes, label_map_for, list_inputs, parse_window, read_image, to_uint8
+from zoo.data.formats import (
+    ImageFile,
+    challenge_image,
+    label_map_boxes,
+    label_map_for,
+    list_inputs,
+    parse_window,
+    read_image,
+    to_uint8,
+)
 from zoo.data.io import CaseError, save_npz_atomic
 from zoo.modalities import MODALITIES, canonical_modality
 
@@ -40,16 +49,8 @@ def challenge_arrays(image: ImageFile, label_path: Path, modality: str,
                      window: tuple[float, float] | None = None) -> dict[str, np.ndarray]:
     """One image and its label map -> the challenge npz arrays (see the module docstring)."""
     pixels, _ = to_uint8(image, modality, window)
-    if not image.is_3d and pixels.ndim == 2:
-        pixels = np.repeat(pixels[..., None], 3, axis=-1)
-    gts, values, boxes = label_map_boxes(label_path, image)
-    half = boxes.shape[1] // 2
-    for label, box in enumerate(boxes, start=1):
-        flat = [axis for axis, low, high in zip("xyz", box[:half], box[half:]) if low >= high]
-        if flat:
-            raise CaseError(label_path, f"object {values[label - 1]} (label {label}) spans a single {flat[0]} index "
-                                        f"(box {box.tolist()}); the challenge format needs {flat[0]}0 < {flat[0]}1")
-    return {"imgs": pixels, "gts": gts, "boxes": boxes, "spacing": image.spacing, "modality": np.array(modality)}
+    gts, _, boxes = label_map_boxes(label_path, image)
+    return {"imgs": challenge_image(pixels, image.is_3d), "gts": gts, "boxes": boxes, "spacing": image.spacing, "modality": np.array(modality)}
 
 
 def convert_files(images: list[Path], labels: Path, output_dir: Path, modality: str,

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from zoo.cli import positive_int, run_cli
 from zoo.data.formats import (
     ImageFile,
+    challenge_image,
     label_map_boxes,
     label_map_for,
     list_inputs,
@@ -37,7 +38,7 @@ from zoo.data.formats import (
     to_uint8,
     write_labels,
 )
-from zoo.data.io import Case, CaseError, refuse_overwriting_inputs, write_csv_atomic
+from zoo.data.io import Case, CaseError, check_boxes, refuse_overwriting_inputs, write_csv_atomic
 from zoo.data.overlay import encode_png, overlay_picture, write_bytes_atomic
 from zoo.modalities import MODALITIES, canonical_modality
 from zoo.predict import ModalityChoice, segment_case
@@ -59,17 +60,6 @@ def read_boxes_json(path: Path) -> dict[str, list]:
     return entries
 
 
-def check_inclusive_boxes(path: Path, boxes: np.ndarray, shape: tuple[int, ...]) -> None:
-    """Boxes (N, 4) or (N, 6) in inclusive voxel indices must lie in an image of `shape` ((H, W) or (D, H, W))."""
-    sizes = shape[::-1]  # (x, y[, z]) sizes: W, H[, D]
-    half = boxes.shape[1] // 2
-    for i, box in enumerate(boxes):
-        for axis, low, high, size in zip("xyz", box[:half], box[half:], sizes):
-            if not 0 <= low <= high <= size - 1:
-                raise CaseError(path, f"box {i} {box.tolist()} lies outside the image or is reversed "
-                                      f"({axis} must satisfy 0 <= {axis}0 <= {axis}1 <= {size - 1})")
-
-
 def boxes_from_json(entries: dict, json_path: Path, image: ImageFile) -> tuple[np.ndarray, np.ndarray]:
     """This input's boxes from the --boxes file -> (boxes (N, 4|6) float64, label values 1..N)."""
     if image.path.name not in entries:
@@ -82,7 +72,7 @@ def boxes_from_json(entries: dict, json_path: Path, image: ImageFile) -> tuple[n
         boxes = np.empty((0, 0))
     if boxes.ndim != 2 or boxes.shape[1] != width or len(boxes) == 0 or not np.isfinite(boxes).all():
         raise CaseError(image.path, f"boxes in {json_path.name} must be a non-empty list of {kind}")
-    check_inclusive_boxes(image.path, boxes, image.spatial_shape)
+    check_boxes(image.path, boxes, image.spatial_shape, image.is_3d, inclusive=True)
     return boxes, np.arange(1, len(boxes) + 1)
 
 
@@ -108,8 +98,7 @@ def segment_file(model, path: Path, output_dir: Path, modalities: ModalityChoice
         boxes, values = boxes_from_json(*boxes_json, image)
     given = None if modalities.choice in ("auto", "head") else canonical_modality(modalities.choice)
     pixels, intensity = to_uint8(image, given, window)
-    case_image = pixels if image.is_3d or pixels.ndim == 3 else np.repeat(pixels[..., None], 3, axis=-1)
-    case = Case(path=path, image=case_image, boxes=boxes, gts=None, spacing=image.spacing, modality=image.modality)
+    case = Case(path=path, image=challenge_image(pixels, image.is_3d), boxes=boxes, gts=None, spacing=image.spacing, modality=image.modality)
     start = time.perf_counter()
     result = segment_case(model, case, modalities)
     seconds = time.perf_counter() - start

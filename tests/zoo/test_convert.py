@@ -65,7 +65,7 @@ def test_bad_pairs_are_reported_and_skipped(tmp_path, capsys):
     good = np.zeros_like(volume)
     good[1:4, 2:8, 3:9] = 2
     flat = np.zeros_like(volume)
-    flat[2, 2:8, 3:9] = 1  # one slice only: no z extent
+    flat[1:4, 2:8, 3] = 1  # one column only: no x extent (one slice would do: an object may lie on one slice)
     for name, mask in {"good.nrrd": good, "flat.nrrd": flat, "shape.nrrd": good[:4], "empty.nrrd": good * 0}.items():
         write_volume(images / name, volume)
         write_volume(labels / name, mask)
@@ -73,7 +73,7 @@ def test_bad_pairs_are_reported_and_skipped(tmp_path, capsys):
     code = main([str(images), str(labels), "-o", str(tmp_path / "npz"), "--modality", "MR"])
     err = capsys.readouterr().err
     assert code == 1
-    for name, problem in {"flat.nrrd": "spans a single z index", "shape.nrrd": "differs from the image's (5, 16, 16)",
+    for name, problem in {"flat.nrrd": "spans a single x index", "shape.nrrd": "differs from the image's (5, 16, 16)",
                           "empty.nrrd": "is empty", "unlabelled.nrrd": "no label map named"}.items():
         assert any(name in line and problem in line for line in err.splitlines()), (name, err)
     assert [p.name for p in (tmp_path / "npz").iterdir()] == ["3DBox_MR_good.npz"]

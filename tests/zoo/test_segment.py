@@ -107,7 +107,7 @@ def test_box_axes_are_column_row_slice(bright_runtime, tmp_path):
     assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "vol.nii.gz"))), volume // 255)
     boxes.write_text(json.dumps({"vol.nii.gz": [[10, 30, 2, 19, 49, 5]]}))  # x and y swapped: y 49 > 39
     rows = segment_files(bright_runtime, [image], tmp_path / "swapped", boxes_file=boxes, progress=False)
-    assert "y must satisfy 0 <= y0 <= y1 <= 39" in rows[0]["error"]
+    assert "box 0 [10.0, 30.0, 2.0, 19.0, 49.0, 5.0] lies outside the image (y must be in 0..39)" in rows[0]["error"]
 
 
 def test_prompt_mask_values_are_kept_and_a_volume_overlay_is_a_montage(bright_runtime, tmp_path):

@@ -36,7 +36,7 @@ import SimpleITK as sitk
 from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
 
-from zoo.data.io import CaseError, atomic_path
+from zoo.data.io import CaseError, atomic_path, check_boxes
 
 VOLUME_FORMATS = {".nii": "nifti", ".nii.gz": "nifti", ".mha": "mha", ".nrrd": "nrrd", ".dcm": "dicom"}
 PICTURE_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".tif": "tiff", ".tiff": "tiff"}
@@ -282,11 +282,21 @@ def parse_window(text: str) -> tuple[float, float]:
 def label_map_boxes(path: str | Path, image: ImageFile,
                     what: str = "label map") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A label map for `image` (see read_label_map) -> (its labels relabelled 1..N, the original values (N,), their
-    tight boxes (N, 4) or (N, 6)); CaseError naming the file when it labels nothing."""
+    tight boxes (N, 4) or (N, 6)); CaseError naming the file when it labels nothing or an object its box cannot
+    prompt (the one box rule, zoo.data.io.check_boxes)."""
     consecutive, values = relabel_consecutive(read_label_map(path, image, what))
     if len(values) == 0:
         raise CaseError(path, f"{what} for {image.path.name} is empty: no labelled pixels")
-    return consecutive, values, tight_boxes(consecutive)
+    boxes = tight_boxes(consecutive)
+    check_boxes(Path(path), boxes, image.spatial_shape, image.is_3d, inclusive=True,
+                names=[f"object {value} (label {label})" for label, value in enumerate(values, start=1)])
+    return consecutive, values, boxes
+
+
+def challenge_image(pixels: np.ndarray, is_3d: bool) -> np.ndarray:
+    """8-bit pixels as the challenge's images are: a grey 2D image copied into 3 channels (H, W, 3); a volume
+    (D, H, W) and a colour image as they are."""
+    return pixels if is_3d or pixels.ndim == 3 else np.repeat(pixels[..., None], 3, axis=-1)
 
 
 def apply_window(array: np.ndarray, level: float, width: float) -> np.ndarray:

@@ -154,7 +154,14 @@ def _check_image(path: Path, imgs: np.ndarray, is_3d: bool) -> np.ndarray:
     raise CaseError(path, f"2D boxes (4 columns) need imgs of shape H×W or H×W×3, got shape {imgs.shape}{hint}")
 
 
-def _check_boxes(path: Path, boxes: np.ndarray, image_shape: tuple[int, ...], is_3d: bool) -> np.ndarray:
+def check_boxes(path: Path, boxes: np.ndarray, image_shape: tuple[int, ...], is_3d: bool, inclusive: bool = False,
+                names: list[str] | None = None) -> np.ndarray:
+    """The one box rule of every command (zoo.predict, zoo.segment, zoo.convert): numbers, at least one, finite, inside
+    the image, and spanning at least two columns and two rows (x0 < x1, y0 < y1: a one-pixel box outlines nothing;
+    an object of a volume may lie on one slice, z0 <= z1). Boxes
+    use inclusive indices; a challenge npz may also end one at the image's size (an exclusive end), `inclusive`
+    boxes (users' boxes and label maps) end at size - 1 at most. `names` name the boxes in errors ('box i').
+    Returns them as float64."""
     if boxes.dtype.kind not in "iuf":
         raise CaseError(path, f"boxes has dtype {boxes.dtype}; expected numbers")
     if boxes.shape[0] == 0:
@@ -162,6 +169,7 @@ def _check_boxes(path: Path, boxes: np.ndarray, image_shape: tuple[int, ...], is
     boxes = boxes.astype(np.float64)
     if not np.isfinite(boxes).all():
         raise CaseError(path, "boxes contains NaN or Inf")
+    names = names or [f"box {i}" for i in range(len(boxes))]
     if is_3d:
         depth, height, width = image_shape
         lows, highs, limits, axes = boxes[:, :3], boxes[:, 3:], (width, height, depth), "xyz"
@@ -170,11 +178,12 @@ def _check_boxes(path: Path, boxes: np.ndarray, image_shape: tuple[int, ...], is
         lows, highs, limits, axes = boxes[:, :2], boxes[:, 2:], (width, height), "xy"
     for i, (low, high) in enumerate(zip(lows, highs)):
         for axis, lo, hi, limit in zip(axes, low, high, limits):
-            # Tight boxes use inclusive indices; an exclusive end (== size) is accepted too.
-            if lo < 0 or hi > limit:
-                raise CaseError(path, f"box {i} {boxes[i].tolist()} lies outside the image ({axis} must be in 0..{limit})")
-            if lo >= hi:
-                raise CaseError(path, f"box {i} {boxes[i].tolist()} has {axis}0 >= {axis}1")
+            last = limit - 1 if inclusive else limit
+            if lo < 0 or hi > last:
+                raise CaseError(path, f"{names[i]} {boxes[i].tolist()} lies outside the image ({axis} must be in 0..{last})")
+            if lo > hi or (lo == hi and axis != "z"):  # an object may lie on one slice, not on one row or column
+                raise CaseError(path, f"{names[i]} {boxes[i].tolist()} spans a single {axis} index or is reversed "
+                                      f"({axis}0 >= {axis}1); a box needs {axis}0 < {axis}1")
     return boxes
 
 
@@ -192,7 +201,7 @@ def load_case(path: str | Path) -> Case:
         raise CaseError(path, f"boxes must be N×4 (2D) or N×6 (3D), got shape {boxes.shape}")
     is_3d = boxes.shape[1] == 6
     image = _check_image(path, arrays["imgs"], is_3d)
-    boxes = _check_boxes(path, boxes, image.shape, is_3d)
+    boxes = check_boxes(path, boxes, image.shape, is_3d)
 
     gts = arrays.get("gts")
     if gts is not None:
