@@ -21,7 +21,6 @@ from tqdm import tqdm
 from zoo.cli import run_main
 from zoo.data.io import (
     CaseError,
-    OverwriteError,
     WriteError,
     npz_inputs,
     read_npz,
@@ -108,13 +107,10 @@ def write_tables(tables: list[tuple[Path, list[dict], list[str]]]) -> int:
 
 def run(args: argparse.Namespace) -> int:
     summary_csv = args.out.with_name(args.out.stem + "_summary.csv")
-    try:
-        seg_files, _ = npz_inputs(args.segs)
-        gt_files, _ = npz_inputs(args.gts)
-        for output in (args.out, summary_csv):
-            refuse_overwriting_inputs(output, [args.segs, args.gts, *seg_files, *gt_files], "--out")
-    except (CaseError, OverwriteError) as err:
-        raise SystemExit(f"error: {err}")
+    seg_files, _ = npz_inputs(args.segs)
+    gt_files, _ = npz_inputs(args.gts)
+    for output in (args.out, summary_csv):
+        refuse_overwriting_inputs(output, [args.segs, args.gts, *seg_files, *gt_files], "--out")
     missing = sorted({p.name for p in gt_files} - {p.name for p in seg_files})
     rows, failures = score_cases(seg_files, args.gts)
     if missing:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
 import random
 import resource
 import sys
@@ -41,9 +40,10 @@ from benchmarks.evaluate import summarize
 from benchmarks.latency import measure_latency
 from zoo.cli import RUNS_DIR, positive_int, run_cli
 from zoo.data.io import (
-    SHARED_DATA,
+    DATA_ENV,
     CaseError,
     WriteError,
+    data_split,
     load_case,
     npz_inputs,
     read_csv,
@@ -57,7 +57,6 @@ from zoo.predict import ModalityChoice, segment_case
 from zoo.runtime.cpu import cpu_flags, cpu_model
 from zoo.runtime.embedding_cache import ENCODER_CACHE_DIR, CachedEncoder
 
-DEFAULT_DATA = SHARED_DATA / "val"
 REFERENCE_PARAMS_M = 10.99  # the class-prompt TinyViT paper's model
 CASE_FIELDS = ["case", "modality", "model", "dsc", "nsd", "seconds"]
 LEADERBOARD_FIELDS = (
@@ -74,15 +73,12 @@ LEADERBOARD_FIELDS = (
 
 
 def default_data_dir() -> Path:
-    if os.environ.get("MEDSEG_DATA"):
-        return Path(os.environ["MEDSEG_DATA"])
-    if DEFAULT_DATA.is_dir():
-        return DEFAULT_DATA
-    raise SystemExit(
-        "error: no data to benchmark: pass --data DIR or set MEDSEG_DATA to a directory of challenge npz files "
-        "(2DBox_<Modality>_*.npz / 3DBox_<Modality>_*.npz with imgs, boxes, gts and, for 3D, spacing); "
-        f"the default {DEFAULT_DATA} does not exist"
-    )
+    """The val split (zoo.data.io.data_split); CaseError saying how to name data when there is none."""
+    val = data_split("val")
+    if val.is_dir():
+        return val
+    raise CaseError(val, f"no data to benchmark here: pass --data DIR (challenge npz files with imgs, boxes, gts and, "
+                         f"for 3D, spacing), or set {DATA_ENV} to a folder with a val/ split")
 
 
 def slices_to_segment(path: Path) -> int:
@@ -114,10 +110,7 @@ def select_cases(data_dir: Path, per_modality: int | None, seed: int = 0, small_
     """Every npz in data_dir (per_modality None), or a seeded sample of per_modality files per modality, drawn
     from each modality's sample_candidates (small_volumes) or from all its files (the sample before volumes were
     chosen by size: benchmarks/compression's runs)."""
-    try:
-        files, _ = npz_inputs(data_dir)
-    except CaseError as err:
-        raise SystemExit(f"error: {err}")
+    files, _ = npz_inputs(data_dir)
     if per_modality is None:
         return files
     groups: dict[str, list[Path]] = defaultdict(list)
@@ -267,7 +260,7 @@ def check_mergeable(out: Path, files: list[Path]) -> None:
         return
     earlier = {c["case"] for c in read_csv(out / "cases.csv")}
     if not earlier <= {f.name for f in files}:
-        raise SystemExit(f"error: --merge: {out / 'cases.csv'} was scored on other cases than this run's; "
+        raise ValueError(f"--merge: {out / 'cases.csv'} was scored on other cases than this run's; "
                          "benchmark into another --out or with the same --data and --all / --cases-per-modality")
 
 
@@ -275,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=None,
-                        help="directory of challenge npz files with gts (default: $MEDSEG_DATA, else ../shared/data/medseg-real/val)")
+                        help="directory of challenge npz files with gts (default: $MEDSEG_DATA/val, else ../shared/data/medseg-real/val)")
     parser.add_argument("--models", default=None,
                         help="comma-separated zoo names or checkpoint paths (LABEL=PATH names a row), or 'all' (every "
                              "zoo variant); default: "
@@ -405,7 +398,7 @@ def chosen_models(models: str | None) -> list[str]:
 def run(args: argparse.Namespace) -> list[dict]:
     data_dir = args.data or default_data_dir()
     if not data_dir.is_dir():
-        raise SystemExit(f"error: {data_dir}: not a directory")
+        raise CaseError(data_dir, "not a directory")
     models = chosen_models(args.models)
     files = select_cases(data_dir, None if args.all else args.cases_per_modality, args.seed, args.volumes == "small")
     outputs = [(args.out, "--out")] + [(args.save_segs / split_label(m)[0], "--save-segs") for m in models if args.save_segs]

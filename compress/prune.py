@@ -31,16 +31,15 @@ from timm.models.tiny_vit import Attention, NormMlp
 
 from compress.export import load_parent
 from distill.cache import EmbeddingCache
-from distill.train import Trainer, TrainSettings
-from zoo.cli import RUNS_DIR, add_settings_options, positive_int, redefault, run_cli, settings_from_args
-from zoo.data.io import SHARED_DATA, refuse_overwriting_inputs
-from zoo.data.samples import find_samples
+from distill.train import DataSettings, Trainer, TrainSettings
+from zoo.cli import RUNS_DIR, add_settings_options, redefault, run_cli, settings_from_args
+from zoo.data.io import refuse_overwriting_inputs
 from zoo.models.checkpoint import load_checkpoint, save_checkpoint
 from zoo.models.class_prompt import ClassPromptSAM
 from zoo.models.factory import create_model
 from zoo.models.flops import count_params, encoder_flops
 from zoo.models.pruning import head_channels, narrow_unit, prunable_units, unit_width, unit_widths
-from zoo.runtime.embedding_cache import DEFAULT_CACHE_DIR, encoder_cache_id
+from zoo.runtime.embedding_cache import encoder_cache_id
 
 
 def kept_width(width: int, ratio: float) -> int:
@@ -130,14 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=0.5, help="fraction of every unit's width removed")
     p.add_argument("--out", type=Path, default=None, help="pruned checkpoint (default runs/prune/<model>_p<ratio>.pt)")
     p.add_argument("--work", type=Path, default=None, help="recovery checkpoints (default: OUT without .pt)")
-    p.add_argument("--data", type=Path, nargs="+", default=[SHARED_DATA / "train"], help="challenge npz directories")
-    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
-    p.add_argument("--slice-step", type=int, default=5)
-    p.add_argument("--max-samples", type=positive_int, default=None, help="at most this many recovery samples, taken "
-                   "in turn from each modality (a quick try)")
+    add_settings_options(p, DataSettings, skip=("fractions",))
     add_settings_options(p, PruneSettings)
-    p.add_argument("--resume", action="store_true", help="continue the recovery in WORK")
-    p.add_argument("--threads", type=positive_int, default=None)
     return p
 
 
@@ -173,8 +166,8 @@ def run(args) -> Path:
     settings = settings_from_args(PruneSettings, args, out_dir=work)
     if args.epochs > 0:
         # the slices with an object: those the decoder is asked about (and whose parent embeddings are cached)
-        samples = find_samples(args.data, args.slice_step, None, args.seed, foreground_only=True,
-                               skipped=getattr(args, "skipped", None), max_samples=args.max_samples)
+        data = settings_from_args(DataSettings, args, fractions=None)
+        samples = data.samples(args.seed, foreground_only=True, skipped=getattr(args, "skipped", None))
         cache = EmbeddingCache(args.cache_dir, encoder_cache_id(parent))
         keys = cache.build(samples, parent.to(args.device).eval(), args.device)
         trainer = Trainer(model, samples, keys, cache, settings)

@@ -45,7 +45,7 @@ import torch
 
 from compress.export import load_parent
 from zoo.cli import RUNS_DIR, run_cli
-from zoo.data.io import SHARED_DATA, refuse_overwriting_inputs
+from zoo.data.io import data_split, refuse_overwriting_inputs
 from zoo.data.samples import DataError, find_samples, round_robin, sample_box, sample_tensor
 from zoo.modalities import prompt_modality
 from zoo.models.class_prompt import ClassPromptSAM
@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="zoo name or checkpoint path")
     parser.add_argument("--backend", choices=QUANTIZERS, default="openvino")
-    parser.add_argument("--calib", type=Path, nargs="+", default=[SHARED_DATA / "train"],
+    parser.add_argument("--calib", type=Path, nargs="+", default=[data_split("train")],
                         help="challenge npz directories with calibration images (default: the train split)")
     parser.add_argument("--n-calib", type=int, default=64)
     parser.add_argument("--keep-fp32", nargs="*", default=[], metavar="REGEX", help="layer names left in FP32")
@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decoder", action="store_true",
                         help="quantize the mask decoder too (openvino), calibrated on --n-calib images with ground "
                              "truth: the model's embedding, a box of one label, the modality")
-    parser.add_argument("--check", type=Path, nargs="*", default=[SHARED_DATA / "val"],
+    parser.add_argument("--check", type=Path, nargs="*", default=[data_split("val")],
                         help="npz directories whose images measure the embedding error (none: not measured)")
     parser.add_argument("--n-check", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,16 +32,14 @@ from tqdm import tqdm
 from benchmarks.plots import confusion_plot
 from distill.cache import EmbeddingCache
 from distill.losses import segmentation_loss
-from distill.train import Trainer, TrainSettings
-from zoo.cli import RUNS_DIR, add_settings_options, option, positive_int, redefault, run_cli, settings_from_args
-from zoo.data.io import SHARED_DATA, refuse_overwriting_inputs, write_csv_atomic
+from distill.train import DataSettings, Trainer, TrainSettings
+from zoo.cli import RUNS_DIR, add_settings_options, option, redefault, run_cli, settings_from_args
+from zoo.data.io import data_split, refuse_overwriting_inputs, write_csv_atomic
 from zoo.data.samples import (
     DataError,
     Sample,
-    find_samples,
     flip,
     flip_box,
-    parse_fractions,
     sample_object,
     sample_tensor,
 )
@@ -50,7 +48,7 @@ from zoo.models.checkpoint import load_checkpoint, save_checkpoint
 from zoo.models.class_prompt import ClassPromptSAM, ModalityHead
 from zoo.models.factory import build_litemedsam, create_model
 from zoo.models.weights import CheckpointError
-from zoo.runtime.embedding_cache import DEFAULT_CACHE_DIR, ENCODER_CACHE_DIR, CachedEncoder, encoder_cache_id
+from zoo.runtime.embedding_cache import ENCODER_CACHE_DIR, CachedEncoder, encoder_cache_id
 from zoo.validate import score_samples
 
 NEW_PARTS = ("modality_head.", "class_prompt.")
@@ -273,19 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-class-prompt", action="store_true", help="the ablation: the same fine-tuning without head and class prompt")
     p.add_argument("--decoder-token-stride", type=int, default=None,
                    help="2 or more: the decoder's token-to-image attention on a pooled grid (zoo.models.pooled_decoder; default: the init's)")
-    p.add_argument("--data", type=Path, nargs="+", default=[SHARED_DATA / "train"])
-    p.add_argument("--val", type=Path, nargs="+", default=[SHARED_DATA / "val"], help="model selection data")
+    p.add_argument("--val", type=Path, nargs="+", default=[data_split("val")],
+                   help="model selection data (--max-samples caps it too)")
     p.add_argument("--out", type=Path, default=RUNS_DIR / "finetune")
-    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
-    p.add_argument("--slice-step", type=int, default=5)
-    p.add_argument("--fractions", default=None, help="per-modality fraction of training samples kept, e.g. CT=0.5")
-    p.add_argument("--max-samples", type=positive_int, default=None, help="at most this many train and this many val "
-                   "samples, taken in turn from each modality (a quick try)")
+    add_settings_options(p, DataSettings)
     add_settings_options(p, FinetuneSettings, skip=NOT_OPTIONS)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--head-only", action="store_true",
                    help="only refit the modality head: of OUT/best.pt, or where there is none yet, of --init's model")
-    p.add_argument("--threads", type=positive_int, default=None)
     return p
 
 
@@ -301,10 +293,9 @@ def run(args) -> Path:
     refuse_overwriting_inputs(args.out, [*args.data, *args.val, *init], "--out")
     model = build_model(args.init, class_prompt=not args.no_class_prompt, decoder_token_stride=args.decoder_token_stride)
     skipped = getattr(args, "skipped", None)
-    samples = find_samples(args.data, args.slice_step, parse_fractions(args.fractions), args.seed, foreground_only=True,
-                           skipped=skipped, max_samples=args.max_samples)
-    val_samples = find_samples(args.val, args.slice_step, None, args.seed, foreground_only=True, skipped=skipped,
-                               max_samples=args.max_samples)
+    data = settings_from_args(DataSettings, args)
+    samples = data.samples(args.seed, foreground_only=True, skipped=skipped)
+    val_samples = replace(data, fractions=None).samples(args.seed, foreground_only=True, skipped=skipped, folders=args.val)
     for sample in samples + val_samples:
         modality_id(sample.modality)  # every sample needs a known modality for the head and the class prompt
     cache = EmbeddingCache(args.cache_dir, encoder_cache_id(model))

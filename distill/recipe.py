@@ -50,7 +50,7 @@ import tomllib
 
 from distill.teachers import CHECKPOINT_ENV
 from zoo.cli import RUNS_DIR, positive_int, run_cli
-from zoo.data.io import SHARED_DATA, atomic_path, write_csv_atomic
+from zoo.data.io import atomic_path, data_split, write_csv_atomic
 from zoo.models.checkpoint import code_revision, update_metadata
 from zoo.models.weights import LITEMEDSAM, sha256_file
 
@@ -451,8 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m distill.recipe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", type=Path, help="a recipe file, e.g. recipes/cp_tinyvit_fast.toml")
-    p.add_argument("--data", type=Path, nargs="+", default=[SHARED_DATA / "train"], help="training npz directories")
-    p.add_argument("--val", type=Path, nargs="+", default=[SHARED_DATA / "val"], help="model selection npz directories")
+    p.add_argument("--data", type=Path, nargs="+", default=[data_split("train")], help="training npz directories")
+    p.add_argument("--val", type=Path, nargs="+", default=[data_split("val")], help="model selection npz directories")
     p.add_argument("--out", type=Path, default=None, help="where the stages run (default runs/recipe/<recipe name>)")
     p.add_argument("--device", default=None, help="cpu or cuda for the training stages (default: cuda where there is one)")
     p.add_argument("--until", default=None, metavar="STAGE", help="stop after this stage")

@@ -20,19 +20,16 @@ import torch.distributed as dist
 
 from distill.cache import EmbeddingCache
 from distill.teachers import CHECKPOINT_ENV, TEACHERS, build_teacher
-from distill.train import Trainer, TrainSettings, world
-from zoo.cli import RUNS_DIR, add_settings_options, positive_int, run_cli, settings_from_args
-from zoo.data.io import SHARED_DATA, refuse_overwriting_inputs
-from zoo.data.samples import find_samples, parse_fractions
+from distill.train import DataSettings, Trainer, TrainSettings, world
+from zoo.cli import RUNS_DIR, add_settings_options, run_cli, settings_from_args
+from zoo.data.io import refuse_overwriting_inputs
 from zoo.index import load
 from zoo.models.checkpoint import save_checkpoint
 from zoo.models.class_prompt import ClassPromptSAM
 from zoo.models.encoders import ENCODER_CONFIGS
 from zoo.models.factory import copy_matching_weights, create_model, init_from_litemedsam
 from zoo.models.weights import sha256_file
-from zoo.runtime.embedding_cache import DEFAULT_CACHE_DIR, encoder_cache_id
-
-DEFAULT_TRAIN = SHARED_DATA / "train"
+from zoo.runtime.embedding_cache import encoder_cache_id
 
 
 def teacher_id(kind: str, checkpoint: str | None, teacher) -> str:
@@ -92,16 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder-token-stride", type=int, default=None,
                    help="that decoder with the tokens' attention to the image on a pooled grid of this stride (4: the "
                         "light decoder, zoo.models.pooled_decoder; same weights), or 1 for SAM's; default: as it is")
-    p.add_argument("--data", type=Path, nargs="+", default=[DEFAULT_TRAIN], help="challenge npz directories")
     p.add_argument("--out", type=Path, default=RUNS_DIR / "distill")
-    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
-    p.add_argument("--slice-step", type=int, default=5, help="take every n-th slice of 3D volumes")
-    p.add_argument("--fractions", default=None, help="per-modality fraction kept, e.g. CT=0.02,default=0.1 (paper)")
-    p.add_argument("--max-samples", type=positive_int, default=None, help="at most this many samples, taken in turn "
-                   "from each modality (a quick try)")
+    add_settings_options(p, DataSettings)
     add_settings_options(p, TrainSettings)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    p.add_argument("--threads", type=positive_int, default=None)
     return p
 
 
@@ -125,8 +115,7 @@ def run(args) -> Path:
     refuse_overwriting_inputs(args.out, [*args.data, *filter(None, [args.teacher_checkpoint])], "--out")
     teacher = build_teacher(args.teacher, args.teacher_checkpoint)  # a missing checkpoint fails here, first
     ident = teacher_id(args.teacher, args.teacher_checkpoint or os.environ.get(CHECKPOINT_ENV), teacher)
-    samples = find_samples(args.data, args.slice_step, parse_fractions(args.fractions), args.seed,
-                           skipped=getattr(args, "skipped", None), max_samples=args.max_samples)
+    samples = settings_from_args(DataSettings, args).samples(args.seed, skipped=getattr(args, "skipped", None))
     cache = EmbeddingCache(args.cache_dir, ident)
     # An exported teacher (ONNX Runtime / OpenVINO) embeds one image at a time, on the CPU.
     on_device = isinstance(teacher, torch.nn.Module)

@@ -24,12 +24,22 @@ from tqdm import tqdm
 
 from distill.cache import EmbeddingCache
 from distill.losses import embedding_loss, mask_distillation_loss, segmentation_loss
-from zoo.cli import option
-from zoo.data.io import atomic_path, read_csv, write_csv_atomic
-from zoo.data.samples import Sample, balanced_weights, flip, flip_box, sample_object, sample_tensor
+from zoo.cli import option, positive_int
+from zoo.data.io import atomic_path, data_split, read_csv, write_csv_atomic
+from zoo.data.samples import (
+    Sample,
+    balanced_weights,
+    find_samples,
+    flip,
+    flip_box,
+    parse_fractions,
+    sample_object,
+    sample_tensor,
+)
 from zoo.modalities import prompt_modality
 from zoo.models.weights import CheckpointError, read_weights
 from zoo.runtime.cpu import BF16_FLAGS, cpu_flags
+from zoo.runtime.embedding_cache import DEFAULT_CACHE_DIR
 
 TRAIN_FORMAT = "cp-tinyvit-train/1"
 LOG_FIELDS = ["step", "epoch", "loss", "lr", "images_per_s"]
@@ -84,6 +94,27 @@ def fast_bf16(device_type: str) -> bool:
     if device_type == "cuda":
         return torch.cuda.is_bf16_supported()
     return device_type == "cpu" and any(flag in cpu_flags() for flag in BF16_FLAGS)
+
+
+@dataclass
+class DataSettings:
+    """The data options of the training commands (distill.run, distill.finetune, compress.prune), declared once."""
+
+    data: list[Path] = option(default_factory=lambda: [data_split("train")], help="challenge npz directories to train on")
+    cache_dir: Path = option(default_factory=lambda: DEFAULT_CACHE_DIR, help="where teacher and encoder embeddings are "
+                                                                             "kept (content-keyed, reused across runs)")
+    slice_step: int = option(5, "take every n-th slice of 3D volumes", type=positive_int)
+    fractions: str | None = option(None, "per-modality fraction of the samples kept, e.g. CT=0.02,default=0.1 (the paper)")
+    max_samples: int | None = option(None, "at most this many samples, taken in turn from each modality (a quick try)",
+                                     type=positive_int)
+    resume: bool = option(False, "continue from the output folder's last training checkpoint")
+    threads: int | None = option(None, "torch CPU threads (default: torch's)", type=positive_int)
+
+    def samples(self, seed: int, foreground_only: bool = False, skipped: list[str] | None = None,
+                folders: list[Path] | None = None) -> list[Sample]:
+        """The training samples (zoo.data.samples.find_samples) of `folders` (default: data) by these options."""
+        return find_samples(folders or self.data, self.slice_step, parse_fractions(self.fractions), seed,
+                            foreground_only=foreground_only, skipped=skipped, max_samples=self.max_samples)
 
 
 def world() -> tuple[int, int]:

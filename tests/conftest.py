@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from zoo.data.io import data_split
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-VAL_DIR = Path(os.environ.get("MEDSEG_VAL", SHARED / "data/medseg-real/val"))
+VAL_DIR = data_split("val")  # $MEDSEG_DATA/val, as every command takes it
 REFERENCE_DIR = SHARED / "reference/litemedsam-official-val"
 
 

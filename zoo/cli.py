@@ -28,6 +28,11 @@ def positive_int(text: str) -> int:
     return value
 
 
+# Bad input that stops a run (a missing or unreadable file, a refused output, a bad option value): exit code 2, one
+# line. Library functions raise these; only the command runners below turn them into exit codes.
+USAGE_ERRORS = (CheckpointError, CaseError, ValueError, FileExistsError)
+
+
 def run_cli(run_fn, args) -> int:
     """Exit code 0; 1 when input files were skipped (each reported on its own line as it was found: the run used
     the others); 2 with one line naming the file and the problem for bad input that stops the run; 130 with one
@@ -38,7 +43,7 @@ def run_cli(run_fn, args) -> int:
     args.skipped = []
     try:
         run_fn(args)
-    except (CheckpointError, CaseError, ValueError, FileExistsError) as err:
+    except USAGE_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -50,8 +55,9 @@ def run_cli(run_fn, args) -> int:
 
 
 def option(default=dataclasses.MISSING, help: str = "", *, default_factory=dataclasses.MISSING, **metadata):
-    """A settings dataclass field that is also a command-line option: `help`, and optionally `choices` or `flag`
-    (the option's name when it is not --field-name, e.g. '--no-flip' for a bool that defaults to True)."""
+    """A settings dataclass field that is also a command-line option: `help`, and optionally `choices`, `flag` (the
+    option's name when it is not --field-name, e.g. '--no-flip' for a bool that defaults to True) or `type` (the
+    argparse type when it is not the field's, e.g. positive_int)."""
     return dataclasses.field(default=default, default_factory=default_factory, metadata={"help": help, **metadata})
 
 
@@ -61,10 +67,12 @@ def redefault(cls, name: str, default):
 
 
 def _option_type(hint):
-    """int for `int` and `int | None`."""
+    """(type, nargs): int for `int` and `int | None`; (Path, '+') for `list[Path]`."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
-    return hint
+    if typing.get_origin(hint) is list:
+        return typing.get_args(hint)[0], "+"
+    return hint, None
 
 
 def add_settings_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
@@ -77,13 +85,15 @@ def add_settings_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, 
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
-        kind = _option_type(hints[f.name])
+        kind, nargs = _option_type(hints[f.name])
         if kind is bool:
             parser.add_argument(flag, dest=f.name, action="store_false" if default else "store_true",
                                 help=f.metadata.get("help"))
         else:
-            parser.add_argument(flag, dest=f.name, type=kind, default=default, choices=f.metadata.get("choices"),
-                                help=f"{f.metadata.get('help', '')} (default: {default})".lstrip())
+            shown = " ".join(map(str, default)) if isinstance(default, list) else default
+            parser.add_argument(flag, dest=f.name, type=f.metadata.get("type", kind), nargs=nargs, default=default,
+                                choices=f.metadata.get("choices"),
+                                help=f"{f.metadata.get('help', '')} (default: {shown})".lstrip())
 
 
 def settings_from_args(cls, args: argparse.Namespace, **given):
@@ -98,8 +108,12 @@ def interrupted() -> int:
 
 
 def run_main(main) -> int:
-    """`main()` of a command that does not go through run_cli, with Ctrl-C ending as interrupted() does."""
+    """`main()` of a command that returns its own exit code (not through run_cli): bad input ends as run_cli ends
+    it (exit 2, one line), Ctrl-C as interrupted() does."""
     try:
         return main()
+    except USAGE_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return interrupted()

@@ -28,7 +28,6 @@ from zoo.data.io import (
     TEMP_PREFIX,
     Case,
     CaseError,
-    OverwriteError,
     WriteError,
     clean_stale_temps,
     label_dtype,
@@ -40,7 +39,6 @@ from zoo.data.io import (
 )
 from zoo.data.preprocess import box_from_mask, postprocess_logits, preprocess_image, scale_boxes
 from zoo.modalities import MODALITIES, canonical_modality, modality_id
-from zoo.models.weights import CheckpointError
 from zoo.runtime.interface import SegmentationRuntime
 
 EMBEDDING_CACHE_BYTES = 1 << 30  # slice embeddings kept for reuse within one volume (256 slices of 4 MB)
@@ -200,7 +198,7 @@ def prepare_output_dir(output_dir: Path) -> None:
         probe.touch()
         probe.unlink()
     except OSError as err:
-        raise SystemExit(f"error: {output_dir}: output directory is not writable ({err.strerror or err})")
+        raise WriteError(output_dir, f"output directory is not writable ({err.strerror or err})") from err
     stale = clean_stale_temps(output_dir)
     if stale:
         print(f"removed {len(stale)} temporary file(s) left by an interrupted run: {', '.join(map(str, stale))}",
@@ -248,14 +246,11 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     timing_csv = args.timing_csv or args.output / "timing.csv"
-    try:
-        files, not_read = input_files(args.input)
-        for output, option in ((args.output, "-o/--output"), (timing_csv, "--timing-csv")):
-            refuse_overwriting_inputs(output, [args.input, *files], option)
-        model = load(args.model)
-        ModalityChoice(model, args.modality)
-    except (CaseError, CheckpointError, OverwriteError, RuntimeError, ValueError) as err:
-        raise SystemExit(f"error: {err}")
+    files, not_read = input_files(args.input)
+    for output, option in ((args.output, "-o/--output"), (timing_csv, "--timing-csv")):
+        refuse_overwriting_inputs(output, [args.input, *files], option)
+    model = load(args.model)
+    ModalityChoice(model, args.modality)
     prepare_output_dir(args.output)
     rows, stopped = [], False
     try:

@@ -67,13 +67,13 @@ def list_inputs(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise SystemExit(f"error: {path}: no such file or directory")
+        raise CaseError(path, "no such file or directory")
     entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
     others = [p for p in entries if p.is_dir() or file_suffix(p) not in ("", ".dcm")]
     if not others and is_dicom_series(path):
         return [path]
     if not entries:
-        raise SystemExit(f"error: {path}: empty folder")
+        raise CaseError(path, "empty folder")
     return entries
 
 

@@ -21,11 +21,18 @@ import numpy as np
 
 from zoo.modalities import canonical_modality, modality_from_name
 
-# The project's real data, read in place (research-only licenses): ../shared/data/medseg-real/{train,val}.
+# The project's real data, read in place (research-only licenses): ../shared/data/medseg-real/{train,val}, or the
+# folder $MEDSEG_DATA names (with train/ and val/ in it): the one rule every command and the tests follow.
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "medseg-real"
+DATA_ENV = "MEDSEG_DATA"
 # Temporary files of this toolkit are named TEMP_PREFIX<pid>.<final name>.<random>: only its own are ever removed,
 # and only those of processes that are gone (one killed mid-write leaves its file behind).
 TEMP_PREFIX = ".cp-tinyvit-tmp-"
+
+
+def data_split(name: str) -> Path:
+    """A split of the project's data ('train', 'val'): $MEDSEG_DATA/NAME, else ../shared/data/medseg-real/NAME."""
+    return Path(os.environ.get(DATA_ENV) or SHARED_DATA) / name
 
 
 class CaseError(ValueError):
