@@ -16,9 +16,8 @@ from pathlib import Path
 
 from zoo.cli import RUNS_DIR, run_cli
 from zoo.data.io import refuse_overwriting_inputs
-from zoo.index import load, model_file
+from zoo.index import load, parent_record
 from zoo.models.class_prompt import ClassPromptSAM
-from zoo.models.weights import sha256_file
 from zoo.runtime.backends import EXPORT_BACKENDS, EXPORT_PRECISIONS, check_precision
 from zoo.runtime.export import export_variant
 
@@ -28,7 +27,7 @@ def load_parent(name: str) -> tuple[ClassPromptSAM, dict]:
     model = load(name)
     if not isinstance(model, ClassPromptSAM):
         raise ValueError(f"{name}: export and quantization need a PyTorch model, not an exported one")
-    return model, {"parent": name, "parent_sha256": sha256_file(model_file(name))}
+    return model, parent_record(name)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

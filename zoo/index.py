@@ -189,6 +189,12 @@ def model_file(name_or_path: str | Path) -> Path:
     return _derived_folder(entry) / MANIFEST if entry.get("derived_from") else ZOO_DIR / entry["file"]
 
 
+def parent_record(name_or_path: str | Path) -> dict:
+    """What a variant made from this model (export, quantization, pruning) records of it, so that model_parent can
+    tell later whether that file is still the one the zoo ships: {"parent": name or path, "parent_sha256": ...}."""
+    return {"parent": str(name_or_path), "parent_sha256": sha256_file(model_file(name_or_path))}
+
+
 def model_parent(name_or_path: str | Path) -> str | None:
     """The model a variant was made from (export, quantization, pruning); None for a model made by training.
 

@@ -18,7 +18,7 @@ from zoo.data.preprocess import IMAGE_SIZE
 from zoo.modalities import MODALITIES
 from zoo.models.encoders import ENCODER_CONFIGS, TinyViTConfig, TinyViTEncoder
 from zoo.models.pooled_decoder import PooledMaskDecoder, PooledTwoWayTransformer
-from zoo.runtime.embedding_cache import module_fingerprint
+from zoo.models.weights import module_fingerprint
 
 EMBED_DIM = 256
 

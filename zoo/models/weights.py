@@ -71,3 +71,13 @@ def litemedsam_weights() -> dict[str, torch.Tensor]:
 
 def litemedsam_encoder_weights() -> dict[str, torch.Tensor]:
     return {k: v for k, v in litemedsam_weights().items() if k.startswith("image_encoder.")}
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 of a module's state (names, dtypes, shapes, values): equal exactly when its outputs would be."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()

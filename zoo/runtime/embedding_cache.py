@@ -35,16 +35,6 @@ def image_key(image: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def module_fingerprint(module: torch.nn.Module) -> str:
-    """sha256 of a module's state (names, dtypes, shapes, values): equal exactly when its outputs would be."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
-
-
 def encoder_cache_id(model) -> str:
     """The cache folder of a model's encoder: LiteMedSAM and every model fine-tuned on its frozen encoder share it.
 

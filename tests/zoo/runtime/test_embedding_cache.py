@@ -5,8 +5,9 @@ import torch
 
 from tests.helpers import flip_bytes, tiny_model
 from zoo.data.io import Case
+from zoo.models.weights import module_fingerprint
 from zoo.predict import ModalityChoice, segment_case
-from zoo.runtime.embedding_cache import CachedEncoder, EmbeddingCache, encoder_cache_id, image_key, module_fingerprint
+from zoo.runtime.embedding_cache import CachedEncoder, EmbeddingCache, encoder_cache_id, image_key
 
 
 def _volume_case():
