@@ -171,7 +171,7 @@ class SegObject:
     inclusive) and its masks, (H, W) bool by slice (a 2D image's at slice 0; a volume's where it has pixels)."""
 
     id: int
-    box: list[int]
+    box: list[float]
     intensity_key: str | None  # the modality given to to_uint8 (None: the image's own rule)
     modality: str | None
     modality_source: str
@@ -359,8 +359,9 @@ class ImageSession:
                                          embeddings.resized, size)[0]}
                 prompt_slice = 0
             runs = embeddings.computed - before
-        obj = SegObject(self.next_id, [int(v) for v in box], given, modality, source, head, pixels.intensity,
-                        int(prompt_slice), {int(z): m for z, m in masks.items()})
+        shown = [int(v) if float(v).is_integer() else float(v) for v in box]
+        obj = SegObject(self.next_id, shown, given, modality, source, head, pixels.intensity, int(prompt_slice),
+                        {int(z): m for z, m in masks.items()})
         self.next_id += 1
         self.objects.append(obj)
         return obj, runs

@@ -104,7 +104,8 @@ def test_png_boxes_give_zoo_segments_masks_and_files(png_case, fast_model, tmp_p
         deleted = client.delete(f"/api/images/{sid}/objects/{ids[1]}").json()
         assert [o["id"] for o in deleted["objects"]] == [first]
         remaining = labels_of(deleted, gts.shape)
-        assert (remaining[expected == 1] == first).all() and (remaining == first).sum() == deleted["objects"][0]["pixels"]
+        assert (remaining[expected == 1] == first).all()
+        assert (remaining == first).sum() == deleted["objects"][0]["pixels"]
         assert not remaining[(expected == 2) & (remaining == 0)].any()
 
 
@@ -179,7 +180,8 @@ def test_a_model_without_clicks_says_so(bright_client, small_png):
 def test_bad_files_and_boxes_get_a_clear_message_and_the_server_goes_on(bright_client, small_png, tmp_path):
     root = bright_client.app.state.sessions.root
     (tmp_path / "scan.nii.gz").write_bytes(b"not a nifti at all")
-    assert "scan.nii.gz: not a readable nifti image" in error_of(open_file(bright_client, tmp_path / "scan.nii.gz"), 400)
+    refused = open_file(bright_client, tmp_path / "scan.nii.gz")
+    assert "scan.nii.gz: not a readable nifti image" in error_of(refused, 400)
     (tmp_path / "notes.txt").write_text("hello")
     assert "unsupported file type .txt" in error_of(open_file(bright_client, tmp_path / "notes.txt"), 400)
     good = write_npz(tmp_path / "2DBox_CT_x.npz", imgs=np.zeros((8, 8), np.uint8), boxes=np.array([[1, 1, 5, 5]]))

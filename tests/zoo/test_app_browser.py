@@ -35,11 +35,15 @@ CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
-def chromium_path() -> str:
+@pytest.fixture(scope="module")
+def chromium():
+    """(Playwright's sync API, the browser's path); the test is skipped, saying why, where there is none."""
+    playwright_api = pytest.importorskip("playwright.sync_api",
+                                         reason="Playwright for Python is missing: pip install -e '.[test]'")
     found = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
     if not Path(found).is_file():
         pytest.skip("no Chromium browser here: install Debian's `chromium` (apt-get install chromium; .ci/run does)")
-    return found
+    return playwright_api, found
 
 
 def free_port() -> int:
@@ -53,7 +57,7 @@ def app_folders() -> set[Path]:
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(chromium):
     """`python -m zoo.app` on a free port, as a user starts it; stopped (SIGTERM) at the end, which must remove its
     temporary folder."""
     port = free_port()
@@ -83,9 +87,8 @@ def server():
 
 
 @pytest.fixture
-def page():
-    playwright_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python: pip install -e '.[test]'")
-    executable = chromium_path()
+def page(chromium):
+    playwright_api, executable = chromium
     with playwright_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         # bypass_csp: Playwright's waits evaluate expressions, which the page's policy forbids to its own scripts
@@ -130,6 +133,11 @@ def test_a_box_drawn_in_the_browser_gives_the_command_lines_labels(server, page,
     page.goto(server)
     page.wait_for_function("viewer.state.info !== null")
     assert MODEL in page.inner_text("#model")
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a volume")
+    page.set_input_files("#file", str(broken))  # a malformed file: a message in the page, and the page goes on
+    page.wait_for_function("document.querySelector('#message').className === 'error'")
+    assert "broken.nii.gz: not a readable nifti image" in page.inner_text("#message")
     open_image(page, png)
     new_image = drag_box(page, box, 1)
     objects = page.evaluate("viewer.state.objects")

@@ -123,7 +123,8 @@
       $("timing").removeAttribute("data-ms");
       const shape = image.is_3d ? `${image.depth}×${image.height}×${image.width}` : `${image.height}×${image.width}`;
       say(`Opened ${image.name} (${shape}${image.channels === 3 ? " RGB" : ""}; the model sees it ` +
-          `${image.intensity === "as stored" ? "as stored" : "with " + image.intensity}). Drag a box around an object.`);
+          `${image.intensity === "as stored" ? "as stored" : "with " + image.intensity}). ` +
+          "Drag a box around an object.");
     } catch (err) {
       say(err.message, "error");
     } finally {
@@ -164,7 +165,9 @@
   }
 
   function unpackLabels(text) {  // base64 of little-endian uint16 -> Uint16Array
-    const bytes = Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
+    const binary = atob(text);
+    const bytes = new Uint8Array(binary.length);
+    for (let i = 0; i < binary.length; i++) bytes[i] = binary.charCodeAt(i);
     return new Uint16Array(bytes.buffer);
   }
 
@@ -337,10 +340,11 @@
       swatch.style.background = `rgb(${obj.colour.join(",")})`;
       const detail = document.createElement("span");
       detail.className = "detail";
-      const where = state.image.is_3d ? (obj.slices ? ` · slices ${obj.slices[0]}–${obj.slices[1]}` : " · empty") : "";
+      const is3d = state.image.is_3d;
+      const where = !is3d ? "" : obj.slices ? ` · slices ${obj.slices[0]}–${obj.slices[1]}` : " · empty";
       const modality = obj.modality ? ` · ${obj.modality} (${obj.modality_source})` : "";
       const clicks = obj.clicks.length ? ` · ${obj.clicks.length} click${obj.clicks.length > 1 ? "s" : ""}` : "";
-      detail.textContent = `label ${i + 1}${modality} · ${obj.pixels} px${where}${clicks}`;
+      detail.textContent = `label ${i + 1}${modality} · ${obj.pixels} ${is3d ? "voxels" : "px"}${where}${clicks}`;
       detail.title = `intensity: ${obj.intensity}; modality head: ${obj.head_modality || "none"}; ` +
                      `box ${JSON.stringify(obj.box)}`;
       const undo = document.createElement("button");
@@ -387,13 +391,17 @@
       if (reply.object !== null) state.selected = reply.object;
       if (!state.objects.some((o) => o.id === state.selected)) state.selected = null;
       renderObjects();
-      if (reply.slice === state.z) renderLabelLayer();
-      draw();
+      if (reply.slice === state.z) {
+        renderLabelLayer();
+        draw();
+      } else {
+        showSlice(state.z);  // scrolled on meanwhile: fetch this slice's labels
+      }
       if (startedAt !== null) requestAnimationFrame(() => {  // drawn: the frame that shows it is next
         const ms = performance.now() - startedAt;
         state.lastAnswer = { ms, server_ms: reply.server_ms, encoder_runs: reply.encoder_runs, object: reply.object };
-        const embedded = reply.encoder_runs ? `, embedding ${reply.encoder_runs} slice${reply.encoder_runs > 1 ? "s" : ""}`
-                                            : ", embedding cached";
+        const runs = reply.encoder_runs;
+        const embedded = runs ? `, embedding ${runs} slice${runs > 1 ? "s" : ""}` : ", embedding cached";
         $("timing").textContent = `Last answer: ${ms.toFixed(0)} ms from mouse-up to mask drawn ` +
                                   `(server ${reply.server_ms.toFixed(0)} ms${embedded}).`;
         $("timing").dataset.ms = ms.toFixed(1);
@@ -535,7 +543,9 @@
   function setTool(tool) {
     if (tool !== "box" && state.info && !state.info.clicks) { say(state.info.clicks_note, "error"); return; }
     state.tool = tool;
-    for (const button of $("tools").querySelectorAll("button")) button.classList.toggle("active", button.dataset.tool === tool);
+    for (const button of $("tools").querySelectorAll("button")) {
+      button.classList.toggle("active", button.dataset.tool === tool);
+    }
   }
 
   document.addEventListener("keydown", (e) => {
@@ -589,7 +599,9 @@
   $("reset").addEventListener("click", resetView);
   $("save-labels").addEventListener("click", () => download("/labels", "labels"));
   $("save-overlay").addEventListener("click", () => download("/overlay", "overlay.png"));
-  for (const button of $("tools").querySelectorAll("button")) button.addEventListener("click", () => setTool(button.dataset.tool));
+  for (const button of $("tools").querySelectorAll("button")) {
+    button.addEventListener("click", () => setTool(button.dataset.tool));
+  }
   window.addEventListener("resize", draw);
   window.addEventListener("pagehide", () => closeSession(true));
 
