@@ -54,9 +54,8 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-# Everything the app takes from zoo, in one block (main is being reorganised into subpackages).
 from zoo.cli import positive_int, run_cli
-from zoo.formats import (
+from zoo.data.formats import (
     PERCENTILES,
     PICTURE_FORMATS,
     SOFT_TISSUE_WINDOW,
@@ -67,12 +66,11 @@ from zoo.formats import (
     to_uint8,
     write_labels,
 )
-from zoo.io import Case, CaseError, label_dtype, load_case, save_npz_atomic
+from zoo.data.io import Case, CaseError, check_boxes, label_dtype, load_case, save_npz_atomic
+from zoo.data.overlay import encode_png, label_colours, overlay_picture
+from zoo.data.preprocess import IMAGE_SIZE, box_from_mask, postprocess_logits, scale_boxes
 from zoo.modalities import MODALITIES, canonical_modality, modality_from_name, modality_id
-from zoo.overlay import encode_png, label_colours, overlay_picture
 from zoo.predict import ModalityChoice, SliceEmbeddings, decode_masks, propagation_plan, segment_3d
-from zoo.preprocess import IMAGE_SIZE, box_from_mask, postprocess_logits, scale_boxes
-from zoo.segment import check_inclusive_boxes
 
 DEFAULT_MODEL = "cp_tinyvit_fast"
 STATIC_DIR = Path(__file__).with_name("app_static")
@@ -330,7 +328,7 @@ class ImageSession:
         if boxes.shape[1] != width or not np.isfinite(boxes).all():
             raise AppError(400, f"a box on this image is {kind}; got {box}")
         try:
-            check_inclusive_boxes(Path(self.name), boxes, self.spatial_shape)
+            check_boxes(Path(self.name), boxes, self.spatial_shape, self.is_3d, inclusive=True)  # the one box rule
             modalities = ModalityChoice(self.engine.model, choice)
         except (CaseError, ValueError) as err:
             raise AppError(400, err.problem if isinstance(err, CaseError) else str(err))

@@ -18,7 +18,7 @@ from PIL import Image
 
 from tests.helpers import nifti_header, write_dicom_series, write_npz, write_volume
 from zoo.app import Engine, create_app, display_name, host_warning, parse_args
-from zoo.formats import read_image, tight_boxes
+from zoo.data.formats import read_image, tight_boxes
 from zoo.segment import segment_files
 
 HEADERS = {"X-Requested-With": "cp-tinyvit"}
@@ -195,7 +195,8 @@ def test_bad_files_and_boxes_get_a_clear_message_and_the_server_goes_on(bright_c
     objects = f"/api/images/{sid}/objects"
     problems = {
         "outside the image": {"box": [10, 5, 60, 25]},
-        "x0 <= x1": {"box": [40, 5, 10, 25]},
+        "a box needs x0 < x1": {"box": [40, 5, 10, 25]},
+        "spans a single y index": {"box": [1, 5, 9, 5]},  # the one box rule: a one-row box outlines nothing
         "[x0, y0, x1, y1] (a 2D image)": {"box": [1, 1, 0, 5, 5, 0]},
         "unknown modality": {"box": [1, 1, 5, 5], "modality": "Radiology"},
         "slice 3 is outside the image": {"box": [1, 1, 5, 5], "slice": 3},

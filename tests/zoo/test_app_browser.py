@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.metrics import case_scores
-from zoo.formats import tight_boxes
+from zoo.data.formats import tight_boxes
+from zoo.data.scoring import case_scores
 from zoo.segment import main as segment_main
 
 REPO = Path(__file__).resolve().parents[2]
