@@ -32,7 +32,7 @@ from timm.models.tiny_vit import Attention, NormMlp
 from compress.export import load_parent
 from distill.cache import EmbeddingCache
 from distill.train import DataSettings, Trainer, TrainSettings
-from zoo.cli import RUNS_DIR, add_settings_options, redefault, run_cli, settings_from_args
+from zoo.cli import RUNS_DIR, add_settings_options, option, redefault, run_cli, settings_from_args
 from zoo.data.io import refuse_overwriting_inputs
 from zoo.models.checkpoint import load_checkpoint, save_checkpoint
 from zoo.models.class_prompt import ClassPromptSAM
@@ -117,6 +117,9 @@ class PruneSettings(TrainSettings):
     """compress.prune's recovery training: TrainSettings with this stage's defaults."""
 
     epochs: int = redefault(TrainSettings, "epochs", 1)  # 0: prune only
+    # What ships is stored this way (zoo.index add copies such a file as it is), so that its INT8 variant is made from
+    # the very weights that ship.
+    half: bool = option(False, "store OUT in float16")
     lr: float = redefault(TrainSettings, "lr", 2e-4)
     scheduler: str = redefault(TrainSettings, "scheduler", "cosine")
     checkpoint_every: int = redefault(TrainSettings, "checkpoint_every", 20)
@@ -145,8 +148,8 @@ def run(args) -> Path:
     out = args.out or RUNS_DIR / "prune" / f"{Path(args.model).stem}_p{round(args.ratio * 100)}.pt"
     work = args.work or out.with_suffix("")
     inputs = [*args.data, *([Path(args.model)] if Path(args.model).exists() else [])]
-    for output, option in ((out, "--out"), (work, "--work")):
-        refuse_overwriting_inputs(output, inputs, option)
+    for output, flag in ((out, "--out"), (work, "--work")):
+        refuse_overwriting_inputs(output, inputs, flag)
     if out.exists():
         raise FileExistsError(f"{out} exists; choose another --out (nothing is overwritten)")
     parent, metadata = load_parent(args.model)
@@ -177,7 +180,7 @@ def run(args) -> Path:
         model = trainer.student.cpu().eval()
         metadata.update(data=[str(d) for d in args.data], samples=len(samples), slice_step=args.slice_step)
     save_checkpoint(out, model, {"stage": "prune", **metadata, "ratio": args.ratio, **sizes,
-                                 "recovery": {**settings.to_dict(), **result}})
+                                 "recovery": {**settings.to_dict(), **result}}, half=settings.half)
     print(f"wrote {out} after {result['steps']} recovery steps (final loss {result['final_loss']})")
     return out
 
