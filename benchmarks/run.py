@@ -1,22 +1,27 @@
 """Benchmark model variants on real data: DSC/NSD per case and modality, CPU latency, FLOPs, params, memory.
 
-    python -m benchmarks.run [--data DIR] [--models litemedsam,cp_tinyvit,PATH | all] [--out DIR] [--all]
+    python -m benchmarks.run [--data DIR] [--models litemedsam,cp_tinyvit,LABEL=PATH | all] [--out DIR] [--all]
+                             [--case-times] [--latency-budget SECONDS | --no-latency]
 
-By default it compares LiteMedSAM and the zoo's main models (zoo/index.json entries marked default_benchmark);
-`--models all` takes every zoo variant this CPU can run.
+By default it compares the fair baselines (LiteMedSAM in PyTorch and on OpenVINO FP32 and INT8) and the zoo's main
+models (zoo/index.json entries marked default_benchmark); `--models all` takes every zoo variant this CPU can run.
 
 Writes OUT/cases.csv (case, modality, model, dsc, nsd, seconds), OUT/leaderboard.csv (one row per variant) and
 plots (OUT/radar.png, OUT/latency_vs_dsc.png, and OUT/confusion_<model>.png for models with a modality head, whose
-accuracy over the cases is the leaderboard's head_accuracy). Each variant runs in its own process, through the same inference
-path as zoo.predict, so its peak memory is its own and a crash does not stop the others. Without --all a fixed,
-seeded sample of --cases-per-modality cases per modality is taken (every modality, 2D images and 3D volumes; a
-volume is drawn from the quarter of its modality's volumes with the fewest slices to segment, which keeps the
-default run to minutes), and latencies are medians of 3 timed runs instead of 5.
+accuracy over the cases is the leaderboard's head_accuracy). Each variant runs in its own process, through the same
+inference path as zoo.predict, so its peak memory is its own and a crash does not stop the others. Without --all a
+fixed, seeded sample of --cases-per-modality cases per modality is taken (every modality, 2D images and 3D volumes;
+a volume is drawn from the quarter of its modality's volumes with the fewest slices to segment).
+
+Timing (benchmarks.latency): each variant's first call on the fresh model (first_call_2d_ms: what one zoo.segment
+of an image pays after load_s), then its latencies at steady state on fixed inputs (a 256² image with one box; a
+24×256×256 volume with a box over 12 slices), so a latency does not depend on how many cases ran before it.
+speedup_vs_litemedsam and speedup_vs_litemedsam_openvino compare with the baselines timed in the same run.
 
 Image embeddings are kept in --cache-dir (float32, keyed by the encoder's weights and the image), so variants that
-share an encoder, and later runs, embed each image once; scores are the same as without the cache. The per-case
-`seconds` then exclude the cached encoder runs: the leaderboard's latencies come from benchmarks.latency, which
-times the model itself on fixed inputs (a 256² image with one box; a 24×256×256 volume with a box over 12 slices).
+share an encoder, and later runs, embed each image once; scores are the same as without the cache. With
+--case-times there is no cache: each case is timed whole, from reading its npz to its written segs (the challenge's
+efficiency measure), with the median and maximum per model and modality, and the slowest case, in OUT/case_times.csv.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import multiprocessing
 import random
 import resource
 import sys
+import tempfile
 import time
 import traceback
 from collections import defaultdict
@@ -37,7 +43,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.evaluate import summarize
-from benchmarks.latency import measure_latency
+from benchmarks.latency import BUDGET_S, first_call_ms, measure_latency
 from zoo.cli import RUNS_DIR, positive_int, run_cli
 from zoo.data.io import (
     DATA_ENV,
@@ -69,7 +75,12 @@ LEADERBOARD_FIELDS = (
     # Appended, so that earlier leaderboards still merge (their rows leave these empty): which precision is fast
     # depends on the CPU's instruction set (zoo.runtime.cpu).
     + ["cpu", "cpu_flags"]
+    # Steady-state timing (benchmarks.latency), the first call and load, speed-ups against the fair baselines timed in
+    # the same run, and whole-case wall times (--case-times).
+    + ["warmup_runs", "latency_stable", "first_call_2d_ms", "load_s", "speedup_vs_litemedsam",
+       "speedup_vs_litemedsam_openvino", "wall_case_median_s", "wall_case_max_s", "slowest_case"]
 )
+CASE_TIME_FIELDS = ["model", "modality", "cases", "median_s", "max_s", "slowest_case"]
 
 
 def default_data_dir() -> Path:
@@ -142,50 +153,65 @@ def variant_label(name: str) -> str:
     return label + at + version
 
 
-def benchmark_variant(entry: str, files: list[Path], threads: int, timing: dict, segs_dir: Path | None,
-                      cache_dir: Path | None, labels: dict[str, str] | None = None) -> dict:
-    """Runs in a child process: every case through zoo's inference path, then latency, FLOPs and size.
+def benchmark_variant(entry: str, files: list[Path], threads: int, latency_budget: float | None,
+                      segs_dir: Path | None, cache_dir: Path | None, labels: dict[str, str] | None = None,
+                      case_times: bool = False) -> dict:
+    """Runs in a child process: the first call on the fresh model, every case through zoo's inference path, then
+    steady-state latency, FLOPs and size.
 
     With a cache_dir, image embeddings are looked up there first (float32, keyed by the encoder's weights), so
-    variants sharing an encoder embed each image once; latency is always measured on the model itself."""
+    variants sharing an encoder embed each image once; latency is always measured on the model itself. With
+    case_times, no cache: each case is timed whole, from reading its npz to its written segs (the challenge's
+    efficiency measure), into segs_dir or a temporary folder."""
     from zoo.index import load, model_bytes, model_parent
     from zoo.models.flops import model_size
 
     label, name = split_label(entry)
     torch.set_num_threads(threads)
+    started = time.perf_counter()
     model = load(name)
-    scored = CachedEncoder(model, cache_dir) if cache_dir is not None else model
+    load_s = time.perf_counter() - started
+    first_call = first_call_ms(model) if latency_budget is not None else ""
+    scored = CachedEncoder(model, cache_dir) if cache_dir is not None and not case_times else model
     modalities = ModalityChoice(scored)
     cases, errors = [], []
     confusion = modality_confusion()
-    for path in tqdm(files, desc=f"{name}", unit="case", leave=False):
-        try:
-            case = load_case(path)
-            if case.gts is None:
-                raise CaseError(path, "no 'gts' to score against")
+    with tempfile.TemporaryDirectory(prefix=".cp-tinyvit-segs-") as scratch:
+        written = segs_dir if segs_dir is not None else Path(scratch)
+        for path in tqdm(files, desc=label, unit="case", leave=False):
             start = time.perf_counter()
-            result = segment_case(scored, case, modalities)
-            seconds = time.perf_counter() - start
-        except CaseError as err:
-            errors.append(str(err))
-            continue
-        if segs_dir is not None:
             try:
-                save_npz_atomic(segs_dir / path.name, segs=result.segs)
+                case = load_case(path)
+                if case.gts is None:
+                    raise CaseError(path, "no 'gts' to score against")
+                result = segment_case(scored, case, modalities)
+                if case_times or segs_dir is not None:
+                    save_npz_atomic(written / path.name, segs=result.segs)
             except WriteError as err:  # named; the case is still scored
                 errors.append(str(err))
-        dsc, nsd = case_scores(case.gts, result.segs, case.spacing.tolist())
-        if result.head_modality is not None and case.modality is not None:
-            confusion[modality_id(case.modality), modality_id(result.head_modality)] += 1
-        cases.append({"case": path.name, "modality": case.modality or "unknown", "model": label,
-                      "dsc": dsc, "nsd": nsd, "seconds": seconds})
-    latency = measure_latency(model, **timing) if timing else dict.fromkeys(LATENCY_FIELDS, "")
+            except CaseError as err:
+                errors.append(str(err))
+                continue
+            seconds = time.perf_counter() - start
+            dsc, nsd = case_scores(case.gts, result.segs, case.spacing.tolist())
+            if result.head_modality is not None and case.modality is not None:
+                confusion[modality_id(case.modality), modality_id(result.head_modality)] += 1
+            cases.append({"case": path.name, "modality": case.modality or "unknown", "model": label,
+                          "dsc": dsc, "nsd": nsd, "seconds": seconds})
+    if latency_budget is not None:
+        latency = measure_latency(model, budget_s=latency_budget)
+    else:
+        latency = dict.fromkeys(LATENCY_FIELDS, "")
+    walls = [c["seconds"] for c in cases] if case_times else []
+    slowest = max(cases, key=lambda c: c["seconds"]) if walls else None
     size = model_size(model)
     row = {
         "model": label, "backend": model.backend, "precision": model.precision, "params_M": size["params"] / 1e6,
         "encoder_GFLOPs": size["encoder_flops"] / 1e9, "decoder_GFLOPs_per_box": size["decoder_flops_per_box"] / 1e9,
         "file_MB": model_bytes(name) / 1e6,
-        **latency,
+        **latency, "first_call_2d_ms": first_call, "load_s": load_s,
+        "wall_case_median_s": float(np.median(walls)) if walls else "", "wall_case_max_s": max(walls) if walls else "",
+        "slowest_case": slowest["case"] if slowest else "",
         # This child's peak; ru_maxrss also covers the parent's RSS when it spawned the child, which is much smaller.
         "peak_RSS_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "head_accuracy": head_accuracy(confusion) if confusion.sum() else "",
@@ -196,7 +222,9 @@ def benchmark_variant(entry: str, files: list[Path], threads: int, timing: dict,
     return {"cases": cases, "row": row, "errors": errors, "confusion": confusion if confusion.sum() else None}
 
 
-LATENCY_FIELDS = ("latency_2d_ms", "encoder_ms", "decoder_ms_per_box", "latency_3d_s")
+LATENCY_FIELDS = ("latency_2d_ms", "encoder_ms", "decoder_ms_per_box", "latency_3d_s", "warmup_runs", "latency_stable")
+# The fair baselines: LiteMedSAM as published (PyTorch) and as the challenge's leaders deployed it (OpenVINO FP32).
+BASELINES = {"speedup_vs_litemedsam": "litemedsam", "speedup_vs_litemedsam_openvino": "litemedsam_openvino"}
 
 
 def leaderboard_row(result: dict) -> dict:
@@ -229,6 +257,34 @@ def compare_with_parents(rows: list[dict], timed_together: set[str]) -> None:
             row["encoder_speedup_vs_parent"] = parent["encoder_ms"] / row["encoder_ms"]
         elif {row["model"], parent["model"]} & timed_together:
             row["encoder_speedup_vs_parent"] = ""  # one of them was re-timed: an earlier ratio no longer holds
+
+
+def compare_with_baselines(rows: list[dict], timed_together: set[str]) -> None:
+    """speedup_vs_<baseline>: the baseline's 2D latency over the variant's, for variants timed in this run beside it
+    (a ratio of timings from different runs would mix machines and loads)."""
+    by_name = {r["model"]: r for r in rows}
+    for column, baseline_name in BASELINES.items():
+        baseline = by_name.get(baseline_name)
+        for row in rows:
+            if row["model"] not in timed_together:
+                continue
+            timed = baseline is not None and baseline_name in timed_together
+            ok = timed and row["latency_2d_ms"] not in ("", 0) and baseline["latency_2d_ms"] != ""
+            row[column] = baseline["latency_2d_ms"] / row["latency_2d_ms"] if ok else ""
+
+
+def case_time_rows(cases: list[dict]) -> list[dict]:
+    """Whole-case wall times per model and modality: how many cases, median, maximum and the slowest case."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for case in cases:
+        groups[(case["model"], case["modality"])].append(case)
+    rows = []
+    for (model, modality), group in sorted(groups.items()):
+        slowest = max(group, key=lambda c: c["seconds"])
+        rows.append({"model": model, "modality": modality, "cases": len(group),
+                     "median_s": float(np.median([c["seconds"] for c in group])), "max_s": slowest["seconds"],
+                     "slowest_case": slowest["case"]})
+    return rows
 
 
 def _fmt(row: dict) -> dict:
@@ -280,8 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--volumes", choices=("small", "any"), default="small",
                         help="draw a sample's 3D volumes from those with the fewest slices to segment, or from all")
     parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads for every variant")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed repeats per latency measurement (median; default 3, with --all 5)")
+    parser.add_argument("--latency-budget", type=float, default=BUDGET_S, metavar="SECONDS",
+                        help="time each latency part may take to reach steady state (benchmarks.latency's rule)")
+    parser.add_argument("--case-times", action="store_true",
+                        help="time every case whole, from reading its npz to its written segs, without the embedding "
+                             "cache (the challenge's efficiency measure; OUT/case_times.csv)")
     parser.add_argument("--save-segs", type=Path, default=None, metavar="DIR",
                         help="also write each variant's segs npz files to DIR/<model>/")
     parser.add_argument("--cache-dir", type=Path, default=ENCODER_CACHE_DIR,
@@ -296,18 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.repeats is not None and args.repeats < 3:
-        parser.error("--repeats must be at least 3")
+    if args.latency_budget <= 0:
+        parser.error("--latency-budget must be positive")
     return args
 
 
-def latency_timing(args: argparse.Namespace) -> dict | None:
-    """measure_latency's repeats and warm-up runs: the full run's 5 and 2; a sample's 3 and 1, as its latencies
-    only have to place the variants (the shipped leaderboard's come from --all); None with --no-latency."""
-    if args.no_latency:
-        return None
-    full = {"repeats": 5, "warmup": 2} if args.all else {"repeats": 3, "warmup": 1}
-    return {**full, "repeats": args.repeats or full["repeats"]}
+def latency_budget(args: argparse.Namespace) -> float | None:
+    """Each latency part's time budget to reach steady state; None with --no-latency."""
+    return None if args.no_latency else args.latency_budget
 
 
 def benchmark_models(models: list[str], files: list[Path], args: argparse.Namespace) -> tuple[list[dict], list[str]]:
@@ -320,8 +375,8 @@ def benchmark_models(models: list[str], files: list[Path], args: argparse.Namesp
         segs_dir = args.save_segs / split_label(name)[0] if args.save_segs else None
         try:
             with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-                result = pool.submit(benchmark_variant, name, files, args.threads, latency_timing(args), segs_dir,
-                                     cache_dir, labels).result()
+                result = pool.submit(benchmark_variant, name, files, args.threads, latency_budget(args), segs_dir,
+                                     cache_dir, labels, args.case_times).result()
         except Exception as err:  # a broken variant is reported; the others still run
             failed.append(name)
             tqdm.write(f"error: variant {name} failed: {type(err).__name__}: {err}", file=sys.stderr)
@@ -333,7 +388,8 @@ def benchmark_models(models: list[str], files: list[Path], args: argparse.Namesp
     return results, failed
 
 
-def write_outputs(out: Path, results: list[dict], merge: bool, threads: int, skipped: list[str]) -> list[dict]:
+def write_outputs(out: Path, results: list[dict], merge: bool, threads: int, skipped: list[str],
+                  case_times: bool = False) -> list[dict]:
     """OUT/cases.csv, OUT/leaderboard.csv (this run's rows, with --merge added to OUT's earlier ones) and the
     plots; returns this run's leaderboard rows. An output that cannot be written is named and added to `skipped`;
     the others are still written."""
@@ -343,11 +399,15 @@ def write_outputs(out: Path, results: list[dict], merge: bool, threads: int, ski
     cases = [c for r in results for c in r["cases"]]
     rows = [leaderboard_row(r) for r in results]
     all_cases, all_rows = merge_previous(out, cases, rows) if merge else ([_fmt(c) for c in cases], rows)
-    compare_with_parents(all_rows, {r["model"] for r in rows})
+    timed = {r["model"] for r in rows if r["latency_2d_ms"] != ""}
+    compare_with_parents(all_rows, timed)
+    compare_with_baselines(all_rows, timed)
     writes = [(write_csv_atomic, out / "cases.csv", all_cases, CASE_FIELDS),
               (write_csv_atomic, out / "leaderboard.csv", [_fmt(r) for r in all_rows], LEADERBOARD_FIELDS),
               (radar_plot, all_rows, out / "radar.png"),
               (latency_plot, all_rows, out / "latency_vs_dsc.png", threads)]
+    if case_times:  # this run's whole-case wall times, per model and modality
+        writes.append((write_csv_atomic, out / "case_times.csv", [_fmt(r) for r in case_time_rows(cases)], CASE_TIME_FIELDS))
     for result, row in zip(results, rows):
         if result["confusion"] is not None:
             writes.append((confusion_plot, result["confusion"], out / f"confusion_{row['model']}.png",
@@ -412,7 +472,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     print(f"benchmarking {', '.join(models)} on {len(files)} cases ({kind}) of {data_dir} with {args.threads} threads")
     results, failed = benchmark_models(models, files, args)
     args.skipped += failed + [message for r in results for message in r["errors"]]
-    rows = write_outputs(args.out, results, args.merge, args.threads, args.skipped) if results else []
+    rows = write_outputs(args.out, results, args.merge, args.threads, args.skipped, args.case_times) if results else []
     if rows:
         print(summary_table(rows) + "\n(DSC / NSD: means over modalities; 2D ms: a 256² image with one box; "
               "3D s: a 24-slice volume with a box over 12)")

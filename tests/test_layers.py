@@ -61,9 +61,15 @@ def test_the_floors_are_what_the_order_says():
 def test_loading_a_model_does_not_import_training_or_compression_libraries():
     script = (
         "import sys\n"
+        "from dataclasses import replace\n"
         "import zoo\n"
-        "for name in ('cp_tinyvit_fast', 'cp_tinyvit_fast_openvino_int8', 'cp_tinyvit_p50'):\n"
+        "from zoo.models.factory import create_model\n"
+        "from zoo.models.pruning import prunable_units, unit_width\n"
+        "for name in ('cp_tinyvit_fast', 'cp_tinyvit_fast_openvino_int8', 'litemedsam'):\n"
         "    zoo.load(name)\n"
+        "model = create_model('fast_hr')  # a pruned encoder's shapes, as a pruned checkpoint rebuilds them\n"
+        "widths = tuple((n, max(1, unit_width(u) // 2)) for n, u in prunable_units(model.image_encoder).items())\n"
+        "create_model(replace(model.config, encoder=replace(model.config.encoder, widths=widths)))\n"
         "heavy = ('torch_pruning', 'nncf', 'optimum', 'neural_compressor', 'distill', 'compress', 'benchmarks')\n"
         "print(','.join(sorted({m.split('.')[0] for m in sys.modules} & set(heavy))))\n"
     )

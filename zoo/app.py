@@ -69,10 +69,11 @@ from zoo.data.formats import (
 from zoo.data.io import Case, CaseError, check_boxes, label_dtype, load_case, save_npz_atomic
 from zoo.data.overlay import encode_png, label_colours, overlay_picture
 from zoo.data.preprocess import IMAGE_SIZE, box_from_mask, postprocess_logits, scale_boxes
+from zoo.index import AUTO
 from zoo.modalities import MODALITIES, canonical_modality, modality_from_name, modality_id
 from zoo.predict import ModalityChoice, SliceEmbeddings, decode_masks, propagation_plan, segment_3d
 
-DEFAULT_MODEL = "cp_tinyvit_fast"
+DEFAULT_MODEL = AUTO
 STATIC_DIR = Path(__file__).with_name("app_static")
 # Slice embeddings kept per open image: 128 slices of 4 MB; a box on a slice evicted meanwhile embeds it again.
 SESSION_EMBEDDING_BYTES = 512 << 20
@@ -88,8 +89,7 @@ CLICKS_UNTRAINED = ("Clicks run the decoder as trained for boxes only: it has no
 
 
 def load_model(name: str):
-    """The model --model names; the one place a name is resolved, where 'auto' (issue #29: the champion in this
-    CPU's fastest precision) plugs in once zoo.index resolves it."""
+    """The model --model names ('auto': the champion in this CPU's fastest precision, zoo.index.resolve_model)."""
     from zoo.index import load  # here, so that --help is fast
 
     return load(name)

@@ -54,9 +54,32 @@ def read_index() -> list[dict]:
 
 
 def write_index(entries: list[dict]) -> None:
-    """index.json with these entries, written atomically."""
+    """index.json with these entries (its other keys kept), written atomically."""
+    document = json.loads(INDEX_PATH.read_text()) if INDEX_PATH.exists() else {}
     with atomic_path(INDEX_PATH) as tmp:
-        tmp.write_text(json.dumps({"models": entries}, indent=2) + "\n")
+        tmp.write_text(json.dumps({**document, "models": entries}, indent=2) + "\n")
+
+
+AUTO = "auto"
+
+
+def resolve_model(name: str | Path, flags: tuple[str, ...] | None = None) -> tuple[str, str | None]:
+    """(the model to load, why it was picked): any name or path as it is; 'auto' the champion in this CPU's (or
+    `flags`') fastest precision, as zoo/index.json's "auto" table names it: INT8 where the CPU has VNNI or AMX, bf16
+    where it has AVX512_BF16 (and no VNNI), OpenVINO FP32 otherwise (zoo.runtime.cpu.auto_precision)."""
+    if str(name) != AUTO:
+        return str(name), None
+    from zoo.runtime.cpu import INT8_FLAGS, auto_precision, cpu_flags, cpu_model
+
+    flags = cpu_flags() if flags is None else flags
+    precision = auto_precision(flags)
+    table = json.loads(INDEX_PATH.read_text()).get(AUTO, {})
+    if precision not in table:
+        raise CheckpointError(f"{INDEX_PATH}: its '{AUTO}' table names no model for {precision}")
+    has = [f for f in flags if f in INT8_FLAGS] if precision == "int8" else [f for f in flags if "bf16" in f]
+    why = (f"{precision}: this CPU ({cpu_model()}) has {', '.join(has)}" if has
+           else f"{precision}: this CPU ({cpu_model()}) has neither VNNI/AMX (INT8) nor AVX512_BF16 (bf16)")
+    return table[precision], why
 
 
 def zoo_names() -> list[str]:
@@ -81,12 +104,15 @@ def _entry(name: str) -> dict | None:
     return next((entry for entry in read_index() if entry["name"] == name), None)
 
 
-def load(name_or_path: str | Path):
+def load(name_or_path: str | Path = AUTO):
     """A zoo model by name, a checkpoint file or an exported variant's folder by path: a ClassPromptSAM in eval
-    mode (float32, CPU) or a zoo.runtime.exported.ExportedModel, both answering zoo.runtime.interface's interface.
+    mode (float32, CPU) or a zoo.runtime.exported.ExportedModel, both answering zoo.runtime.interface's protocol.
+    'auto' (the default) is the champion in this CPU's fastest precision (resolve_model), named on stderr with why.
 
     A shipped file whose sha256 differs from the index (truncated, edited) is refused before it is unpickled."""
-    name = str(name_or_path)
+    name, why = resolve_model(name_or_path)
+    if why:
+        print(f"model auto: {name} ({why})", file=sys.stderr)
     if name == LITEMEDSAM:
         return build_litemedsam()
     entry = _entry(name)

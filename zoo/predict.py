@@ -1,6 +1,6 @@
 """Segment challenge cases from box prompts: one case (2D, or 3D with slice propagation) and the CLI.
 
-    python -m zoo.predict -i IN -o OUT --model litemedsam|cp_tinyvit|PATH [--modality auto|head|CT|...]
+    python -m zoo.predict -i IN -o OUT [--model auto|litemedsam|cp_tinyvit_fast|PATH] [--modality auto|head|CT|...]
 
 2D: one image embedding, every box decoded on it. 3D, as the official LiteMedSAM script: each box starts at its
 middle slice and propagates slice by slice up, then down, prompted by the box of the previous slice's mask widened
@@ -38,6 +38,7 @@ from zoo.data.io import (
     write_csv_atomic,
 )
 from zoo.data.preprocess import box_from_mask, postprocess_logits, preprocess_image, scale_boxes
+from zoo.index import AUTO
 from zoo.modalities import MODALITIES, canonical_modality, modality_id
 from zoo.runtime.interface import SegmentationRuntime
 
@@ -232,7 +233,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-i", "--input", required=True, type=Path, help="a challenge npz file or a directory of them")
     parser.add_argument("-o", "--output", required=True, type=Path, help="directory for one segs npz per case")
-    parser.add_argument("--model", default="litemedsam", help="zoo name (litemedsam, ...) or checkpoint path")
+    parser.add_argument("--model", default=AUTO,
+                        help="'auto' (default: the champion in this CPU's fastest precision, named with why), a zoo name or a checkpoint path")
     parser.add_argument("--modality", default="auto",
                         help="auto (the file's, else the modality head's), head, or one of " + ", ".join(MODALITIES))
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")

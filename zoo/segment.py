@@ -40,6 +40,7 @@ from zoo.data.formats import (
 )
 from zoo.data.io import Case, CaseError, check_boxes, refuse_overwriting_inputs, write_csv_atomic
 from zoo.data.overlay import encode_png, overlay_picture, write_bytes_atomic
+from zoo.index import AUTO
 from zoo.modalities import MODALITIES, canonical_modality
 from zoo.predict import ModalityChoice, segment_case
 
@@ -168,8 +169,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     prompts.add_argument("--prompt-mask", type=Path,
                          help="label map in the input's geometry (a folder for a folder INPUT)")
     prompts.add_argument("--boxes", type=Path, help="JSON {\"<input file name>\": [[x0, y0, (z0,) x1, y1, (z1)], ...]}")
-    parser.add_argument("--model", default="cp_tinyvit",
-                        help="zoo name (cp_tinyvit, litemedsam, ...) or checkpoint path")
+    parser.add_argument("--model", default=AUTO,
+                        help="'auto' (default: the champion in this CPU's fastest precision, named with why), a zoo name or a checkpoint path")
     parser.add_argument("--modality", default="auto",
                         help="auto (a DICOM header's, else the modality head's), head, or one of "
                         + ", ".join(MODALITIES))

@@ -91,7 +91,7 @@ class EmbeddingCache:
 
 
 class CachedEncoder:
-    """Any model variant (zoo.runtime.interface's interface) whose embed() is looked up in a float32 EmbeddingCache first.
+    """Any model variant (zoo.runtime.interface's protocol) whose embed() is looked up in a float32 EmbeddingCache first.
 
     Variants with the same encoder weights (say LiteMedSAM and a class-prompt model fine-tuned on its frozen
     encoder) share entries, so a benchmark embeds each image once. Everything else is the wrapped model's."""
