@@ -40,6 +40,7 @@ import importlib
 import io
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -57,7 +58,8 @@ from zoo.models.weights import LITEMEDSAM, sha256_file
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 CODE_PACKAGES = ("zoo", "distill", "compress", "benchmarks")
 STAGE_RECORD = "stage.json"
-RESERVED = ("name", "kind", "why")
+RESERVED = ("name", "kind", "why", "publish")
+BOARD_FILES = ("*.csv", "*.png")  # what a board publishes
 SMOKE_SAMPLES = 4
 
 
@@ -102,6 +104,7 @@ class Stage:
     kind: str
     options: dict  # the recipe's keys, as written
     why: str = ""
+    publish: str | None = None  # a board's folder in the repository (e.g. benchmarks/compression), kept in step
 
     @property
     def spec(self) -> StageKind:
@@ -162,7 +165,10 @@ def _stage(path: Path, number: int, table: dict, earlier: list[str]) -> Stage:
     if kind not in KINDS:
         raise RecipeError(f"{path}: stage {name!r}: unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
     options = {k: v for k, v in table.items() if k not in RESERVED}
-    return Stage(name, kind, options, str(table.get("why", "")))
+    publish = table.get("publish")
+    if publish is not None and (kind != "benchmark" or not isinstance(publish, str) or Path(publish).is_absolute()):
+        raise RecipeError(f"{path}: stage {name!r}: 'publish' is a board's folder, relative to where the recipe runs")
+    return Stage(name, kind, options, str(table.get("why", "")), publish)
 
 
 def _parser(kind: str) -> argparse.ArgumentParser:
@@ -333,7 +339,7 @@ def stage_options(stage: Stage, smoke: bool) -> Stage:
     cut = {k: v for k, v in stage.spec.smoke if k in actions}
     if stage.kind == "prune" and stage.options.get("epochs") == 0:
         cut.pop("epochs", None)  # prune only: no recovery to cut
-    return Stage(stage.name, stage.kind, {**stage.options, **cut}, stage.why)
+    return Stage(stage.name, stage.kind, {**stage.options, **cut}, stage.why)  # a smoke board is not published
 
 
 def stage_key(stage: Stage, keys: dict[str, str], context: dict, with_code: bool = True) -> str:
@@ -422,6 +428,20 @@ def record_provenance(stage: Stage, output: Path, provenance: dict) -> None:
             tmp.write_text(json.dumps(manifest, indent=2) + "\n")
 
 
+def publish_board(folder: Path, target: Path) -> list[Path]:
+    """The board's CSV files and plots copied into `target` (each atomically); that folder's other CSV and PNG files,
+    from an earlier board, are removed (git keeps them): the folder is this board, whole."""
+    target.mkdir(parents=True, exist_ok=True)
+    files = sorted(f for pattern in BOARD_FILES for f in folder.glob(pattern))
+    for file in files:
+        with atomic_path(target / file.name) as tmp:
+            shutil.copyfile(file, tmp)
+    names = {f.name for f in files}
+    for stale in [f for pattern in BOARD_FILES for f in target.glob(pattern) if f.name not in names]:
+        stale.unlink()
+    return [target / f.name for f in files]
+
+
 def read_record(folder: Path) -> dict | None:
     path = folder / STAGE_RECORD
     try:
@@ -505,6 +525,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             other_code = "" if record["key"] == key else f" (made by other code: git {record['git_commit'][:12]})"
             print(f"{step}: up to date in {folder}{other_code}; {_score_text(record['val'])}", flush=True)
             rows.append(_row(stage, "up to date", record, folder))
+            _publish(stage, folder, args)
             continue
         if record is not None and not args.list:  # made by other code: kept beside, and made again
             aside = folder.with_name(f"{folder.name}.code-{record['code_sha256'][:8]}")
@@ -528,11 +549,18 @@ def run(args: argparse.Namespace) -> list[dict]:
             tmp.write_text(json.dumps(record, indent=2) + "\n")
         print(f"{step}: done in {_duration(seconds)}; {_score_text(scores)}", flush=True)
         rows.append(_row(stage, "ran", record, folder))
+        _publish(stage, folder, args)
     if not args.list:
         out.mkdir(parents=True, exist_ok=True)
         write_csv_atomic(out / "stages.csv", rows, SUMMARY_FIELDS)
         print(f"stages: {out / 'stages.csv'}; last output: {outputs[stages[-1].name]}")
     return rows
+
+
+def _publish(stage: Stage, folder: Path, args: argparse.Namespace) -> None:
+    if stage.publish and not args.smoke and not args.list:
+        published = publish_board(folder, Path(stage.publish))
+        print(f"published {len(published)} board files into {stage.publish}", flush=True)
 
 
 def _row(stage: Stage, status: str, record: dict | None, folder: Path) -> dict:

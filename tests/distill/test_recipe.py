@@ -234,3 +234,20 @@ def test_zoo_index_add_copies_a_recipe_checkpoint_as_it_is_with_its_provenance(t
     assert sha256_file(zoo.index.ZOO_DIR / "x.pt") == sha256_file(source) == entry["sha256"]
     assert entry["stored_as"] == "fp16" and "recipes/x.toml, stage 'x'" in entry["source"]
     assert entry["recipe"]["val"] == {"dsc": 0.5, "nsd": 0.6} and "recipe_text" not in entry["recipe"]
+
+
+def test_a_board_is_published_whole_into_its_folder(tmp_path):
+    board, target = tmp_path / "board", tmp_path / "benchmarks" / "compression"
+    board.mkdir()
+    target.mkdir(parents=True)
+    for name in ("leaderboard.csv", "cases.csv", "radar.png"):
+        (board / name).write_text(name)
+    (target / "confusion_old_model.png").write_text("an earlier board's")
+    (target / "README.md").write_text("kept: not a board file")
+    published = recipe.publish_board(board, target)
+    assert sorted(p.name for p in published) == ["cases.csv", "leaderboard.csv", "radar.png"]
+    assert sorted(p.name for p in target.iterdir()) == ["README.md", "cases.csv", "leaderboard.csv", "radar.png"]
+    assert (target / "radar.png").read_text() == "radar.png"
+    with pytest.raises(recipe.RecipeError, match="'publish' is a board's folder"):
+        (tmp_path / "bad.toml").write_text('[[stages]]\nname = "a"\nkind = "distill"\npublish = "x"\n')
+        recipe.read_recipe(tmp_path / "bad.toml")
