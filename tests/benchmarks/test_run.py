@@ -229,3 +229,35 @@ def test_shipped_fast_models_reproduce_their_recorded_val_scores(val_dir, model,
         dsc, nsd = case_scores(case.gts, segment_case(loaded, case, ModalityChoice(loaded)).segs, case.spacing.tolist())
         assert dsc == pytest.approx(float(recorded[name]["dsc"]), abs=tolerance), name
         assert nsd == pytest.approx(float(recorded[name]["nsd"]), abs=tolerance), name
+
+
+def test_speedups_compare_only_with_baselines_timed_in_the_same_run():
+    from benchmarks.run import compare_with_baselines
+
+    rows = [{"model": "litemedsam", "latency_2d_ms": 1400.0}, {"model": "litemedsam_openvino", "latency_2d_ms": 600.0},
+            {"model": "fast", "latency_2d_ms": 35.0}, {"model": "old", "latency_2d_ms": 50.0}]
+    compare_with_baselines(rows, {"litemedsam", "litemedsam_openvino", "fast"})
+    fast = rows[2]
+    assert fast["speedup_vs_litemedsam"] == pytest.approx(40.0) and fast["speedup_vs_litemedsam_openvino"] == pytest.approx(600 / 35)
+    assert "speedup_vs_litemedsam" not in rows[3]  # a row of an earlier run keeps what it had
+    compare_with_baselines(rows, {"fast"})  # the baselines were not timed in this run
+    assert fast["speedup_vs_litemedsam"] == "" and fast["speedup_vs_litemedsam_openvino"] == ""
+
+
+def test_case_times_are_whole_cases_without_the_cache(tiny_data, tmp_path):
+    from benchmarks.run import case_time_rows
+
+    model_path = save_checkpoint(tmp_path / "tiny.pt", tiny_model())
+    out = tmp_path / "out"
+    assert main(["--data", str(tiny_data), "--models", f"tiny={model_path}", "--out", str(out), "--all", "--case-times",
+                 "--cache-dir", str(tmp_path / "cache"), "--latency-budget", "2"]) == 1  # the case without gts
+    assert not (tmp_path / "cache").exists()  # no embedding cache: every case is computed
+    (row,) = read_csv(out / "leaderboard.csv")
+    times = read_csv(out / "case_times.csv")
+    assert {t["modality"] for t in times} == {"US", "CT"} and all(t["model"] == "tiny" for t in times)
+    assert float(row["wall_case_max_s"]) >= float(row["wall_case_median_s"]) > 0
+    assert row["slowest_case"] in {"2DBox_US_one.npz", "3DBox_CT_two.npz"}
+    assert float(row["first_call_2d_ms"]) > 0 and float(row["load_s"]) > 0 and row["latency_stable"] in ("True", "False")
+    cases = [{"model": "m", "modality": "CT", "case": f"c{i}", "seconds": s} for i, s in enumerate((1.0, 3.0, 2.0))]
+    assert case_time_rows(cases) == [{"model": "m", "modality": "CT", "cases": 3, "median_s": 2.0, "max_s": 3.0,
+                                      "slowest_case": "c1"}]
