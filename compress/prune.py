@@ -31,7 +31,7 @@ from timm.models.tiny_vit import Attention, NormMlp
 
 from compress.export import load_parent
 from distill.cache import EmbeddingCache
-from distill.train import DataSettings, Trainer, TrainSettings
+from distill.train import DataSettings, Trainer, TrainSettings, start_run
 from zoo.cli import RUNS_DIR, add_settings_options, option, redefault, run_cli, settings_from_args
 from zoo.data.io import refuse_overwriting_inputs
 from zoo.models.checkpoint import load_checkpoint, save_checkpoint
@@ -142,9 +142,7 @@ def parse_args(argv):
 
 
 def run(args) -> Path:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    start_run(args)
     out = args.out or RUNS_DIR / "prune" / f"{Path(args.model).stem}_p{round(args.ratio * 100)}.pt"
     work = args.work or out.with_suffix("")
     inputs = [*args.data, *([Path(args.model)] if Path(args.model).exists() else [])]

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from benchmarks.plots import confusion_plot
 from distill.cache import EmbeddingCache
 from distill.losses import segmentation_loss
-from distill.train import DataSettings, Trainer, TrainSettings
+from distill.train import DataSettings, Trainer, TrainSettings, start_run
 from zoo.cli import RUNS_DIR, add_settings_options, option, redefault, run_cli, settings_from_args
 from zoo.data.io import data_split, refuse_overwriting_inputs, write_csv_atomic
 from zoo.data.samples import (
@@ -286,9 +286,7 @@ def parse_args(argv):
 
 
 def run(args) -> Path:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    start_run(args)
     init = [Path(args.init)] if Path(args.init).exists() else []
     refuse_overwriting_inputs(args.out, [*args.data, *args.val, *init], "--out")
     model = build_model(args.init, class_prompt=not args.no_class_prompt, decoder_token_stride=args.decoder_token_stride)

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from distill.cache import EmbeddingCache
 from distill.teachers import CHECKPOINT_ENV, TEACHERS, build_teacher
-from distill.train import DataSettings, Trainer, TrainSettings, world
+from distill.train import DataSettings, Trainer, TrainSettings, start_run, world
 from zoo.cli import RUNS_DIR, add_settings_options, run_cli, settings_from_args
 from zoo.data.io import refuse_overwriting_inputs
 from zoo.index import load
@@ -108,9 +108,7 @@ def run(args) -> Path:
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(args.device)
     rank, _ = world()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    start_run(args)
 
     refuse_overwriting_inputs(args.out, [*args.data, *filter(None, [args.teacher_checkpoint])], "--out")
     teacher = build_teacher(args.teacher, args.teacher_checkpoint)  # a missing checkpoint fails here, first

@@ -117,6 +117,13 @@ class DataSettings:
                             foreground_only=foreground_only, skipped=skipped, max_samples=self.max_samples)
 
 
+def start_run(args) -> None:
+    """What every training command does first: its CPU threads (--threads) and its seed."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+
 def world() -> tuple[int, int]:
     """(rank, world size); (0, 1) outside torchrun."""
     if dist.is_available() and dist.is_initialized():
