@@ -194,6 +194,15 @@ def assert_reported(stderr: str, bad: dict[str, str]) -> None:
         assert fragment in naming[0], f"{name}: {naming[0]!r} does not say {fragment!r}"
 
 
+def assert_refused(code: int, capsys, fragment: str) -> None:
+    """A command ended as bad input ends (zoo.cli.run_main / run_cli): exit code 2 and one `error:` line saying
+    `fragment`."""
+    err = capsys.readouterr().err
+    assert code == 2, f"exit code {code}, stderr: {err}"
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and fragment in errors[0], f"expected one error line saying {fragment!r}, got {err!r}"
+
+
 class _RunsCode:
     """Pickles into a call of os.system: what a booby-trapped model file from a stranger does on torch.load."""
 

@@ -430,6 +430,11 @@ def add_model(name: str, source: Path, half: bool = False, encoder_from: str | N
     else:
         measure(entry)  # only the new entry: the others are as they were
         write_index(entries)
+    if existing is not None:
+        for other in entries:  # graphs made from the file just replaced: they ship, but no longer match their parent
+            if other.get("derived_from") == name and other.get("file") and model_parent(other["name"]) != name:
+                print(f"warning: {other['name']} not re-measured: it was made from the previous {name}; quantize the "
+                      f"new {name} again", file=sys.stderr)
     return entry
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from benchmarks.run import LEADERBOARD_FIELDS, compare_with_parents, main, merge_previous, select_cases, variant_label
-from tests.helpers import tiny_model, write_npz
+from tests.helpers import assert_refused, tiny_model, write_npz
 from zoo.data.io import read_csv, write_csv_atomic
 from zoo.models.checkpoint import save_checkpoint
 from zoo.runtime.cpu import cpu_flags, cpu_model
@@ -164,8 +164,8 @@ def test_merge_adds_and_replaces_rows_of_the_same_cases(tiny_data, tmp_path, cap
     other = tmp_path / "other"
     other.mkdir()
     (tiny_data / "2DBox_US_one.npz").rename(other / "2DBox_US_one.npz")
-    with pytest.raises(SystemExit, match="other cases"):
-        main(["--data", str(other), "--out", str(out), "--all", "--models", str(first), "--merge"])
+    code = main(["--data", str(other), "--out", str(out), "--all", "--models", str(first), "--merge"])
+    assert_refused(code, capsys, "other cases")
 
 
 def test_variants_are_compared_with_their_parent_on_the_same_leaderboard():
@@ -193,7 +193,7 @@ def test_models_default_to_the_zoos_benchmark_set_and_all_to_every_variant_this_
 
     index = tmp_path / "index.json"
     entries = [{"name": "litemedsam", "default_benchmark": True}, {"name": "a", "precision": "fp32", "default_benchmark": True},
-               {"name": "a_p50", "precision": "fp32"}, {"name": "a_bf16", "precision": "bf16", "default_benchmark": True}]
+               {"name": "a_p50", "precision": "fp32"}, {"name": "a_bf16", "backend": "openvino", "precision": "bf16", "default_benchmark": True}]
     index.write_text(json.dumps({"models": entries}))
     monkeypatch.setattr(zoo.index, "INDEX_PATH", index)
     monkeypatch.setattr(zoo.runtime.cpu, "openvino_supports_bf16", lambda: False)

@@ -303,7 +303,7 @@ def test_other_sites_are_refused(bright_runtime, small_png):
 
 def test_command_defaults_and_the_warning_off_this_machine():
     args = parse_args([])
-    assert (args.model, args.host, args.port, args.max_upload_mb, args.open) == ("cp_tinyvit_fast", "127.0.0.1",
+    assert (args.model, args.host, args.port, args.max_upload_mb, args.open) == ("auto", "127.0.0.1",
                                                                                   8000, 1024.0, False)
     assert all(host_warning(host) is None for host in ("127.0.0.1", "localhost", "::1"))
     assert "no login" in host_warning("0.0.0.0")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import REPO, write_npz
+from tests.helpers import REPO, assert_refused, write_npz
 from zoo.data.io import Case, load_case, read_csv
 from zoo.modalities import MODALITIES
 from zoo.predict import ModalityChoice, SliceEmbeddings, main, propagation_plan, segment_case
@@ -109,8 +109,7 @@ def test_cli_segments_good_files_reports_bad_ones_and_fails_at_the_end(val_dir, 
     assert rows[good.name]["status"] == "ok" and float(rows[good.name]["seconds"]) > 0
     assert rows["2DBox_CT_bad.npz"]["status"] == "failed"
     assert {p.name: p.read_bytes() for p in inputs.iterdir()} == before  # inputs untouched
-    with pytest.raises(SystemExit, match="-o/--output is the input"):
-        main(["-i", str(inputs), "-o", str(inputs)])
+    assert_refused(main(["-i", str(inputs), "-o", str(inputs)]), capsys, "-o/--output is the input")
 
 
 def dsc(a, b):
@@ -194,11 +193,11 @@ def test_bad_input_corpus(tmp_path, capsys):
     assert np.load(out / "2DBox_US_300_boxes.npz")["segs"].dtype == np.uint16
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    with pytest.raises(SystemExit, match="output directory is not writable"):
-        main(["-i", str(tmp_path / "in"), "-o", str(blocker / "out"), "--model", model])
+    code = main(["-i", str(tmp_path / "in"), "-o", str(blocker / "out"), "--model", model])
+    assert_refused(code, capsys, "output directory is not writable")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match="no .npz files"):
-        main(["-i", str(tmp_path / "empty"), "-o", str(tmp_path / "out2"), "--model", model])
+    code = main(["-i", str(tmp_path / "empty"), "-o", str(tmp_path / "out2"), "--model", model])
+    assert_refused(code, capsys, "no .npz files")
 
 
 @pytest.fixture
@@ -215,16 +214,16 @@ def tiny_setup(tmp_path):
     return str(save_checkpoint(tmp_path / "tiny.pt", tiny_model())), inputs
 
 
-def test_no_output_is_ever_an_input(tiny_setup, tmp_path):
+def test_no_output_is_ever_an_input(tiny_setup, tmp_path, capsys):
     model, inputs = tiny_setup
     before = {p.name: p.read_bytes() for p in inputs.iterdir()}
     target = inputs / "2DBox_US_1.npz"
     for extra in (["--timing-csv", str(target)], ["--timing-csv", str(inputs)], ["-o", str(target)]):
         argv = ["-i", str(inputs), "-o", str(tmp_path / "out"), "--model", model] + extra
-        with pytest.raises(SystemExit, match="is the input"):
-            main(argv)
-    with pytest.raises(SystemExit, match="--timing-csv is the input"):  # one file given: it is its own input too
-        main(["-i", str(target), "-o", str(tmp_path / "out"), "--model", model, "--timing-csv", str(target)])
+        assert_refused(main(argv), capsys, "is the input")
+    # one file given: it is its own input too
+    code = main(["-i", str(target), "-o", str(tmp_path / "out"), "--model", model, "--timing-csv", str(target)])
+    assert_refused(code, capsys, "--timing-csv is the input")
     assert {p.name: p.read_bytes() for p in inputs.iterdir()} == before
     assert not (tmp_path / "out").exists()
 
@@ -291,8 +290,8 @@ def test_sigint_ends_with_one_line_exit_130_and_the_timing_of_the_cases_done(tin
 
 def test_bad_model_leaves_no_output_folder_and_threads_must_be_positive(tiny_setup, tmp_path, capsys):
     _, inputs = tiny_setup
-    with pytest.raises(SystemExit, match="unknown model"):
-        main(["-i", str(inputs), "-o", str(tmp_path / "out"), "--model", "no_such_model"])
+    code = main(["-i", str(inputs), "-o", str(tmp_path / "out"), "--model", "no_such_model"])
+    assert_refused(code, capsys, "unknown model")
     assert not (tmp_path / "out").exists()
     for threads in ("-1", "0", "two"):
         with pytest.raises(SystemExit) as exit_info:
