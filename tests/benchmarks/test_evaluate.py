@@ -67,8 +67,8 @@ def test_bad_input_corpus(tmp_path, capsys):
     assert rows == {name: "1.0000" for name in good}  # the 300-label uint16 case too
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gts", "m.csv", "m_summary.csv", "segs"]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match="no .npz files"):
-        main(["--segs", str(tmp_path / "empty"), "--gts", str(gts), "--out", str(tmp_path / "n.csv")])
+    assert main(["--segs", str(tmp_path / "empty"), "--gts", str(gts), "--out", str(tmp_path / "n.csv")]) == 2
+    assert "no .npz files" in capsys.readouterr().err
 
 
 def _ten_cases(tmp_path, missing: int):
@@ -106,9 +106,10 @@ def test_out_never_replaces_an_input_and_write_errors_are_reported(tmp_path, cap
     segs, gts = _ten_cases(tmp_path, missing=0)
     seg = segs / "2DBox_US_5.npz"
     before = seg.read_bytes()
-    for out in (seg, gts / "2DBox_US_5.npz", segs):
-        with pytest.raises(SystemExit, match="--out is the input"):
-            main(["--segs", str(segs), "--gts", str(gts), "--out", str(out)])
+    for out in (seg, gts / "2DBox_US_5.npz", segs):  # a usage error: exit 2 (missing cases are exit 1)
+        assert main(["--segs", str(segs), "--gts", str(gts), "--out", str(out)]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("error: ") and "--out is the input" in line
     assert seg.read_bytes() == before
     (tmp_path / "m.csv").mkdir()  # an output that cannot be replaced: named, the summary still written
     assert main(["--segs", str(segs), "--gts", str(gts), "--out", str(tmp_path / "m.csv")]) == 1
