@@ -457,7 +457,7 @@ def describe_frame(image: sitk.Image) -> str:
     """'size (6, 5, 4), origin (10, -20, 5) mm, spacing (0.8, 0.7, 3) mm, axes LPS': a frame in one phrase (axes:
     where x, y, z point, DICOM's letters; 'oblique' added when they are not along the patient's axes)."""
     def numbers(values):
-        return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+        return "(" + ", ".join(f"{v + 0.0:.4g}" for v in values) + ")"  # + 0.0: no '-0'
 
     text = f"size {image.GetSize()}, origin {numbers(image.GetOrigin())} mm, spacing {numbers(image.GetSpacing())} mm"
     if image.GetDimension() == 3:
