@@ -212,6 +212,7 @@ class ImageFile:
     modality: a DICOM header's modality (challenge name), else None.
     notes: one line each, what reading (or fitting a label map to) it did that changes what a user sees: files of a
     series folder skipped, an EXIF rotation applied, a label map resampled from another frame.
+    nifti: for a NIfTI, nibabel's image (its header: sform and qform with their codes), for writing labels back.
     """
 
     path: Path
@@ -220,6 +221,7 @@ class ImageFile:
     geometry: sitk.Image | None = None
     modality: str | None = None
     notes: list[str] = field(default_factory=list)  # what was done that the user should know (files skipped, ...)
+    nifti: nibabel.Nifti1Image | None = None  # a NIfTI's header as nibabel read it (its voxels are not kept)
 
     @property
     def is_3d(self) -> bool:
@@ -341,31 +343,30 @@ def _non_finite_problem(count: int, first: tuple[int, ...], total: int) -> str:
             "(a reader would make them 0, water in CT): fill them, e.g. with the image minimum, and retry")
 
 
-def _nifti_non_finite(path: Path) -> str | None:
-    """A NIfTI's NaN / Inf voxels, read with nibabel: SimpleITK's reader turns them into 0 without a word."""
+def _read_nifti_header(path: Path) -> nibabel.Nifti1Image:
+    """A NIfTI as nibabel reads it (its header, written back with the labels), after checking its voxels for NaN /
+    Inf: SimpleITK's reader turns them into 0 without a word. CaseError for either problem."""
     try:
         nifti = nibabel.load(path)
-        if nifti.get_data_dtype().kind != "f" and np.isfinite(nifti.dataobj.slope) and np.isfinite(nifti.dataobj.inter):
-            return None  # integers, finitely scaled: nothing to find
-        data = np.asanyarray(nifti.dataobj)
-    except (nibabel.filebasedimages.ImageFileError, OSError, ValueError, EOFError) as err:
+        scaled = np.isfinite(nifti.dataobj.slope) and np.isfinite(nifti.dataobj.inter)
+        data = None if nifti.get_data_dtype().kind != "f" and scaled else np.asanyarray(nifti.dataobj)
+    except (nibabel.filebasedimages.ImageFileError, OSError, ValueError, EOFError, AttributeError) as err:
         raise CaseError(path, f"not a readable nifti image (nibabel: {err})")
-    bad = ~np.isfinite(data)
-    if not bad.any():
-        return None
-    return _non_finite_problem(int(bad.sum()), tuple(int(i) for i in np.argwhere(bad)[0][:3]), data.size)
+    if data is not None:  # integers, finitely scaled, have nothing to find
+        bad = ~np.isfinite(data)
+        if bad.any():
+            first = tuple(int(i) for i in np.argwhere(bad)[0][:3])
+            raise CaseError(path, _non_finite_problem(int(bad.sum()), first, data.size))
+    return nifti
 
 
 def _read_sitk(path: Path, fmt: str) -> ImageFile:
-    modality, notes = None, []
+    modality, notes, nifti = None, [], None
     try:
         if path.is_dir():
             image, modality, notes = _read_dicom_folder(path)
         else:
-            if fmt == "nifti":
-                problem = _nifti_non_finite(path)
-                if problem:
-                    raise CaseError(path, problem)
+            nifti = _read_nifti_header(path) if fmt == "nifti" else None
             image = sitk.ReadImage(str(path))
             if fmt == "dicom":
                 modality = _dicom_modality(_dicom_header(path))
@@ -380,7 +381,7 @@ def _read_sitk(path: Path, fmt: str) -> ImageFile:
     if components not in (1, 3) or (components == 3 and array.ndim != 3):
         raise CaseError(path, f"{components} components per voxel in a {dimension}D image; "
                               "grey volumes or RGB 2D images are supported")
-    return ImageFile(path, fmt, array, image, modality, notes)
+    return ImageFile(path, fmt, array, image, modality, notes, nifti)
 
 
 LABEL_MODES = ("1", "L", "P", "I", "I;16", "I;16B", "I;16L", "F")  # one value per pixel: a label map's modes
@@ -626,8 +627,8 @@ def write_labels(labels: np.ndarray, image: ImageFile, path: str | Path) -> Path
         raise CaseError(path, f"label values up to {labels.max()} do not fit a 16-bit {image.format} label map")
     labels = labels.astype(dtype)
     with atomic_path(path, suffix=".tmp" + file_suffix(path)) as tmp:
-        if image.format == "nifti" and file_suffix(path) in (".nii", ".nii.gz"):
-            source = nibabel.load(image.path)
+        if image.nifti is not None and file_suffix(path) in (".nii", ".nii.gz"):
+            source = image.nifti
             header = source.header.copy()
             header.set_data_dtype(dtype)
             header.set_slope_inter(np.nan, np.nan)  # labels are stored as they are
