@@ -255,6 +255,63 @@ def write_dicom_series(series, depth=3):
     return series
 
 
+def dicom_slices(folder: Path, positions, uid: str | None = None, orientation=(1, 0, 0, 0, 1, 0), names=None,
+                 exist_ok: bool = False) -> Path:
+    """pydicom's CT_small as slices of one series at `positions` (mm along the slice normal), in `orientation`
+    (ImageOrientationPatient); files slice<i>.dcm unless `names`. What a PACS export holds, gaps and all."""
+    folder.mkdir(exist_ok=exist_ok)
+    dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    if uid:
+        dataset.SeriesInstanceUID = uid
+    row, column = np.array(orientation[:3], float), np.array(orientation[3:], float)
+    normal = np.cross(row, column)
+    dataset.ImageOrientationPatient = [float(v) for v in orientation]
+    for i, position in enumerate(positions):
+        name = names[i] if names else f"slice{i}.dcm"
+        dataset.InstanceNumber = i + 1
+        dataset.SOPInstanceUID = f"{dataset.SOPInstanceUID.rsplit('.', 1)[0]}.{abs(hash((folder.name, name))) % 10**8}"
+        dataset.ImagePositionPatient = [float(v) for v in np.array([-158.1, -179.0, -75.7]) + position * normal]
+        dataset.save_as(folder / name)
+    return folder
+
+
+CONCURRENT_DRIVER = """
+import importlib, json, os, sys
+
+import zoo.index
+from tests.conftest import BrightRuntime
+
+zoo.index.load = lambda name: BrightRuntime()  # the stand-in model, whatever --model says
+main = importlib.import_module(sys.argv[1]).main
+children = []
+for argv in json.loads(sys.argv[2]):
+    pid = os.fork()  # from a process that never ran torch: OpenMP's threads do not survive a fork
+    if pid == 0:
+        code = 3
+        try:
+            code = main(argv)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    children.append(pid)
+print(json.dumps([os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]))
+"""
+
+
+def run_concurrently(module: str, runs: list[list[str]]) -> list[int]:
+    """Each argv of `runs` given to `module`'s main() in its own process, all at once (two shells starting two runs
+    into one folder), with the stand-in model; their exit codes."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", CONCURRENT_DRIVER, module, json.dumps(runs)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
 def flip_bytes(path: Path, count: int = 1 << 20) -> None:
     """Invert `count` bytes in the middle of a file (at most all but its first 200), keeping its size: what a bad
     disk or a stray write does, and what an unverified .npy would load as valid numbers."""

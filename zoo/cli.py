@@ -10,7 +10,8 @@ import types
 import typing
 from pathlib import Path
 
-from zoo.data.io import CaseError
+from zoo import interrupts
+from zoo.data.io import CaseError, interrupted_by
 from zoo.models.weights import CheckpointError
 
 # Where commands write by default: relative to the working directory, as an installed package has no repository.
@@ -39,15 +40,19 @@ def run_cli(run_fn, args) -> int:
     line on Ctrl-C (files are written whole or not at all, so what was written is usable: training resumes).
 
     `run_fn(args)` appends what it skipped to `args.skipped`. ValueError covers the data errors of the stages above
-    zoo (zoo.data.samples.DataError is one)."""
+    zoo (zoo.data.samples.DataError is one). An error raised while an interrupt was being handled is the interrupt
+    (zoo.data.io.interrupted_by); SIGINT always raises KeyboardInterrupt during the run (zoo.interrupts)."""
     args.skipped = []
     try:
-        run_fn(args)
-    except USAGE_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        with interrupts.raising():
+            run_fn(args)
     except KeyboardInterrupt:
         return interrupted()
+    except USAGE_ERRORS as err:
+        if interrupted_by(err):
+            return interrupted()
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.skipped:
         print(f"{len(args.skipped)} input file(s) could not be used and were skipped", file=sys.stderr)
         return 1
@@ -103,7 +108,7 @@ def settings_from_args(cls, args: argparse.Namespace, **given):
     return cls(**{**values, **given})
 def interrupted() -> int:
     """Ctrl-C: one line instead of a traceback, and the shell's exit code for SIGINT."""
-    print("interrupted: every file written so far is complete", file=sys.stderr)
+    interrupts.interrupted_line()
     return 130
 
 
@@ -111,9 +116,12 @@ def run_main(main) -> int:
     """`main()` of a command that returns its own exit code (not through run_cli): bad input ends as run_cli ends
     it (exit 2, one line), Ctrl-C as interrupted() does."""
     try:
-        return main()
-    except USAGE_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        with interrupts.raising():
+            return main()
     except KeyboardInterrupt:
         return interrupted()
+    except USAGE_ERRORS as err:
+        if interrupted_by(err):
+            return interrupted()
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -11,8 +11,10 @@ NPZ_DIR/2DBox_<Modality>_<name>.npz (3DBox_ for a volume; a name already so pref
   boxes    int64 tight inclusive boxes in label order: 2D [x0, y0, x1, y1], 3D [x0, y0, z0, x1, y1, z1]
   spacing  [z, y, x] in mm for 3D, [1, 1] for 2D
   modality the modality name
-The challenge format needs boxes at least two voxels wide on every axis: an object in a single row, column or
-slice is refused with its label named.
+The one box rule (zoo.data.io.check_boxes) applies: an object in a single row or column is refused with its label
+named (one on a single slice is kept). Images and label maps are read as zoo.segment reads them (zoo.data.formats):
+a label map in another frame is resampled into the image's, DICOM series are checked (a missing slice is refused
+rather than given a wrong spacing), NaN / Inf are refused; notes name what reading did.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from zoo.data.formats import (
     read_image,
     to_uint8,
 )
-from zoo.data.io import CaseError, save_npz_atomic
+from zoo.data.io import CaseError, clean_stale_temps, interrupted_by, save_npz_atomic
 from zoo.modalities import MODALITIES, canonical_modality
 
 
@@ -55,15 +57,20 @@ def challenge_arrays(image: ImageFile, label_path: Path, modality: str,
 
 def convert_files(images: list[Path], labels: Path, output_dir: Path, modality: str,
                   window: tuple[float, float] | None = None, progress: bool = True) -> tuple[list[Path], list[Path]]:
-    """Convert every image; a bad pair is reported on one line naming the file and skipped.
-    Returns (npz files written, inputs skipped)."""
+    """Convert every image; a bad pair is reported on one line naming the file and skipped; what reading did that a
+    user should know (files of a series folder skipped, an EXIF rotation, a label map resampled) is noted, one line
+    each. Returns (npz files written, inputs skipped)."""
     written, skipped = [], []
     for path in tqdm(images, desc="converting", unit="image", disable=not progress):
         try:
             image = read_image(path)
             arrays = challenge_arrays(image, label_map_for(labels, image), modality, window)
+            for note in image.notes:
+                tqdm.write(f"note: {path.name}: {note}", file=sys.stderr)
             written.append(save_npz_atomic(output_dir / npz_name(image, modality), **arrays))
         except CaseError as err:
+            if interrupted_by(err):  # Ctrl-C inside a library's cleanup: a stop, not a bad input
+                raise KeyboardInterrupt from err
             tqdm.write(f"error: {err}", file=sys.stderr)
             skipped.append(path)
     return written, skipped
@@ -76,7 +83,15 @@ def run(args: argparse.Namespace) -> None:
     images = list_inputs(args.images)
     if args.output.resolve() in {args.images.resolve(), args.labels.resolve()}:
         raise ValueError(f"{args.output}: the output folder holds the inputs; choose another")
-    written, skipped = convert_files(images, args.labels, args.output, modality, args.window)
+    stale = clean_stale_temps(args.output)  # what a killed earlier run left
+    if stale:
+        print(f"removed {len(stale)} temporary file(s) left by an interrupted run: {', '.join(map(str, stale))}",
+              file=sys.stderr)
+    try:
+        written, skipped = convert_files(images, args.labels, args.output, modality, args.window)
+    except KeyboardInterrupt:
+        clean_stale_temps(args.output, own=True)
+        raise
     args.skipped.extend(skipped)
     print(f"converted {len(written)} of {len(images)} images into {args.output}")
 

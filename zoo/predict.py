@@ -30,12 +30,14 @@ from zoo.data.io import (
     CaseError,
     WriteError,
     clean_stale_temps,
+    held_interrupts,
+    interrupted_by,
     label_dtype,
     load_case,
+    merge_csv_atomic,
     npz_inputs,
     refuse_overwriting_inputs,
     save_npz_atomic,
-    write_csv_atomic,
 )
 from zoo.data.preprocess import box_from_mask, postprocess_logits, preprocess_image, scale_boxes
 from zoo.index import AUTO
@@ -209,11 +211,15 @@ def prepare_output_dir(output_dir: Path) -> None:
 def predict_files(model: SegmentationRuntime, files: list[Path], output_dir: Path, modality: str = "auto",
                   progress: bool = True) -> Iterator[dict]:
     """Segment each file into output_dir/<name>, yielding one timing row per file as it is done; a file that cannot
-    be read or whose output cannot be written is reported (one line naming it) and the next one follows."""
+    be read or whose output cannot be written is reported (one line naming it) and the next one follows.
+
+    Ctrl-C stops at once while a case is computed (it leaves no file); while its file is written, it is held until
+    the file is renamed into place and its row taken by the caller, so that every file written has its row."""
     modalities = ModalityChoice(model, modality)
     for path in tqdm(files, desc="segmenting", unit="case", disable=not progress):
         row = {"case": path.name, "modality": "", "modality_source": "", "head_modality": "", "n_boxes": "", "seconds": "",
                "status": "ok", "error": ""}
+        held: list[int] = []
         try:
             case = load_case(path)
             start = time.perf_counter()
@@ -221,11 +227,17 @@ def predict_files(model: SegmentationRuntime, files: list[Path], output_dir: Pat
             row["seconds"] = f"{time.perf_counter() - start:.3f}"
             row.update(modality=result.modality or case.modality or "", modality_source=result.modality_source,
                        head_modality=result.head_modality or "", n_boxes=len(case.boxes))
-            save_npz_atomic(output_dir / path.name, segs=result.segs)
+            with held_interrupts(held):
+                save_npz_atomic(output_dir / path.name, segs=result.segs)
+                yield row
         except CaseError as err:  # WriteError, a CaseError, names the output file
+            if held or interrupted_by(err):  # Ctrl-C inside a library's cleanup: a stop, not a bad file
+                raise KeyboardInterrupt from err
             row.update(status="failed", error=f"{err.path}: {err.problem}")
             tqdm.write(f"error: {err}", file=sys.stderr)
-        yield row
+            yield row
+        if held:
+            raise KeyboardInterrupt
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -238,7 +250,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--modality", default="auto",
                         help="auto (the file's, else the modality head's), head, or one of " + ", ".join(MODALITIES))
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--timing-csv", type=Path, default=None, help="per-case timing CSV (default OUT/timing.csv)")
+    parser.add_argument("--timing-csv", type=Path, default=None,
+                        help="per-case timing CSV (default OUT/timing.csv); runs into one file add their rows to it")
     return parser.parse_args(argv)
 
 
@@ -262,8 +275,8 @@ def run(args: argparse.Namespace) -> int:
         stopped = True
         clean_stale_temps(args.output, own=True)
     failed = sum(row["status"] != "ok" for row in rows)
-    try:
-        write_csv_atomic(timing_csv, rows, TIMING_FIELDS)
+    try:  # runs sharing the file (concurrent ones too) each keep their rows; a case done again gets its new row
+        merge_csv_atomic(timing_csv, rows, TIMING_FIELDS, key="case")
         timing_written = True
     except WriteError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -320,5 +320,5 @@ def test_a_code_running_checkpoint_is_refused_before_serving(tmp_path, capsys, m
     monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: pytest.fail("served a refused model"))
     assert main(["--model", str(evil), "--host", "0.0.0.0"]) == 2
     err = capsys.readouterr().err
-    assert "no login" in err and "evil.pt: refused: its pickle would import and call code" in err
+    assert "no login" in err and "evil.pt: refused: it would run code when loaded" in err
     assert not marker.exists()

@@ -101,3 +101,34 @@ def test_commands_outside_run_cli_end_ctrl_c_the_same_way(tmp_path, monkeypatch,
     argv = ["--segs", str(tmp_path / "segs"), "--gts", str(tmp_path / "gts"), "--out", str(tmp_path / "m.csv")]
     assert run_main(lambda: benchmarks.evaluate.main(argv)) == 130
     assert capsys.readouterr().err.splitlines()[-1] == "interrupted: every file written so far is complete"
+
+
+def test_an_error_raised_while_ctrl_c_was_handled_ends_as_ctrl_c(capsys):
+    """Ctrl-C inside zipfile's close surfaced as ValueError: it was reported as bad input with exit 2."""
+    def interrupted_mid_write(args):
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise ValueError("Can't close the ZIP file while there is an open writing handle on it")
+
+    assert run_cli(interrupted_mid_write, Namespace()) == 130
+    assert capsys.readouterr().err == "interrupted: every file written so far is complete\n"
+
+
+@pytest.mark.parametrize("argv, module", [
+    (["python", "-m", "zoo.predict", "-i", "x"], "zoo.predict"),
+    (["python", "-X", "faulthandler", "-u", "-m", "benchmarks.run"], "benchmarks.run"),
+    (["python", "-mzoo.segment"], "zoo.segment"),
+    (["python", "script.py", "-m", "zoo.predict"], None),
+    (["python", "-c", "import zoo", "-m"], None),
+    (["python"], None),
+])
+def test_only_a_command_process_gets_the_command_s_ctrl_c_handling(argv, module):
+    import signal
+
+    from zoo import interrupts
+
+    assert interrupts.command_module(argv) == module
+    assert not interrupts.in_command()  # pytest imported zoo: its own SIGINT handling is left alone
+    with interrupts.raising():
+        assert signal.getsignal(signal.SIGINT) is not interrupts._exit_at_once

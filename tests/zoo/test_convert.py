@@ -66,15 +66,39 @@ def test_bad_pairs_are_reported_and_skipped(tmp_path, capsys):
     good[1:4, 2:8, 3:9] = 2
     flat = np.zeros_like(volume)
     flat[1:4, 2:8, 3] = 1  # one column only: no x extent (one slice would do: an object may lie on one slice)
-    for name, mask in {"good.nrrd": good, "flat.nrrd": flat, "shape.nrrd": good[:4], "empty.nrrd": good * 0}.items():
+    for name, mask in {"good.nrrd": good, "flat.nrrd": flat, "empty.nrrd": good * 0}.items():
         write_volume(images / name, volume)
         write_volume(labels / name, mask)
+    write_volume(images / "outside.nrrd", volume)  # the mask's frame lies 500 mm away: its object is not in the image
+    write_volume(labels / "outside.nrrd", good, origin=(510.0, 480.0, 505.0))
+    write_volume(images / "fewer_slices.nrrd", volume)  # 4 of the 5 slices, same grid: resampled, named in a note
+    write_volume(labels / "fewer_slices.nrrd", good[:4])
     write_volume(images / "unlabelled.nrrd", volume)
     code = main([str(images), str(labels), "-o", str(tmp_path / "npz"), "--modality", "MR"])
     err = capsys.readouterr().err
     assert code == 1
-    for name, problem in {"flat.nrrd": "spans a single x index", "shape.nrrd": "differs from the image's (5, 16, 16)",
+    for name, problem in {"flat.nrrd": "spans a single x index", "outside.nrrd": "fall outside the image",
                           "empty.nrrd": "is empty", "unlabelled.nrrd": "no label map named"}.items():
         assert any(name in line and problem in line for line in err.splitlines()), (name, err)
-    assert [p.name for p in (tmp_path / "npz").iterdir()] == ["3DBox_MR_good.npz"]
+    assert "note: fewer_slices.nrrd: label map fewer_slices.nrrd is in another frame: resampled" in err
+    assert "size (16, 16, 4)" in err and "size (16, 16, 5)" in err  # both frames named
+    assert sorted(p.name for p in (tmp_path / "npz").iterdir()) == ["3DBox_MR_fewer_slices.npz", "3DBox_MR_good.npz"]
+    assert np.array_equal(np.load(tmp_path / "npz" / "3DBox_MR_fewer_slices.npz")["gts"], good // 2)
     assert main([str(images), str(labels), "-o", str(tmp_path / "npz"), "--modality", "Tomography"]) == 2
+
+
+def test_a_dicom_series_with_a_missing_slice_is_refused_not_given_a_wrong_spacing(tmp_path, capsys):
+    """zoo.convert wrote spacing 5.625 mm for a 5 mm series with one slice missing; it reads through the same checks
+    as zoo.segment now: refused, the gap named, no npz written."""
+    from tests.helpers import dicom_slices
+
+    series = dicom_slices(tmp_path / "scan", positions=[0, 5, 10, 15, 25, 30, 35, 40, 45])  # 20 mm is missing
+    labels = np.zeros((9, 128, 128), np.uint8)
+    labels[2:6, 40:80, 40:80] = 1
+    (tmp_path / "labels").mkdir()
+    image = sitk.GetImageFromArray(labels)
+    sitk.WriteImage(image, str(tmp_path / "labels" / "scan.nii.gz"))
+    assert main([str(series), str(tmp_path / "labels"), "-o", str(tmp_path / "npz"), "--modality", "CT"]) == 1
+    err = capsys.readouterr().err
+    assert "a gap of 10 mm between slice3.dcm and slice4.dcm where the slices are 5 mm apart" in err
+    assert not (tmp_path / "npz").exists() or not list((tmp_path / "npz").iterdir())

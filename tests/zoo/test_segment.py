@@ -1,7 +1,9 @@
 import csv
 import json
+import os
 from pathlib import Path
 
+import nibabel
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -197,3 +199,150 @@ def test_dicom_series_is_segmented_into_a_nifti_of_the_series_geometry(bright_ru
     for get in ("GetSpacing", "GetOrigin", "GetDirection"):
         assert getattr(written, get)() == pytest.approx(getattr(source, get)(), abs=1e-4), get
     assert sitk.GetArrayFromImage(written)[1:, 20:101, 20:101].any()
+
+
+
+# Reliability round 3 (#33): each probe of the issue, with its outcome now.
+
+@pytest.fixture
+def stand_in(bright_runtime, monkeypatch):
+    """zoo.segment's command loads the stand-in model (BrightRuntime) whatever --model says."""
+    import zoo.index
+
+    monkeypatch.setattr(zoo.index, "load", lambda name: bright_runtime)
+    return ["--model", "stand-in"]
+
+
+def test_a_prompt_mask_with_the_opposite_x_axis_prompts_the_right_side(stand_in, tmp_path):
+    """Another tool's mask of the same anatomy stored with x the other way round: used voxel for voxel it put every
+    box on the mirror side (DSC 0, exit 0); it is resampled into the image's frame now (DSC 1, a note)."""
+    shape = (256, 24, 5)  # nibabel (x, y, z); 256 wide: the stand-in model works at scale 1
+    affine = np.diag([-0.7, -0.7, 3.0, 1.0])
+    volume, truth = np.zeros(shape, np.uint8), np.zeros(shape, np.uint8)
+    volume[20:60, 5:15, 1:4] = truth[20:60, 5:15, 1:4] = 1
+    volume[196:236, 5:15, 1:4] = 1  # an object where the mirrored box would fall: prompted, it would be segmented
+    flip = np.eye(4)
+    flip[0, 0], flip[0, 3] = -1, shape[0] - 1
+    (tmp_path / "in").mkdir()
+    nibabel.save(nibabel.Nifti1Image(volume * 255, affine), tmp_path / "in" / "ct.nii.gz")
+    nibabel.save(nibabel.Nifti1Image(truth[::-1].copy() * 7, affine @ flip), tmp_path / "mask.nii.gz")
+    assert main([str(tmp_path / "in" / "ct.nii.gz"), "-o", str(tmp_path / "out"), "--prompt-mask",
+                 str(tmp_path / "mask.nii.gz")] + stand_in) == 0
+    labels = np.asanyarray(nibabel.load(tmp_path / "out" / "ct.nii.gz").dataobj)
+    dsc, _ = case_scores(truth.transpose(2, 1, 0), (labels == 7).astype(np.uint8).transpose(2, 1, 0),
+                         np.array([3.0, 0.7, 0.7]))
+    assert dsc == 1.0 and not labels[196:236].any()
+    row = read_rows(tmp_path / "out" / "segment.csv")["ct.nii.gz"]
+    assert row["status"] == "ok" and "mask.nii.gz is in another frame: resampled" in row["notes"]
+
+
+def test_a_one_pixel_box_is_refused_as_zoo_predict_refuses_it(bright_runtime, tmp_path):
+    Image.fromarray(np.full((20, 30), 200, np.uint8)).save(tmp_path / "a.png")
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"a.png": [[5, 5, 5, 5]]}))
+    rows = segment_files(bright_runtime, [tmp_path / "a.png"], tmp_path / "out", boxes_file=boxes, progress=False)
+    assert rows[0]["status"] == "failed" and "spans a single x index" in rows[0]["error"]
+    assert not (tmp_path / "out" / "a.png").exists()
+
+
+def test_boxes_json_takes_a_bom_refuses_what_is_not_a_whole_number_and_names_unknown_keys(stand_in, tmp_path, capsys):
+    picture = np.zeros((20, 30), np.uint8)
+    picture[5:10, 5:15] = 255
+    (tmp_path / "in").mkdir()
+    for name in ("a.png", "b.png", "c.png", "d.png"):
+        Image.fromarray(picture).save(tmp_path / "in" / name)
+    boxes = tmp_path / "boxes.json"
+    entries = {"a.png": [[5, 5, 14, 9]], "b.png": [["5", 5, 14, 9]], "c.png": [[5.5, 5, 14, 9]],
+               "d.png": [[True, 5, 14, 9]], "in/a.png": [[1, 1, 3, 3]], "e.png": [[1, 1, 3, 3]]}
+    boxes.write_bytes(b"\xef\xbb\xbf" + json.dumps(entries).encode())  # a BOM, as Notepad writes one
+    assert main([str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--boxes", str(boxes)] + stand_in) == 1
+    err = capsys.readouterr().err
+    assert "coordinates must be JSON numbers, not str '5'" in err and "b.png" in err
+    assert "5.5 is not a whole number; boxes are inclusive voxel indices" in err
+    assert "not bool True" in err
+    (warning,) = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert "no input is named 'in/a.png', 'e.png'" in warning
+    rows = read_rows(tmp_path / "out" / "segment.csv")
+    assert [rows[name]["status"] for name in ("a.png", "b.png", "c.png", "d.png")] == ["ok", "failed", "failed",
+                                                                                      "failed"]
+
+
+def test_a_photo_with_an_exif_rotation_is_segmented_as_viewers_show_it(stand_in, tmp_path, capsys):
+    shown = np.zeros((30, 50), np.uint8)  # what every viewer shows: 30 rows, 50 columns
+    shown[5:12, 10:30] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 8  # stored turned the other way; orientation 8 turns it back for display
+    Image.fromarray(np.ascontiguousarray(np.rot90(shown, k=-1))).save(tmp_path / "photo.jpg", exif=exif, quality=100)
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"photo.jpg": [[8, 3, 32, 14]]}))  # drawn on the picture as shown
+    assert main([str(tmp_path / "photo.jpg"), "-o", str(tmp_path / "out"), "--boxes", str(boxes)] + stand_in) == 0
+    labels = np.asarray(Image.open(tmp_path / "out" / "photo.png"))
+    assert labels.shape == shown.shape and np.array_equal(labels > 0, shown > 0)
+    assert "note: photo.jpg: turned 90° counter-clockwise as its EXIF orientation (8) says" in capsys.readouterr().err
+
+
+def test_dicom_folders_say_what_they_hold(stand_in, tmp_path, capsys):
+    """Two series in a folder: one line naming both (it was 16 lines of 'no boxes for IM0000.dcm'); a series with
+    a README: one input, the README named (it was split into separate 2D inputs); a gap: refused, named."""
+    from tests.helpers import dicom_slices
+
+    study = dicom_slices(tmp_path / "study", positions=range(0, 40, 5), uid="1.2.826.0.9.1")
+    dicom_slices(study, positions=range(0, 40, 5), uid="1.2.826.0.9.2", names=[f"IM{i:04d}.dcm" for i in range(8)],
+                 exist_ok=True)
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"scan": [[20, 20, 0, 100, 100, 2]], "gap": [[20, 20, 0, 100, 100, 2]]}))
+    assert main([str(study), "-o", str(tmp_path / "out"), "--boxes", str(boxes)] + stand_in) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {study}: 2 series found") and "1.2.826.0.9.1" in line and "1.2.826.0.9.2" in line
+
+    scan = dicom_slices(tmp_path / "scan", positions=[0, 5, 10])
+    (scan / "README.txt").write_text("exported by the PACS")
+    assert main([str(scan), "-o", str(tmp_path / "out"), "--boxes", str(boxes)] + stand_in) == 0
+    assert "note: scan: skipped 1 file(s) that are not DICOM: README.txt" in capsys.readouterr().err
+    assert read_rows(tmp_path / "out" / "segment.csv")["scan"]["notes"] == "skipped 1 file(s) that are not DICOM: " \
+                                                                          "README.txt"
+    gap = dicom_slices(tmp_path / "gap", positions=[0, 5, 15])
+    assert main([str(gap), "-o", str(tmp_path / "out"), "--boxes", str(boxes)] + stand_in) == 1
+    assert "a gap of 10 mm between slice1.dcm and slice2.dcm" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "gap.nii.gz").exists()
+
+
+def test_a_killed_run_leaves_temporary_files_that_the_next_run_removes(stand_in, tmp_path, capsys):
+    import subprocess as sp
+
+    from zoo.data.io import TEMP_PREFIX
+
+    picture = np.zeros((20, 30), np.uint8)
+    picture[5:10, 5:15] = 255
+    Image.fromarray(picture).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    gone = sp.Popen(["true"])
+    gone.wait()
+    stale = out / f"{TEMP_PREFIX}{gone.pid}.ct.nii.gz.x1y2z3.tmp.nii.gz"  # what kill -9 during a write leaves
+    alive = out / f"{TEMP_PREFIX}{os.getppid()}.other.png.abcdef.tmp.png"  # a running writer's: kept
+    stale.touch(), alive.touch()
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"a.png": [[5, 5, 14, 9]]}))
+    assert main([str(tmp_path / "a.png"), "-o", str(out), "--boxes", str(boxes)] + stand_in) == 0
+    assert not stale.exists() and alive.exists() and str(stale) in capsys.readouterr().err
+
+
+def test_two_runs_into_one_folder_both_keep_their_report_rows(tmp_path):
+    """Two processes segmenting into one OUT at once: segment.csv held one run's rows; it holds both now."""
+    from tests.helpers import run_concurrently
+
+    boxes = tmp_path / "boxes.json"
+    entries = {}
+    for run in ("first", "second"):
+        (tmp_path / run).mkdir()
+        for i in range(6):
+            Image.fromarray(np.full((20, 30), 200, np.uint8)).save(tmp_path / run / f"{run}{i}.png")
+            entries[f"{run}{i}.png"] = [[2, 2, 20, 15]]
+    boxes.write_text(json.dumps(entries))
+    runs = [[str(tmp_path / run), "-o", str(tmp_path / "out"), "--boxes", str(boxes), "--model", "stand-in",
+             "--threads", "1"] for run in ("first", "second")]
+    assert run_concurrently("zoo.segment", runs) == [0, 0]  # each only warns of the other's keys
+    rows = read_rows(tmp_path / "out" / "segment.csv")
+    assert sorted(rows) == sorted(entries) and {row["status"] for row in rows.values()} == {"ok"}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(entries) + ["segment.csv"]

@@ -7,10 +7,14 @@ A challenge npz holds `imgs` (2D: H×W or H×W×3; 3D: D×H×W, uint8), `boxes` 
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import os
+import shutil
+import signal
 import sys
 import tempfile
+import threading
 import zipfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -157,7 +161,10 @@ def _check_image(path: Path, imgs: np.ndarray, is_3d: bool) -> np.ndarray:
         return np.repeat(imgs[:, :, None], 3, axis=-1)
     if imgs.ndim == 3 and imgs.shape[2] == 3:
         return imgs
-    hint = "; a D×H×W volume needs boxes of 6 columns" if imgs.ndim == 3 else ""
+    if imgs.ndim == 3 and imgs.shape[2] in (2, 4):  # grey + alpha, RGBA: a picture with an alpha channel
+        hint = f"; {imgs.shape[2]} channels: drop the alpha channel (the challenge's colour images are H×W×3)"
+    else:
+        hint = "; a D×H×W volume needs boxes of 6 columns" if imgs.ndim == 3 else ""
     raise CaseError(path, f"2D boxes (4 columns) need imgs of shape H×W or H×W×3, got shape {imgs.shape}{hint}")
 
 
@@ -241,16 +248,58 @@ def _process_alive(pid: int) -> bool:
 
 
 def clean_stale_temps(folder: str | Path, own: bool = False) -> list[Path]:
-    """Remove the toolkit's temporary files in `folder` left by processes that no longer run (and, with `own`, this
-    process's: on an interrupt); returns them. Others' temporary files and those of running writers are kept."""
+    """Remove the toolkit's temporary files and staging folders in `folder` left by processes that no longer run
+    (a kill -9 leaves them; with `own`, also this process's: on an interrupt); returns them. Others' temporaries and
+    those of running processes are kept (a pid reused since by another process keeps them too: never a live one's)."""
     folder = Path(folder)
     removed = []
-    for path in folder.glob(f"{TEMP_PREFIX}*") if folder.is_dir() else []:
+    for path in sorted(folder.glob(f"{TEMP_PREFIX}*")) if folder.is_dir() else []:
         pid = path.name[len(TEMP_PREFIX):].split(".", 1)[0]
-        if pid.isdigit() and (not _process_alive(int(pid)) or (own and int(pid) == os.getpid())) and path.is_file():
+        if not pid.isdigit() or (_process_alive(int(pid)) and not (own and int(pid) == os.getpid())):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
             path.unlink(missing_ok=True)
-            removed.append(path)
+        removed.append(path)
     return removed
+
+
+def temp_name(final_name: str) -> str:
+    """The name a temporary file or staging folder of this process gets beside `final_name` (a random part is added
+    by mkstemp / mkdtemp): clean_stale_temps recognises it by TEMP_PREFIX and the pid."""
+    return f"{TEMP_PREFIX}{os.getpid()}.{final_name}."
+
+
+def interrupted_by(err: BaseException) -> bool:
+    """Whether `err` is a KeyboardInterrupt or was raised while one was being handled: an interrupt landing inside a
+    library's cleanup (zipfile closing an npz being written: 'Can't close the ZIP file while there is an open writing
+    handle') surfaces as another exception, which must still stop the run as Ctrl-C does, not be reported as bad
+    input."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
+@contextmanager
+def held_interrupts(held: list[int]) -> Iterator[None]:
+    """Ctrl-C held while the block runs: a SIGINT is recorded in `held` instead of raising KeyboardInterrupt inside
+    it (one landing inside zipfile's close once left a half-closed archive, a misleading error and an exit 2 instead
+    of 130). Only where SIGINT raises KeyboardInterrupt (Python's default handler, in the main thread; inside an
+    outer hold the inner one does nothing); the caller raises it after the block."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @contextmanager
@@ -259,22 +308,33 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     fails. Every file the toolkit writes whole goes through here (only training logs are appended row by row), so
     a half-written file never carries its final name. An OSError while writing becomes a WriteError naming `path`.
     `suffix` ends the temporary name: writers that choose the format by extension (SimpleITK: '.tmp.nii.gz') need
-    the final one."""
+    the final one. Ctrl-C during the block is held until the file is written and renamed (held_interrupts), then
+    raised as KeyboardInterrupt: the file being written is finished, never left half."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}.{path.name}.", suffix=suffix, dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temp_name(path.name), suffix=suffix, dir=path.parent)
         os.close(fd)
     except OSError as err:
         raise WriteError(path, f"cannot be written ({err.strerror or err})") from err
     umask = os.umask(0)
     os.umask(umask)
+    held: list[int] = []
     try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the final file ordinary permissions
-        os.replace(tmp, path)
-    except OSError as err:
-        raise WriteError(path, f"cannot be written ({err.strerror or err})") from err
+        with held_interrupts(held):
+            yield Path(tmp)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the final file ordinary permissions
+            os.replace(tmp, path)
+        if held:  # the file is whole and in place (a checkpoint being saved is kept): now stop
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        raise
+    except BaseException as err:
+        if held or interrupted_by(err):
+            raise KeyboardInterrupt from err
+        if isinstance(err, OSError):
+            raise WriteError(path, f"cannot be written ({err.strerror or err})") from err
+        raise
     finally:
         Path(tmp).unlink(missing_ok=True)
 
@@ -291,6 +351,35 @@ def save_npz_atomic(path: str | Path, **arrays: np.ndarray) -> Path:
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         np.savez_compressed(handle, allow_pickle=False, **arrays)
     return Path(path)
+
+
+def merge_csv_atomic(path: str | Path, rows: list[dict], fields: list[str], key: str) -> list[dict]:
+    """Write this run's `rows` into the report `path`, keeping the rows of earlier or concurrent runs into the same
+    folder (those whose `key` this run did not redo): two runs into one folder both keep their rows. The read and
+    the atomic write happen under an exclusive lock on the folder (flock on the folder itself, so nothing is left
+    behind and a killed process releases it): concurrent runs take turns. Returns every row written."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        folder = os.open(path.parent, os.O_RDONLY)
+    except OSError as err:
+        raise WriteError(path, f"cannot be written ({err.strerror or err})") from err
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        earlier = []
+        if path.is_file():
+            try:
+                earlier = read_csv(path)
+            except (OSError, UnicodeDecodeError, csv.Error) as err:
+                print(f"warning: {path}: the earlier report could not be read ({err}); it is replaced by this run's "
+                      "rows", file=sys.stderr)
+        redone = {row[key] for row in rows}
+        merged = [{field: row.get(field) or "" for field in fields} for row in earlier if row.get(key) not in redone]
+        merged.extend(rows)
+        write_csv_atomic(path, merged, fields)
+        return merged
+    finally:
+        os.close(folder)  # releases the lock
 
 
 def read_csv(path: str | Path) -> list[dict]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from zoo.data.io import clean_stale_temps, temp_name
 from zoo.data.preprocess import IMAGE_SIZE
 from zoo.models.class_prompt import EMBED_DIM, ClassPromptSAM
 from zoo.models.flops import model_size
@@ -104,11 +105,15 @@ def graph_files(path: Path) -> list[Path]:
 
 def write_variant(out: Path, model: ClassPromptSAM, build, backend: str, precision: str, metadata: dict) -> Path:
     """Build a variant of `model` in a temporary folder beside `out` with build(folder) -> {part: graph path},
-    write its manifest (with the model's size), then rename it to `out`. A failure leaves nothing at `out`; an existing `out` is not touched."""
+    write its manifest (with the model's size), then rename it to `out`. A failure leaves nothing at `out`; an
+    existing `out` is not touched. The staging folder is named by this process's pid (zoo.data.io.temp_name): one
+    that a killed export left (tens of MB) is removed here by the next export into the same folder, while a
+    running export's is kept."""
     if out.exists():
         raise FileExistsError(f"{out}: exists already; choose another --out (nothing is overwritten)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    clean_stale_temps(out.parent)
+    staging = Path(tempfile.mkdtemp(prefix=temp_name(out.name), dir=out.parent))
     try:
         parts = build(staging)
         files = {part: {"path": path.name, "sha256": {f.name: sha256_file(f) for f in graph_files(path)}} for part, path in parts.items()}

@@ -112,3 +112,100 @@ def test_npz_inputs_names_what_it_does_not_read(tmp_path, capsys):
     assert capsys.readouterr().err == f"skipped 2 non-npz file(s): {tmp_path / 'notes.txt'}, {tmp_path / 'old_run'}\n"
     with pytest.raises(CaseError, match="no such directory"):
         npz_inputs(tmp_path / "absent")
+
+
+def test_an_rgba_image_is_told_to_drop_its_alpha_not_given_a_hint_about_3d_boxes(tmp_path):
+    rgba = write_npz(tmp_path / "2DBox_US_rgba.npz", imgs=np.zeros((40, 60, 4), np.uint8), boxes=np.array([[1, 2, 30, 20]]))
+    with pytest.raises(CaseError) as caught:
+        load_case(rgba)
+    assert "4 channels: drop the alpha channel" in str(caught.value) and "6 columns" not in str(caught.value)
+
+
+def test_stale_temporaries_and_staging_folders_of_dead_processes_are_removed_and_only_those(tmp_path):
+    import os
+    import subprocess
+
+    from zoo.data.io import TEMP_PREFIX, clean_stale_temps
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    staging = tmp_path / f"{TEMP_PREFIX}{gone.pid}.cp_tinyvit_fast_openvino-abc.x1y2"  # kill -9 during an export
+    staging.mkdir()
+    (staging / "encoder.onnx").write_bytes(b"\0" * 1000)
+    stale_file = tmp_path / f"{TEMP_PREFIX}{gone.pid}.a.nii.gz.q1.tmp.nii.gz"
+    stale_file.touch()
+    live = tmp_path / f"{TEMP_PREFIX}{os.getppid()}.b.npz.w2"  # a running process's: kept
+    live.mkdir()
+    mine = tmp_path / f"{TEMP_PREFIX}{os.getpid()}.c.npz.e3"
+    mine.touch()
+    foreign = tmp_path / ".cp_tinyvit_fast_openvino.abc"  # not the toolkit's naming: kept
+    foreign.mkdir()
+    assert clean_stale_temps(tmp_path) == sorted([staging, stale_file])
+    assert live.exists() and mine.exists() and foreign.exists()
+    assert clean_stale_temps(tmp_path, own=True) == [mine]  # on an interrupt: this process's own too
+
+
+def test_reports_of_two_processes_writing_at_once_keep_every_row(tmp_path):
+    """merge_csv_atomic under the folder's lock: 2 processes × 25 merges, each of its own rows; none is lost (without
+    the lock, a read-then-write of one run loses the rows the other wrote meanwhile)."""
+    import os
+
+    from zoo.data.io import merge_csv_atomic, read_csv
+
+    report = tmp_path / "out" / "timing.csv"
+    children = []
+    for run in ("a", "b"):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                for i in range(25):
+                    merge_csv_atomic(report, [{"case": f"{run}{i}", "seconds": str(i)}], ["case", "seconds"], "case")
+                code = 0
+            finally:
+                os._exit(code)
+        children.append(pid)
+    assert [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children] == [0, 0]
+    rows = read_csv(report)
+    assert sorted(row["case"] for row in rows) == sorted(f"{run}{i}" for run in "ab" for i in range(25))
+    merge_csv_atomic(report, [{"case": "a3", "seconds": "9.5"}], ["case", "seconds"], "case")  # a case redone
+    rows = {row["case"]: row["seconds"] for row in read_csv(report)}
+    assert len(rows) == 50 and rows["a3"] == "9.5"
+    assert sorted(p.name for p in report.parent.iterdir()) == ["timing.csv"]  # the lock leaves nothing behind
+
+
+def test_an_error_raised_while_an_interrupt_is_handled_is_the_interrupt(tmp_path):
+    """Ctrl-C inside zipfile's close (numpy writing an npz) surfaced as ValueError('Can't close the ZIP file while
+    there is an open writing handle'): reported as bad input, exit 2. It is a KeyboardInterrupt now, the temporary
+    file removed."""
+    from zoo.data.io import atomic_path, interrupted_by
+
+    def close_fails_after_an_interrupt():
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise ValueError("Can't close the ZIP file while there is an open writing handle on it")
+
+    with pytest.raises(ValueError) as caught:
+        close_fails_after_an_interrupt()
+    assert interrupted_by(caught.value) and not interrupted_by(ValueError("plain"))
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(tmp_path / "case.npz"):
+            close_fails_after_an_interrupt()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_while_a_file_is_written_is_held_until_it_is_whole_and_in_place(tmp_path):
+    import os
+    import signal
+
+    from zoo.data.io import atomic_path
+
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(tmp_path / "case.txt") as tmp:
+            tmp.write_text("first half")
+            os.kill(os.getpid(), signal.SIGINT)  # held: the write goes on
+            tmp.write_text("first half, second half")
+    assert [p.name for p in tmp_path.iterdir()] == ["case.txt"]  # finished, never half
+    assert (tmp_path / "case.txt").read_text() == "first half, second half"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

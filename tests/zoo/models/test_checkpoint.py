@@ -43,6 +43,48 @@ def test_code_running_pickle_is_refused(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.parametrize("kind", ["zip", "legacy", "plain pickle"])
+def test_a_code_running_file_is_refused_as_such_with_no_advice_to_switch_the_check_off(tmp_path, kind):
+    """A legacy (non-zip) checkpoint or a plain pickle that would run code was 'truncated or corrupt', and every
+    message ended with PyTorch's advice to re-run torch.load with weights_only=False."""
+    import pickle
+
+    from tests.helpers import _RunsCode
+    from zoo.models.weights import read_weights
+
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "evil.pt"
+    payload = {"format": "cp-tinyvit/1", "state_dict": _RunsCode(marker)}
+    if kind == "plain pickle":
+        path.write_bytes(pickle.dumps(payload, protocol=4))
+    else:
+        torch.save(payload, path, _use_new_zipfile_serialization=kind == "zip")
+    with pytest.raises(CheckpointError) as caught:
+        read_weights(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: refused: it would run code when loaded (its pickle imports posix.system)")
+    assert "weights_only" not in message and "Re-running" not in message and "\n" not in message
+    assert not marker.exists()
+
+
+def test_unreadable_files_say_why_without_pytorch_s_advice(tmp_path):
+    import pickle
+
+    from zoo.models.weights import read_weights
+
+    plain = tmp_path / "plain.pkl"
+    plain.write_bytes(pickle.dumps({"a": [1, 2]}, protocol=4))  # plain data, in a form torch.load does not read
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"w": torch.zeros(2)}, legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(read_weights(legacy)["w"], torch.zeros(2))  # a legacy file of tensors still loads
+    (tmp_path / "cut.pt").write_bytes(legacy.read_bytes()[:60])
+    for name, problem in (("plain.pkl", "not a PyTorch checkpoint torch.load reads safely"),
+                          ("cut.pt", "not a readable PyTorch checkpoint, truncated or corrupt")):
+        with pytest.raises(CheckpointError) as caught:
+            read_weights(tmp_path / name)
+        assert problem in str(caught.value) and "weights_only" not in str(caught.value), str(caught.value)
+
+
 def test_truncated_missing_and_foreign_files(tmp_path):
     path = save_checkpoint(tmp_path / "m.pt", tiny_model())
     truncated = tmp_path / "t.pt"
@@ -213,6 +255,6 @@ def test_every_command_refuses_a_code_running_checkpoint(command, tmp_path, caps
     except SystemExit as exit:
         code, message = 2, str(exit.code)
     assert code in (1, 2)
-    assert "evil.pt: refused: its pickle would import and call code" in message
+    assert "evil.pt: refused: it would run code when loaded" in message and "weights_only" not in message
     assert not marker.exists()
     assert not (tmp_path / "out.pt").exists() and not list((tmp_path / "out").glob("**/*"))  # nothing written

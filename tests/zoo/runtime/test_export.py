@@ -107,6 +107,40 @@ def test_nothing_is_overwritten_and_a_failed_export_leaves_nothing(model, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v"]
 
 
+def test_a_staging_folder_left_by_kill_9_is_removed_by_the_next_export_and_a_live_one_is_kept(model, tmp_path):
+    """kill -9 during a first-load export left a hidden staging folder (39 MB for cp_tinyvit_fast) in the export
+    cache that no later run removed. It is named by the exporting process's pid now; the next export removes those
+    of processes that are gone."""
+    import os
+    import signal
+    import time
+
+    from zoo.data.io import TEMP_PREFIX
+
+    cache = tmp_path / "exported"
+    pid = os.fork()
+    if pid == 0:  # an export that is killed midway: its build never returns (no torch is run in this child)
+        def stuck(folder):
+            (folder / "encoder.onnx").write_bytes(b"\0" * 100_000)
+            time.sleep(600)
+
+        try:
+            write_variant(cache / "first", model, stuck, "onnxruntime", "fp32", {})
+        finally:
+            os._exit(1)
+    deadline = time.time() + 60
+    while not list(cache.glob(f"{TEMP_PREFIX}{pid}.first.*/encoder.onnx")) and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    (left,) = cache.glob(f"{TEMP_PREFIX}{pid}.first.*")  # what the kill left
+    live = cache / f"{TEMP_PREFIX}{os.getppid()}.other.abc"  # another running export's: kept
+    live.mkdir()
+    export_variant(model, {}, cache / "second", "onnxruntime")  # the rerun
+    assert not left.exists() and live.exists()
+    assert sorted(p.name for p in cache.iterdir()) == sorted(["second", live.name])
+
+
 def test_index_add_ships_an_exported_folder(model, tmp_path, monkeypatch):
     empty_zoo(tmp_path, monkeypatch)
     out = export_variant(model, {}, tmp_path / "v", "onnxruntime")
