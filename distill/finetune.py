@@ -35,23 +35,32 @@ from distill.losses import segmentation_loss
 from distill.train import DataSettings, Trainer, TrainSettings
 from zoo.cli import RUNS_DIR, add_settings_options, option, redefault, run_cli, settings_from_args
 from zoo.data.io import data_split, refuse_overwriting_inputs, write_csv_atomic
+from zoo.data.preprocess import IMAGE_SIZE, resized_shape
 from zoo.data.samples import (
     DataError,
     Sample,
     flip,
     flip_box,
+    round_robin,
+    sample_image,
     sample_object,
     sample_tensor,
 )
+from zoo.interactive import PROTOCOL_CLICKS, next_click, padded_clicks
 from zoo.modalities import MODALITIES, head_accuracy, modality_confusion, modality_id
 from zoo.models.checkpoint import load_checkpoint, save_checkpoint
 from zoo.models.class_prompt import ClassPromptSAM, ModalityHead
 from zoo.models.factory import build_litemedsam, create_model
+from zoo.models.pooled_decoder import PooledMaskDecoder
 from zoo.models.weights import CheckpointError
 from zoo.runtime.embedding_cache import ENCODER_CACHE_DIR, CachedEncoder, encoder_cache_id
-from zoo.validate import score_samples
+from zoo.validate import score_samples, score_samples_clicks
 
 NEW_PARTS = ("modality_head.", "class_prompt.")
+# What a click needs beside the box prompt: the positive / negative point embeddings, the padding token and the mask
+# prompt's encoder. A box-only decode uses none of them.
+CLICK_PROMPT_PARTS = ("prompt_encoder.point_embeddings.0.", "prompt_encoder.point_embeddings.1.",
+                      "prompt_encoder.not_a_point_embed.", "prompt_encoder.mask_downscaling.")
 
 
 @dataclass
@@ -73,6 +82,18 @@ class FinetuneSettings(TrainSettings):
     half: bool = option(False, "store OUT/best.pt in float16")
     encoder_from: str | None = option(None, "leave LiteMedSAM's unchanged encoder out of OUT/best.pt (checked)",
                                       choices=("litemedsam",))
+    # The click stage (issue #31): each sample is a simulated interaction, its box step and every click step in the
+    # loss (see FineTuner._click_loss); the epoch is chosen by the interactive protocol on the val samples.
+    clicks: int = option(0, "click stage: simulated clicks after the box per sample (the protocol's 5); 0: boxes only",
+                         type=int)
+    click_parts: str = option("decoder", "what the click stage trains: 'decoder' (mask decoder, class prompt and the "
+                                         "prompt encoder's point and mask parts) or 'prompt' (those prompt-encoder "
+                                         "parts alone: box-only masks stay exactly the init's)",
+                              choices=("decoder", "prompt"))
+    click_val_samples: int = option(66, "click stage: val samples the protocol scores each epoch, taken in turn from "
+                                        "each modality (the box-only score uses every val sample)", type=int)
+    box_tolerance: float = option(0.005, "click stage: an epoch is kept only if its box-only val DSC is at most this "
+                                         "far below the init's")
 
 
 # The mask loss and encoder parts of distillation do not apply here: fine-tuning learns masks from ground truth
@@ -119,6 +140,38 @@ class EmbeddingSource:
 
 
 VAL_FIELDS = ["step", "epoch", "score", "dsc", "nsd", "head_accuracy"] + [f"{k}_{m}" for m in MODALITIES for k in ("dsc", "nsd")]
+# The click stage's columns: the interactive protocol on the same samples (zoo.validate.score_samples_clicks).
+CLICK_VAL_FIELDS = (["click_score", "dsc_auc", "nsd_auc", "box_dsc_kept"] + [f"dsc_step{k}" for k in range(PROTOCOL_CLICKS + 1)]
+                    + [f"{k}_{m}" for m in MODALITIES for k in ("dsc_auc", "dsc_last")])
+
+
+def click_row(result: dict) -> dict:
+    """val.csv's click columns of one score_samples_clicks result."""
+    row = {"click_score": f"{result['score']:.4f}", "dsc_auc": f"{result['dsc_auc']:.4f}", "nsd_auc": f"{result['nsd_auc']:.4f}"}
+    row.update({f"dsc_step{k}": f"{dsc:.4f}" for k, (dsc, _) in enumerate(result["steps"])})
+    for m, v in result["per_modality"].items():
+        row[f"dsc_auc_{m}"], row[f"dsc_last_{m}"] = f"{v['dsc_auc']:.4f}", f"{v['steps'][-1][0]:.4f}"
+    return row
+
+
+def image_area(sample: Sample) -> torch.Tensor:
+    """(256, 256) bool: where a sample's image lies in the 256 frame (the rest is padding, cropped at inference)."""
+    height, width = resized_shape(*sample_image(sample).shape[:2])
+    area = torch.zeros(IMAGE_SIZE, IMAGE_SIZE, dtype=torch.bool)
+    area[:height, :width] = True
+    return area
+
+
+def decode_batch(model: ClassPromptSAM, embedding: torch.Tensor, boxes: torch.Tensor, modality, **clicks) -> torch.Tensor:
+    """decode() of B samples, each with its own embedding (B, 256, 64, 64), box and clicks: in one call for the light
+    decoder (it broadcasts an embedding per box), sample by sample for SAM's (it repeats one embedding per box)."""
+    if isinstance(model.mask_decoder, PooledMaskDecoder):
+        return model.decode(embedding, boxes, modality, **clicks)
+    rows = []
+    for i in range(len(boxes)):
+        row = {k: (v[i : i + 1] if v is not None else None) for k, v in clicks.items()}
+        rows.append(model.decode(embedding[i : i + 1], boxes[i : i + 1], None if modality is None else modality[i : i + 1], **row))
+    return torch.cat(rows)
 
 
 class FineTuner(Trainer):
@@ -133,13 +186,21 @@ class FineTuner(Trainer):
         val_encoder = self.student if settings.train_encoder else CachedEncoder(self.student, encoder_cache_dir)
         self.val_encoder = val_encoder
         self.val_embeddings = EmbeddingSource(val_samples, val_encoder)
+        # the protocol costs 6 decodes and scorings per object: the click stage scores a fixed, balanced subset
+        self.click_val_samples = round_robin(val_samples, settings.click_val_samples, settings.seed)
         self.val_rows: list[dict] = []
         self.best = {"score": -math.inf, "step": 0}
+        self.box_baseline = -math.inf  # click stage: the init's box-only val DSC
 
     def is_trainable(self, name: str) -> bool:
+        if self.settings.clicks:  # the click stage: the head is not trained, nor the encoder
+            parts = CLICK_PROMPT_PARTS + (("mask_decoder.", "class_prompt.") if self.settings.click_parts == "decoder" else ())
+            return name.startswith(parts)
         return name.startswith(("mask_decoder.",) + NEW_PARTS) or (self.settings.train_encoder and name.startswith("image_encoder."))
 
     def param_groups(self) -> list[dict]:
+        if self.settings.clicks:  # the class prompt is trained already: one learning rate
+            return [{"params": [p for p in self.student.parameters() if p.requires_grad]}]
         new = [p for n, p in self.student.named_parameters() if p.requires_grad and n.startswith(NEW_PARTS)]
         rest = [p for n, p in self.student.named_parameters() if p.requires_grad and not n.startswith(NEW_PARTS)]
         groups = [{"params": rest}]
@@ -151,6 +212,8 @@ class FineTuner(Trainer):
         raise ValueError("fine-tuning runs in one process; start it without torchrun")
 
     def _micro_batch_loss(self, indices: list[int], g: torch.Generator) -> torch.Tensor:
+        if self.settings.clicks:
+            return self._click_loss(indices, g)
         settings, device = self.settings, self.settings.device
         seg_losses, embeddings, modalities = [], [], []
         for i in indices:
@@ -176,23 +239,76 @@ class FineTuner(Trainer):
             loss = loss + settings.head_weight * F.cross_entropy(head_logits, torch.tensor(modalities, device=device))
         return loss
 
+    def _click_loss(self, indices: list[int], g: torch.Generator) -> torch.Tensor:
+        """The click stage: a simulated interaction per sample, Dice + focal at every step, averaged over steps.
+
+        Step 0 is the box alone (the box-only decode: its accuracy stays in the loss); each of the `clicks` steps
+        after it adds, per sample, the click zoo.interactive.next_click places on the largest error of the previous
+        step's mask (at the 256 frame, inside the image's unpadded area), and feeds that step's logits back as the
+        mask prompt (detached: each step learns to correct its input, as SAM was trained). The samples of a
+        micro-batch are decoded together (the light decoder broadcasts one embedding per box)."""
+        settings, device = self.settings, self.settings.device
+        embeddings, boxes, masks, valid, modalities = [], [], [], [], []
+        for i in indices:
+            h, v = (torch.rand(2, generator=g) < 0.5).tolist() if settings.flip else (False, False)
+            found = sample_object(self.samples[i], g, grow=settings.box_jitter)
+            if found is None:
+                raise DataError(f"{self.samples[i].path}: slice {self.samples[i].z} has no ground-truth object")
+            box, mask = found
+            embeddings.append(flip(self.train_embeddings(i), h, v))
+            boxes.append(flip_box(box, h, v))
+            masks.append(flip(mask, h, v))
+            valid.append(flip(image_area(self.samples[i]), h, v).numpy())
+            modalities.append(modality_id(self.samples[i].modality))
+        embedding, box, truth = torch.cat(embeddings).to(device), torch.stack(boxes).to(device), torch.stack(masks).to(device)
+        ids = torch.tensor(modalities, device=device) if self.student.has_modality_head else None
+        truths = [t[0].cpu().numpy() > 0.5 for t in truth]
+        clicks: list[list[tuple[float, float, int]]] = [[] for _ in indices]
+        logits = decode_batch(self.student, embedding, box, ids)
+        losses = [segmentation_loss(logits, truth, settings.focal_weight)]
+        for _ in range(settings.clicks):
+            previous = logits.detach()
+            predicted = (previous[:, 0] > 0).cpu().numpy()
+            for j, (prediction, area) in enumerate(zip(predicted, valid)):
+                click = next_click(prediction & area, truths[j] & area)
+                if click is not None:
+                    clicks[j].append((float(click.position[1]), float(click.position[0]), int(click.positive)))
+            points, labels = padded_clicks(clicks)
+            logits = decode_batch(self.student, embedding, box, ids, points=points.to(device),
+                                  point_labels=labels.to(device), mask_input=previous)
+            losses.append(segmentation_loss(logits, truth, settings.focal_weight))
+        return torch.stack(losses).mean()
+
     def end_of_epoch(self, epoch: int) -> None:
         self.validate(epoch)
 
     def validate(self, epoch: int) -> None:
         result = score_samples(self.val_encoder, self.val_samples)
+        clicks = score_samples_clicks(self.val_encoder, self.click_val_samples, self.settings.clicks) if self.settings.clicks else None
         self.train_mode()
         row = {"step": self.step, "epoch": epoch, **{k: f"{result[k]:.4f}" for k in ("score", "dsc", "nsd", "head_accuracy")}}
         for m, (dsc, nsd) in result["per_modality"].items():
             row[f"dsc_{m}"], row[f"nsd_{m}"] = f"{dsc:.4f}", f"{nsd:.4f}"
+        score = result["score"]
+        if clicks is not None:
+            row.update(click_row(clicks))
+            if not self.val_rows:  # the init's box-only DSC: the bar every later epoch's box-only DSC is held to
+                self.box_baseline = result["dsc"]
+            kept = result["dsc"] >= self.box_baseline - self.settings.box_tolerance
+            row["box_dsc_kept"] = "yes" if kept else "no"
+            score = clicks["score"] if kept else -math.inf
         self.val_rows.append(row)
-        write_csv_atomic(self.settings.out_dir / "val.csv", self.val_rows, VAL_FIELDS)
+        write_csv_atomic(self.settings.out_dir / "val.csv", self.val_rows, VAL_FIELDS + (CLICK_VAL_FIELDS if clicks else []))
         tqdm.write(f"step {self.step} (epoch {epoch}): val DSC {result['dsc']:.4f} NSD {result['nsd']:.4f} "
-                   f"head accuracy {result['head_accuracy']:.3f}")
-        if result["score"] > self.best["score"]:
-            self.best = {"score": result["score"], "step": self.step}
+                   f"head accuracy {result['head_accuracy']:.3f}"
+                   + (f"; clicks: DSC after {self.settings.clicks} {clicks['steps'][-1][0]:.4f}, DSC_AUC "
+                      f"{clicks['dsc_auc']:.4f}, NSD_AUC {clicks['nsd_auc']:.4f}" if clicks else ""))
+        if score > self.best["score"]:
+            self.best = {"score": score, "step": self.step}
             metrics = {k: result[k] for k in ("score", "dsc", "nsd", "head_accuracy")}
             metrics["per_modality"] = {m: {"dsc": d, "nsd": n} for m, (d, n) in result["per_modality"].items()}
+            if clicks is not None:
+                metrics["clicks"] = {k: clicks[k] for k in ("score", "dsc_auc", "nsd_auc", "steps", "per_modality")}
             metrics["confusion"] = result["confusion"].tolist()
             save_best(self.settings, self.student.eval(), {**self.metadata, "steps": self.step, "epoch": epoch, "val": metrics})
             self.train_mode()
@@ -201,13 +317,16 @@ class FineTuner(Trainer):
                                f"modality head on val samples (step {self.step}): accuracy {result['head_accuracy']:.3f}")
 
     def extra_state(self) -> dict:
-        return {"best": dict(self.best), "val_rows": list(self.val_rows)}
+        return {"best": dict(self.best), "val_rows": list(self.val_rows), "box_baseline": self.box_baseline}
 
     def restore_extra(self, state: dict) -> None:
         self.best = dict(state.get("best", self.best))
         self.val_rows = list(state.get("val_rows", []))
+        self.box_baseline = state.get("box_baseline", self.box_baseline)
 
     def fit(self, progress: bool = True) -> dict:
+        if self.settings.clicks and not self.val_rows:  # the init, scored first: box-only baseline and a candidate
+            self.validate(-1)
         result = super().fit(progress)
         if self.best["step"] != self.step and not any(int(r["step"]) == self.step for r in self.val_rows):
             self.validate(self.step // self.steps_per_epoch)  # stopped mid-epoch (--max-steps): score the last weights too
@@ -317,7 +436,7 @@ def run(args) -> Path:
     elif not best.exists():  # the head of --init's model, which is otherwise kept as it is
         args.out.mkdir(parents=True, exist_ok=True)
         save_best(settings, model, {**metadata, "head_only": True})
-    if trainer.student.has_modality_head and not args.train_encoder:
+    if trainer.student.has_modality_head and not args.train_encoder and not args.clicks:  # the click stage keeps the head
         head = refit_head(settings, samples, keys, cache, val_samples, trainer.val_embeddings)
         print(f"modality head fitted on {len(samples)} pooled train embeddings: val accuracy {head['head_accuracy']:.4f}")
     return best

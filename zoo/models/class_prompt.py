@@ -16,6 +16,7 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransfor
 
 from zoo.data.preprocess import IMAGE_SIZE
 from zoo.modalities import MODALITIES
+from zoo.models.clicks import pad_clicks
 from zoo.models.encoders import ENCODER_CONFIGS, TinyViTConfig, TinyViTEncoder
 from zoo.models.pooled_decoder import PooledMaskDecoder, PooledTwoWayTransformer
 from zoo.models.weights import module_fingerprint
@@ -84,9 +85,12 @@ class ClassPromptSAM(nn.Module):
       predict_modality(embedding)       (1, 256, 64, 64) -> (1, 11) logits, or None without a head
       decode(embedding, boxes, modality, points=None, point_labels=None, mask_input=None)
                                         boxes (N, 4) at 256 scale -> (N, 1, 256, 256) mask logits
+      decode_clicks(embedding, boxes, modality, points, point_labels, mask_input, has_mask_input)
+                                        the click decode on padded inputs (the exported `clicks` graph)
     """
 
     backend = "pytorch"
+    takes_clicks = True  # decode(points=, point_labels=, mask_input=): zoo.models.clicks
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -134,25 +138,54 @@ class ClassPromptSAM(nn.Module):
                mask_input: torch.Tensor | None = None) -> torch.Tensor:
         """embedding (1 or N, 256, 64, 64), boxes (N, 4), modality: id, (N,) ids or None -> logits (N, 1, 256, 256).
 
-        Clicks: points (N, P, 2) as (x, y) at 256 scale with point_labels (N, P): 1 positive, 0 negative, -1 padding
-        (ignored); mask_input (N, 1, 256, 256): the previous step's logits. Without a given modality a class-prompt
-        model uses its head's prediction."""
-        clicks = None
-        if points is not None:
-            if point_labels is None or point_labels.shape != points.shape[:2]:
-                raise ValueError("points (N, P, 2) need point_labels (N, P)")
-            clicks = (points.float(), point_labels.float())
-        sparse, dense = self.prompt_encoder(points=clicks, boxes=boxes.reshape(-1, 1, 4).float(),
-                                            masks=None if mask_input is None else mask_input.float())
+        Clicks: points (N, P, 2) as (x, y) at 256 scale with point_labels (N, P): 1 positive, 0 negative, -1 padding;
+        mask_input (N, 1, 256, 256): the previous step's logits. With neither, the box-only decode (unchanged since
+        before clicks); with either, decode_clicks on the inputs padded as every backend pads them
+        (zoo.models.clicks.pad_clicks). Without a given modality a class-prompt model uses its head's prediction."""
+        if self.class_prompt is not None and modality is None:
+            modality = self.predict_modality(embedding).argmax(dim=1)
+        if points is not None or mask_input is not None:
+            clicks = pad_clicks(len(boxes.reshape(-1, 4)), points, point_labels, mask_input)
+            device = boxes.device
+            return self.decode_clicks(embedding, boxes, modality, *(v.to(device) for v in clicks.values()))
+        sparse, dense = self.prompt_encoder(points=None, boxes=boxes.reshape(-1, 1, 4).float(), masks=None)
         if self.class_prompt is not None:
-            if modality is None:
-                modality = self.predict_modality(embedding).argmax(dim=1)
             ids = torch.as_tensor(modality, device=sparse.device).reshape(-1)
-            prompt = self.class_prompt(ids)[:, None, :]  # (N or 1, 1, 256)
-            if clicks is None:
-                sparse = sparse + prompt  # onto both box tokens
-            else:  # onto the box tokens only, the last two: the class prompt is part of the box prompt
-                sparse = torch.cat([sparse[:, :-2], sparse[:, -2:] + prompt], dim=1)
+            sparse = sparse + self.class_prompt(ids)[:, None, :]  # onto both box tokens
+        logits, _ = self.mask_decoder(
+            image_embeddings=embedding, image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
+        )
+        return logits
+
+    def click_prompts(self, boxes: torch.Tensor, points: torch.Tensor, point_labels: torch.Tensor,
+                      mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM's prompt encoder on padded clicks (zoo.models.clicks.pad_clicks), written with selections instead of
+        in-place masked writes so that it exports to ONNX, as SAM's ONNX model does: the same sums as
+        PromptEncoder.forward(points, boxes, masks) (tested). -> sparse (N, P + 2, 256): the points then the two box
+        corners; dense (N, 256, 64, 64): the mask prompt where has_mask_input is 1, the no-mask embedding where 0."""
+        encoder = self.prompt_encoder
+        coords = encoder.pe_layer.forward_with_coords(points.float() + 0.5, encoder.input_image_size)  # (N, P, 256)
+        labels = point_labels.float()[..., None]
+        padding = encoder.not_a_point_embed.weight.expand_as(coords)
+        points_embedded = torch.where(labels == 1, coords + encoder.point_embeddings[1].weight,
+                                      torch.where(labels == 0, coords + encoder.point_embeddings[0].weight, padding))
+        sparse = torch.cat([points_embedded, encoder._embed_boxes(boxes.reshape(-1, 1, 4).float())], dim=1)
+        has_mask = has_mask_input.float().reshape(-1, 1, 1, 1)[:1]
+        no_mask = encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        dense = has_mask * encoder.mask_downscaling(mask_input.float()) + (1 - has_mask) * no_mask
+        return sparse, dense
+
+    def decode_clicks(self, embedding: torch.Tensor, boxes: torch.Tensor, modality: torch.Tensor | int | None,
+                      points: torch.Tensor, point_labels: torch.Tensor, mask_input: torch.Tensor,
+                      has_mask_input: torch.Tensor) -> torch.Tensor:
+        """The click decode on padded inputs (what the exported `clicks` graph computes): box, points and labels
+        (N, MAX_POINTS[, 2]), mask_input (N, 1, 256, 256), has_mask_input (1,) -> logits (N, 1, 256, 256). The class
+        prompt is part of the box prompt: it goes onto the two box tokens only."""
+        sparse, dense = self.click_prompts(boxes, points, point_labels, mask_input, has_mask_input)
+        if self.class_prompt is not None:
+            ids = torch.as_tensor(modality, device=sparse.device).reshape(-1)
+            sparse = torch.cat([sparse[:, :-2], sparse[:, -2:] + self.class_prompt(ids)[:, None, :]], dim=1)
         logits, _ = self.mask_decoder(
             image_embeddings=embedding, image_pe=self.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
