@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from benchmarks import clicks as interactive
 from benchmarks.evaluate import summarize
 from benchmarks.latency import measure_latency
 from zoo.cli import RUNS_DIR, positive_int, run_cli
@@ -143,11 +144,12 @@ def variant_label(name: str) -> str:
 
 
 def benchmark_variant(entry: str, files: list[Path], threads: int, timing: dict, segs_dir: Path | None,
-                      cache_dir: Path | None, labels: dict[str, str] | None = None) -> dict:
+                      cache_dir: Path | None, labels: dict[str, str] | None = None, clicks: int = 0) -> dict:
     """Runs in a child process: every case through zoo's inference path, then latency, FLOPs and size.
 
     With a cache_dir, image embeddings are looked up there first (float32, keyed by the encoder's weights), so
-    variants sharing an encoder embed each image once; latency is always measured on the model itself."""
+    variants sharing an encoder embed each image once; latency is always measured on the model itself. With
+    `clicks`, each case runs the interactive protocol (benchmarks.clicks): its box step is the box-only result."""
     from zoo.index import load, model_bytes, model_parent
     from zoo.models.flops import model_size
 
@@ -164,21 +166,33 @@ def benchmark_variant(entry: str, files: list[Path], threads: int, timing: dict,
             if case.gts is None:
                 raise CaseError(path, "no 'gts' to score against")
             start = time.perf_counter()
-            result = segment_case(scored, case, modalities)
-            seconds = time.perf_counter() - start
+            if clicks:
+                protocol = interactive.run_protocol(scored, case, modalities, clicks)
+                result, seconds = protocol["steps"][-1], protocol["seconds"]
+                head_modality = protocol["head_modality"]
+            else:
+                result = segment_case(scored, case, modalities)
+                seconds = time.perf_counter() - start
+                head_modality = result.head_modality
+                result = result.segs
         except CaseError as err:
             errors.append(str(err))
             continue
         if segs_dir is not None:
-            try:
-                save_npz_atomic(segs_dir / path.name, segs=result.segs)
+            try:  # with clicks, as the challenge's script saves them: the last step's and every step's
+                save_npz_atomic(segs_dir / path.name, segs=result,
+                                **({"all_segs": np.stack(protocol["steps"])} if clicks else {}))
             except WriteError as err:  # named; the case is still scored
                 errors.append(str(err))
-        dsc, nsd = case_scores(case.gts, result.segs, case.spacing.tolist())
-        if result.head_modality is not None and case.modality is not None:
-            confusion[modality_id(case.modality), modality_id(result.head_modality)] += 1
-        cases.append({"case": path.name, "modality": case.modality or "unknown", "model": label,
-                      "dsc": dsc, "nsd": nsd, "seconds": seconds})
+        if head_modality is not None and case.modality is not None:
+            confusion[modality_id(case.modality), modality_id(head_modality)] += 1
+        row = {"case": path.name, "modality": case.modality or "unknown", "model": label, "seconds": seconds}
+        if clicks:
+            cases.append(interactive.step_scores({**row, "click_seconds": protocol["click_seconds"]}, protocol["dsc"],
+                                                 protocol["nsd"], clicks))
+        else:
+            dsc, nsd = case_scores(case.gts, result, case.spacing.tolist())
+            cases.append({**row, "dsc": dsc, "nsd": nsd})
     latency = measure_latency(model, **timing) if timing else dict.fromkeys(LATENCY_FIELDS, "")
     size = model_size(model)
     row = {
@@ -193,6 +207,9 @@ def benchmark_variant(entry: str, files: list[Path], threads: int, timing: dict,
         "parent": (labels or {}).get(model_parent(name) or "", variant_label(model_parent(name) or "")),
         "cpu": cpu_model(), "cpu_flags": " ".join(cpu_flags()),
     }
+    if clicks and cases:
+        row.update(interactive.leaderboard_columns(cases, clicks))
+        row["click_ms"] = interactive.click_latency(model, **timing) if timing else ""
     return {"cases": cases, "row": row, "errors": errors, "confusion": confusion if confusion.sum() else None}
 
 
@@ -288,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where image embeddings are kept for variants that share an encoder")
     parser.add_argument("--no-embedding-cache", action="store_true", help="embed every image anew for every variant")
     parser.add_argument("--no-latency", action="store_true", help="scores only: leave the latency columns empty")
+    parser.add_argument("--clicks", type=int, default=0, metavar="N",
+                        help="run the interactive protocol (benchmarks.clicks): the box, then N simulated clicks per "
+                             "object (the CVPR 2025 challenge: 5), scored after each step, with DSC_AUC / NSD_AUC")
     parser.add_argument("--merge", action="store_true",
                         help="add this run's models to OUT's leaderboard (same cases), replacing their earlier rows")
     return parser
@@ -298,6 +318,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 3:
         parser.error("--repeats must be at least 3")
+    if args.clicks < 0:
+        parser.error("--clicks must be 0 or more")
     return args
 
 
@@ -321,7 +343,7 @@ def benchmark_models(models: list[str], files: list[Path], args: argparse.Namesp
         try:
             with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
                 result = pool.submit(benchmark_variant, name, files, args.threads, latency_timing(args), segs_dir,
-                                     cache_dir, labels).result()
+                                     cache_dir, labels, args.clicks).result()
         except Exception as err:  # a broken variant is reported; the others still run
             failed.append(name)
             tqdm.write(f"error: variant {name} failed: {type(err).__name__}: {err}", file=sys.stderr)
@@ -344,8 +366,12 @@ def write_outputs(out: Path, results: list[dict], merge: bool, threads: int, ski
     rows = [leaderboard_row(r) for r in results]
     all_cases, all_rows = merge_previous(out, cases, rows) if merge else ([_fmt(c) for c in cases], rows)
     compare_with_parents(all_rows, {r["model"] for r in rows})
-    writes = [(write_csv_atomic, out / "cases.csv", all_cases, CASE_FIELDS),
-              (write_csv_atomic, out / "leaderboard.csv", [_fmt(r) for r in all_rows], LEADERBOARD_FIELDS),
+    clicks = interactive.clicks_of([c for c in all_cases if c.get("dsc_1", "") != ""])  # the click columns, if any
+    case_fields = CASE_FIELDS + (interactive.case_fields(clicks) if clicks else [])
+    board_fields = LEADERBOARD_FIELDS + (interactive.leaderboard_fields() if clicks else [])
+    writes = [(write_csv_atomic, out / "cases.csv", [_fmt(c) for c in all_cases], case_fields),
+              (write_csv_atomic, out / "leaderboard.csv", [_fmt(r) for r in all_rows], board_fields),
+              (interactive.write_click_outputs, out, all_cases, all_rows),
               (radar_plot, all_rows, out / "radar.png"),
               (latency_plot, all_rows, out / "latency_vs_dsc.png", threads)]
     for result, row in zip(results, rows):
@@ -416,6 +442,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     if rows:
         print(summary_table(rows) + "\n(DSC / NSD: means over modalities; 2D ms: a 256² image with one box; "
               "3D s: a 24-slice volume with a box over 12)")
+        if args.clicks:
+            print(interactive.summary(rows, args.clicks))
         print(f"leaderboard: {args.out / 'leaderboard.csv'} (per case: {args.out / 'cases.csv'})")
         plots = ["radar.png", "latency_vs_dsc.png"] + [f"confusion_{r['model']}.png" for r in rows if r["head_accuracy"] != ""]
         print(f"plots: {', '.join(str(args.out / name) for name in plots)}")

@@ -35,14 +35,13 @@ from distill.losses import segmentation_loss
 from distill.train import DataSettings, Trainer, TrainSettings
 from zoo.cli import RUNS_DIR, add_settings_options, option, redefault, run_cli, settings_from_args
 from zoo.data.io import data_split, refuse_overwriting_inputs, write_csv_atomic
-from zoo.data.preprocess import IMAGE_SIZE, resized_shape
 from zoo.data.samples import (
     DataError,
     Sample,
     flip,
     flip_box,
     round_robin,
-    sample_image,
+    sample_area,
     sample_object,
     sample_tensor,
 )
@@ -154,14 +153,6 @@ def click_row(result: dict) -> dict:
     return row
 
 
-def image_area(sample: Sample) -> torch.Tensor:
-    """(256, 256) bool: where a sample's image lies in the 256 frame (the rest is padding, cropped at inference)."""
-    height, width = resized_shape(*sample_image(sample).shape[:2])
-    area = torch.zeros(IMAGE_SIZE, IMAGE_SIZE, dtype=torch.bool)
-    area[:height, :width] = True
-    return area
-
-
 def decode_batch(model: ClassPromptSAM, embedding: torch.Tensor, boxes: torch.Tensor, modality, **clicks) -> torch.Tensor:
     """decode() of B samples, each with its own embedding (B, 256, 64, 64), box and clicks: in one call for the light
     decoder (it broadcasts an embedding per box), sample by sample for SAM's (it repeats one embedding per box)."""
@@ -258,7 +249,7 @@ class FineTuner(Trainer):
             embeddings.append(flip(self.train_embeddings(i), h, v))
             boxes.append(flip_box(box, h, v))
             masks.append(flip(mask, h, v))
-            valid.append(flip(image_area(self.samples[i]), h, v).numpy())
+            valid.append(flip(sample_area(self.samples[i]), h, v).numpy())
             modalities.append(modality_id(self.samples[i].modality))
         embedding, box, truth = torch.cat(embeddings).to(device), torch.stack(boxes).to(device), torch.stack(masks).to(device)
         ids = torch.tensor(modalities, device=device) if self.student.has_modality_head else None

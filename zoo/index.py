@@ -42,7 +42,7 @@ from zoo.runtime.backends import (
     runtime_version,
 )
 from zoo.runtime.embedding_cache import DEFAULT_CACHE_DIR
-from zoo.runtime.export import complete_variant, export_variant
+from zoo.runtime.export import EXPORT_PARTS_VERSION, complete_variant, export_variant
 from zoo.runtime.exported import MANIFEST, ExportedModel, read_manifest
 
 INDEX_PATH = ZOO_DIR / "index.json"
@@ -156,7 +156,7 @@ def _derived_folder(entry: dict) -> Path:
                                   f"{parent['name']} again (compress.quantize --ship {entry['name']})")
     precision = entry.get("precision", "fp32")
     tag = f"{entry['sha256'][:16]}-" if shipped else ("" if precision == "fp32" else f"{precision}-")
-    folder = EXPORT_CACHE / f"{entry['name']}-{tag}{parent['sha256'][:16]}-{backend}-{runtime_version(backend)}"
+    folder = EXPORT_CACHE / f"{entry['name']}-{tag}{parent['sha256'][:16]}-{backend}-{runtime_version(backend)}-{EXPORT_PARTS_VERSION}"
     if not folder.is_dir():
         print(f"{entry['name']}: exporting {parent['name']} to {backend} once, into {folder}", file=sys.stderr)
         metadata = {"parent": parent["name"], "parent_sha256": parent["sha256"]}

@@ -1,8 +1,8 @@
 """Segment your own images — NIfTI, MHA, NRRD, DICOM (file or series folder), PNG, JPEG, TIFF — from a prompt mask
 or boxes; the labels are written in the input's format and geometry.
 
-    python -m zoo.segment INPUT -o OUT_DIR (--prompt-mask MASK | --boxes BOXES.json) [--model NAME]
-        [--modality auto|head|CT|MR|...] [--window LEVEL,WIDTH] [--overlay]
+    python -m zoo.segment INPUT -o OUT_DIR (--prompt-mask MASK | --boxes BOXES.json) [--points POINTS.json]
+        [--model NAME] [--modality auto|head|CT|MR|...] [--window LEVEL,WIDTH] [--overlay]
 
 --prompt-mask: a label map in the input's geometry; each label value gets one tight box (a 3D box for a volume) and
 keeps its value in the output. --boxes: JSON {"<input file name>": [[x0, y0, x1, y1], ...]} for 2D images,
@@ -12,6 +12,15 @@ the inputs (or like their outputs). Intensities are made 8-bit as the challenge 
 and the case goes through zoo.predict.segment_case, the one inference path. OUT_DIR/<input name> (a JPEG's labels:
 .png; a DICOM's: <name>.nii.gz) holds the labels, `--overlay` adds <name>_overlay.png, and OUT_DIR/segment.csv
 has one row per input: the modality used (and where it came from), the intensity rule, seconds, status.
+
+--points: clicks that correct the boxes' masks (docs/interactive.md), JSON in the --boxes convention:
+{"<input file name>": [{"label": 1, "fg": [[x, y(, z)], ...], "bg": [[x, y(, z)], ...]}, ...]}. `label` names an
+object: its box's number (1..N in --boxes order) or its value in the --prompt-mask; fg clicks mark missed object,
+bg clicks false object. Each object is refined click by click as zoo.interactive.Refinement refines it (its fg
+clicks, then its bg clicks, in the order given: each click is one step with the previous step's logits); in a
+volume a click's slice is decoded again and propagation rerun from it outward. A label without a box starts box-free:
+its box is the whole image (a volume: the whole slice of its first fg click), then its clicks apply; it needs an fg
+click, and its value is kept in the output. The model must take clicks (cp_tinyvit_fast_clicks is trained for them).
 """
 
 from __future__ import annotations
@@ -40,23 +49,24 @@ from zoo.data.formats import (
 )
 from zoo.data.io import Case, CaseError, check_boxes, refuse_overwriting_inputs, write_csv_atomic
 from zoo.data.overlay import encode_png, overlay_picture, write_bytes_atomic
+from zoo.interactive import Click, Refinement
 from zoo.modalities import MODALITIES, canonical_modality
 from zoo.predict import ModalityChoice, segment_case
 
 REPORT_NAME = "segment.csv"
 REPORT_FIELDS = ["input", "output", "modality", "modality_source", "head_modality", "intensity", "n_objects", "seconds",
-                 "status", "error"]
+                 "status", "error", "n_clicks"]
 
 
-def read_boxes_json(path: Path) -> dict[str, list]:
-    """The --boxes file; ValueError (the run stops) when it is not a JSON object of box lists."""
+def read_boxes_json(path: Path, what: str = "box lists") -> dict[str, list]:
+    """The --boxes (or --points) file; ValueError (the run stops) when it is not a JSON object of lists by name."""
     try:
         entries = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: not a readable JSON file ({err})")
     if not isinstance(entries, dict):
         # a ValueError, as for every bad argument: run_cli stops with exit 2
-        raise ValueError(f"{path}: expected a JSON object of box lists by input file name")  # noqa: TRY004
+        raise ValueError(f"{path}: expected a JSON object of {what} by input file name")  # noqa: TRY004
     return entries
 
 
@@ -76,9 +86,52 @@ def boxes_from_json(entries: dict, json_path: Path, image: ImageFile) -> tuple[n
     return boxes, np.arange(1, len(boxes) + 1)
 
 
+def clicks_from_json(entries: dict, json_path: Path, image: ImageFile, values: np.ndarray) -> list[tuple[int, list[Click]]]:
+    """This input's clicks from the --points file: [(label value, [Click, ...] in the order they apply)], fg clicks
+    first; [] when the file names no clicks for it. CaseError naming the input for a malformed entry or a click
+    outside the image; a label without a box needs an fg click (its box-free start)."""
+    objects = entries.get(image.path.name, [])
+    kind = "[x, y, z] (a volume)" if image.is_3d else "[x, y] (a 2D image)"
+    if not isinstance(objects, list):
+        raise CaseError(image.path, f"{json_path.name}: expected a list of {{'label', 'fg', 'bg'}} objects")
+    shape = image.spatial_shape  # (H, W) or (D, H, W)
+    found = []
+    for entry in objects:
+        if not isinstance(entry, dict) or not isinstance(entry.get("label"), int) or entry["label"] < 1 \
+                or not set(entry) <= {"label", "fg", "bg"}:
+            raise CaseError(image.path, f"{json_path.name}: each object is {{\"label\": N >= 1, \"fg\": [...], \"bg\": [...]}}")
+        clicks = []
+        for key, positive in (("fg", True), ("bg", False)):
+            try:
+                points = np.array(entry.get(key, []), dtype=np.float64).reshape(-1, len(shape))
+            except (TypeError, ValueError):
+                raise CaseError(image.path, f"{json_path.name}: label {entry['label']}: {key} must be a list of {kind}")
+            for point in points:
+                position = tuple(int(round(v)) for v in point[::-1])  # (z,) y, x: array order
+                if not all(0 <= p < s for p, s in zip(position, shape)) or not np.isfinite(point).all():
+                    raise CaseError(image.path, f"{json_path.name}: label {entry['label']}: click {point.tolist()} lies "
+                                                f"outside the image ({' x '.join(map(str, shape[::-1]))})")
+                clicks.append(Click(position, positive))
+        if entry["label"] not in values and not any(c.positive for c in clicks):
+            raise CaseError(image.path, f"{json_path.name}: label {entry['label']} has no box: a box-free start needs an fg click")
+        found.append((entry["label"], clicks))
+    return found
+
+
+def box_free(clicks: list[Click], image: ImageFile) -> np.ndarray:
+    """The box of a label given by clicks alone: the whole image; a volume's whole slice of its first fg click
+    (inclusive pixel indices, x and y, as --boxes)."""
+    height, width = image.spatial_shape[-2:]
+    if not image.is_3d:
+        return np.array([0, 0, width - 1, height - 1], dtype=np.float64)
+    z = next(c.position[0] for c in clicks if c.positive)
+    return np.array([0, 0, z, width - 1, height - 1, z], dtype=np.float64)
+
+
 def segment_file(model, path: Path, output_dir: Path, modalities: ModalityChoice, *, prompt_mask: Path | None = None,
                  boxes_json: tuple[dict, Path] | None = None, window: tuple[float, float] | None = None,
-                 overlay: bool = False, protected: set[Path] | None = None, taken: set[Path] | None = None) -> dict:
+                 overlay: bool = False, protected: set[Path] | None = None, taken: set[Path] | None = None,
+                 points_json: tuple[dict, Path] | None = None) -> dict:
     """Segment one input into output_dir; returns its report row. CaseError before anything is written.
     `protected`: resolved paths never to write (inputs, masks); `taken`: outputs of earlier inputs of this run
     (a.jpg and a.png both make a.png), to which this input's are added."""
@@ -96,11 +149,28 @@ def segment_file(model, path: Path, output_dir: Path, modalities: ModalityChoice
         boxes = boxes.astype(np.float64)
     else:
         boxes, values = boxes_from_json(*boxes_json, image)
+    clicks = clicks_from_json(*points_json, image, values) if points_json is not None else []
+    if clicks and not getattr(model, "takes_clicks", False):
+        raise CaseError(path, "--points: this model takes no clicks (its exported variant has no click decoder); "
+                              "use cp_tinyvit_fast_clicks")
+    for label, object_clicks in clicks:  # box-free starts: a box of their own, the label value kept
+        if label not in values:
+            boxes, values = np.vstack([boxes, box_free(object_clicks, image)]), np.append(values, label)
     given = None if modalities.choice in ("auto", "head") else canonical_modality(modalities.choice)
     pixels, intensity = to_uint8(image, given, window)
     case = Case(path=path, image=challenge_image(pixels, image.is_3d), boxes=boxes, gts=None, spacing=image.spacing, modality=image.modality)
     start = time.perf_counter()
-    result = segment_case(model, case, modalities)
+    if clicks:
+        with torch.inference_mode():
+            refinement = Refinement(model, case, modalities)
+            for label, object_clicks in clicks:
+                index = int(np.flatnonzero(values == label)[0])
+                for click in object_clicks:
+                    refinement.click(index, click.position, click.positive)
+        result = refinement.result
+        result.segs = refinement.segs
+    else:
+        result = segment_case(model, case, modalities)
     seconds = time.perf_counter() - start
     if len(values) > np.iinfo(result.segs.dtype).max:
         raise CaseError(path, f"{len(values)} objects; zoo.predict's {result.segs.dtype} label maps hold at most "
@@ -114,18 +184,20 @@ def segment_file(model, path: Path, output_dir: Path, modalities: ModalityChoice
         taken.add(overlay_path.resolve())
     return {"input": path.name, "output": output.name, "modality": result.modality or "",
             "modality_source": result.modality_source, "head_modality": result.head_modality or "",
-            "intensity": intensity, "n_objects": len(values), "seconds": f"{seconds:.3f}", "status": "ok", "error": ""}
+            "intensity": intensity, "n_objects": len(values), "seconds": f"{seconds:.3f}", "status": "ok", "error": "",
+            "n_clicks": sum(len(c) for _, c in clicks)}
 
 
 def segment_files(model, inputs: list[Path], output_dir: Path, *, modality: str = "auto",
                   prompt_mask: Path | None = None,
                   boxes_file: Path | None = None, window: tuple[float, float] | None = None, overlay: bool = False,
-                  progress: bool = True) -> list[dict]:
+                  progress: bool = True, points_file: Path | None = None) -> list[dict]:
     """Segment every input; a bad one is reported on one line naming it and skipped. One report row per input."""
     if (prompt_mask is None) == (boxes_file is None):
         raise ValueError("give exactly one of a prompt mask or a boxes file")
     modalities = ModalityChoice(model, modality)
     boxes_json = (read_boxes_json(boxes_file), boxes_file) if boxes_file is not None else None
+    points_json = (read_boxes_json(points_file, "click lists"), points_file) if points_file is not None else None
     protected = {p.resolve() for p in inputs}
     if prompt_mask is not None:
         masks = list(prompt_mask.iterdir()) if prompt_mask.is_dir() else [prompt_mask]
@@ -134,7 +206,7 @@ def segment_files(model, inputs: list[Path], output_dir: Path, *, modality: str 
     for path in tqdm(inputs, desc="segmenting", unit="image", disable=not progress):
         try:
             row = segment_file(model, path, output_dir, modalities, prompt_mask=prompt_mask, boxes_json=boxes_json,
-                               window=window, overlay=overlay, protected=protected, taken=taken)
+                               window=window, overlay=overlay, protected=protected, taken=taken, points_json=points_json)
             tqdm.write(f"{path.name}: {row['n_objects']} object(s), modality {row['modality'] or 'none'} "
                        f"({row['modality_source']}), intensity {row['intensity']} -> {output_dir / row['output']}")
         except CaseError as err:
@@ -148,12 +220,12 @@ def run(args: argparse.Namespace) -> None:
     from zoo.index import load  # here, so that --help is fast
 
     inputs = list_inputs(args.input)
-    refuse_overwriting_inputs(args.output, [p for p in (args.input, args.prompt_mask, args.boxes) if p], "-o")
+    refuse_overwriting_inputs(args.output, [p for p in (args.input, args.prompt_mask, args.boxes, args.points) if p], "-o")
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load(args.model)
     rows = segment_files(model, inputs, args.output, modality=args.modality, prompt_mask=args.prompt_mask,
-                         boxes_file=args.boxes, window=args.window, overlay=args.overlay)
+                         boxes_file=args.boxes, window=args.window, overlay=args.overlay, points_file=args.points)
     write_csv_atomic(args.output / REPORT_NAME, rows, REPORT_FIELDS)
     args.skipped.extend(row["input"] for row in rows if row["status"] != "ok")
     print(f"segmented {len(rows) - len(args.skipped)} of {len(rows)} inputs into {args.output}")
@@ -168,6 +240,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     prompts.add_argument("--prompt-mask", type=Path,
                          help="label map in the input's geometry (a folder for a folder INPUT)")
     prompts.add_argument("--boxes", type=Path, help="JSON {\"<input file name>\": [[x0, y0, (z0,) x1, y1, (z1)], ...]}")
+    parser.add_argument("--points", type=Path, default=None,
+                        help="clicks JSON {\"<input file name>\": [{\"label\": N, \"fg\": [[x, y(, z)], ...], \"bg\": [...]}]}: "
+                             "each object refined click by click (a label without a box: a box-free start)")
     parser.add_argument("--model", default="cp_tinyvit",
                         help="zoo name (cp_tinyvit, litemedsam, ...) or checkpoint path")
     parser.add_argument("--modality", default="auto",

@@ -27,6 +27,9 @@ from zoo.runtime.backends import BACKENDS, EXPORT_PRECISIONS, check_precision, e
 from zoo.runtime.exported import CLICK_INPUTS, FORMAT, MANIFEST, PARTS, read_manifest
 
 OPSET = 17
+# Named in the cache folder of every export made on first load (zoo.index): a cached export made before the parts it
+# holds changed (the `clicks` graph, issue #31) is not reused; the first load exports anew.
+EXPORT_PARTS_VERSION = "clicks1"
 
 
 class EncoderGraph(nn.Module):

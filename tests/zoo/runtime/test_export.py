@@ -8,6 +8,7 @@ import zoo.index
 from tests.helpers import empty_zoo, tiny_model, write_npz
 from zoo.data.io import load_case
 from zoo.models.checkpoint import save_checkpoint
+from zoo.models.clicks import MAX_POINTS
 from zoo.models.flops import model_size
 from zoo.models.weights import CheckpointError
 from zoo.predict import ModalityChoice, segment_case
@@ -226,3 +227,54 @@ def test_a_manifest_naming_odd_parts_from_its_parent_is_refused(model, tmp_path,
     assert read_manifest(broken)["from_parent"] == ["decoder"]  # a partial variant reads; it loads by zoo name only
     with pytest.raises(CheckpointError, match="load it by its zoo name"):
         ExportedModel(broken)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_the_exported_click_decoder_answers_like_pytorch_and_boxes_alone_keep_their_graph(model, backend, tmp_path):
+    """The clicks graph (fixed MAX_POINTS points, padded as SAM's ONNX export pads them, and a mask prompt) against
+    PyTorch, which pads the same way: FP32 to 1e-3 of the logits, every click count, with and without a mask."""
+    exported = ExportedModel(export_variant(model, {}, tmp_path / backend, backend))
+    assert exported.takes_clicks and set(exported.graphs) == {"encoder", "decoder", "head", "clicks"}
+    embedding = torch.randn(1, 256, 64, 64)
+    boxes = torch.tensor([[10.0, 10.0, 100.0, 100.0], [50.0, 60.0, 200.0, 220.0]])
+    calls = []
+    for part in ("decoder", "clicks"):
+        graph = exported.graphs[part]
+        exported.graphs[part] = lambda graph=graph, part=part, **inputs: calls.append(part) or graph(**inputs)
+    with torch.inference_mode():
+        for count in range(MAX_POINTS + 2):  # 0..5 clicks, and more than the graph takes (the latest five)
+            points = torch.rand(2, count, 2) * 255
+            labels = (torch.arange(2 * count).reshape(2, count) % 2).float()
+            for mask in (None, torch.randn(2, 1, 256, 256) * 10):
+                if count == 0 and mask is None:
+                    continue
+                ours = exported.decode(embedding, boxes, 3, points=points if count else None,
+                                       point_labels=labels if count else None, mask_input=mask)
+                theirs = model.decode(embedding, boxes, 3, points=points if count else None,
+                                      point_labels=labels if count else None, mask_input=mask)
+                assert torch.allclose(ours, theirs, atol=1e-3), (count, mask is None, (ours - theirs).abs().max())
+        assert set(calls) == {"clicks"}
+        calls.clear()
+        assert torch.allclose(exported.decode(embedding, boxes, 3), model.decode(embedding, boxes, 3), atol=1e-3)
+        assert calls == ["decoder"]  # a box alone runs the box-only graph, as before clicks existed
+
+
+def test_a_variant_without_a_click_graph_says_so_and_still_decodes_boxes(model, tmp_path):
+    import shutil
+
+    from zoo.runtime.exported import MANIFEST, NoClicksError
+
+    out = export_variant(model, {}, tmp_path / "v", "onnxruntime")
+    older = tmp_path / "older"  # as exported before issue #31
+    shutil.copytree(out, older)
+    manifest = json.loads((older / MANIFEST).read_text())
+    manifest["files"].pop("clicks")
+    (older / MANIFEST).write_text(json.dumps(manifest))
+    (older / "clicks.onnx").unlink()
+    variant = ExportedModel(older)
+    embedding, boxes = torch.randn(1, 256, 64, 64), torch.tensor([[10.0, 10.0, 100.0, 100.0]])
+    assert not variant.takes_clicks
+    with torch.inference_mode():
+        assert torch.allclose(variant.decode(embedding, boxes, 1), model.decode(embedding, boxes, 1), atol=1e-3)
+        with pytest.raises(NoClicksError, match="older: this variant takes no clicks"):
+            variant.decode(embedding, boxes, 1, points=torch.zeros(1, 1, 2), point_labels=torch.ones(1, 1))
