@@ -446,6 +446,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             print(interactive.summary(rows, args.clicks))
         print(f"leaderboard: {args.out / 'leaderboard.csv'} (per case: {args.out / 'cases.csv'})")
         plots = ["radar.png", "latency_vs_dsc.png"] + [f"confusion_{r['model']}.png" for r in rows if r["head_accuracy"] != ""]
+        plots += ["clicks.png"] if args.clicks else []
         print(f"plots: {', '.join(str(args.out / name) for name in plots)}")
     return rows
 

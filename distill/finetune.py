@@ -85,10 +85,14 @@ class FinetuneSettings(TrainSettings):
     # loss (see FineTuner._click_loss); the epoch is chosen by the interactive protocol on the val samples.
     clicks: int = option(0, "click stage: simulated clicks after the box per sample (the protocol's 5); 0: boxes only",
                          type=int)
-    click_parts: str = option("decoder", "what the click stage trains: 'decoder' (mask decoder, class prompt and the "
-                                         "prompt encoder's point and mask parts) or 'prompt' (those prompt-encoder "
-                                         "parts alone: box-only masks stay exactly the init's)",
-                              choices=("decoder", "prompt"))
+    click_parts: str = option("separate", "what the click stage trains: 'separate' (a click decoder of its own, from "
+                                          "the box decoder or --click-decoder-from, and the prompt encoder's point "
+                                          "and mask parts: box-only masks stay exactly the init's), 'decoder' (the "
+                                          "box decoder itself and the class prompt too: box-only masks change) or "
+                                          "'prompt' (the prompt encoder's point and mask parts alone)",
+                              choices=("separate", "decoder", "prompt"))
+    click_prompt_lr_scale: float = option(1.0, "click stage: learning-rate factor of the prompt encoder's point and "
+                                               "mask parts")
     click_val_samples: int = option(66, "click stage: val samples the protocol scores each epoch, taken in turn from "
                                         "each modality (the box-only score uses every val sample)", type=int)
     box_tolerance: float = option(0.005, "click stage: an epoch is kept only if its box-only val DSC is at most this "
@@ -114,6 +118,24 @@ def build_model(init: str, class_prompt: bool, decoder_token_stride: int | None 
     if unexpected or any(not k.startswith(NEW_PARTS) for k in missing):
         raise CheckpointError(f"{init}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model
+
+
+def with_click_decoder(model: ClassPromptSAM, source: str | None = None) -> ClassPromptSAM:
+    """`model` with a click decoder of its own (ModelConfig.click_decoder), every weight kept. The click decoder starts
+    as `source`'s (a zoo checkpoint: its click decoder, or its mask decoder where it has none; its prompt encoder's
+    point and mask parts come too), else as the model's box decoder (or its click decoder, where it has one)."""
+    donor = load_checkpoint(source)[0] if source else model
+    prefix = "click_mask_decoder." if donor.click_mask_decoder is not None else "mask_decoder."
+    if donor.config.decoder_token_stride != model.config.decoder_token_stride:
+        raise CheckpointError(f"{source}: its decoder (token stride {donor.config.decoder_token_stride}) is not the model's "
+                              f"({model.config.decoder_token_stride})")
+    result = create_model(model.config, click_decoder=True)
+    weights = dict(model.state_dict())
+    weights.update({"click_mask_decoder." + k[len(prefix):]: v for k, v in donor.state_dict().items() if k.startswith(prefix)})
+    if source:
+        weights.update({k: v for k, v in donor.state_dict().items() if k.startswith(CLICK_PROMPT_PARTS)})
+    result.load_state_dict(weights)  # strict: every weight has its place
+    return result
 
 
 def save_best(settings: FinetuneSettings, model: ClassPromptSAM, metadata: dict) -> Path:
@@ -182,16 +204,19 @@ class FineTuner(Trainer):
         self.val_rows: list[dict] = []
         self.best = {"score": -math.inf, "step": 0}
         self.box_baseline = -math.inf  # click stage: the init's box-only val DSC
+        self.box_result = None  # click stage: the init's box-only validation
 
     def is_trainable(self, name: str) -> bool:
         if self.settings.clicks:  # the click stage: the head is not trained, nor the encoder
-            parts = CLICK_PROMPT_PARTS + (("mask_decoder.", "class_prompt.") if self.settings.click_parts == "decoder" else ())
-            return name.startswith(parts)
+            extra = {"decoder": ("mask_decoder.", "class_prompt."), "separate": ("click_mask_decoder.",), "prompt": ()}
+            return name.startswith(CLICK_PROMPT_PARTS + extra[self.settings.click_parts])
         return name.startswith(("mask_decoder.",) + NEW_PARTS) or (self.settings.train_encoder and name.startswith("image_encoder."))
 
     def param_groups(self) -> list[dict]:
-        if self.settings.clicks:  # the class prompt is trained already: one learning rate
-            return [{"params": [p for p in self.student.parameters() if p.requires_grad]}]
+        if self.settings.clicks:  # the class prompt is trained already; the click prompt parts may get their own rate
+            prompt = [p for n, p in self.student.named_parameters() if p.requires_grad and n.startswith(CLICK_PROMPT_PARTS)]
+            rest = [p for n, p in self.student.named_parameters() if p.requires_grad and not n.startswith(CLICK_PROMPT_PARTS)]
+            return [{"params": rest}, {"params": prompt, "lr": self.settings.lr * self.settings.click_prompt_lr_scale}]
         new = [p for n, p in self.student.named_parameters() if p.requires_grad and n.startswith(NEW_PARTS)]
         rest = [p for n, p in self.student.named_parameters() if p.requires_grad and not n.startswith(NEW_PARTS)]
         groups = [{"params": rest}]
@@ -233,7 +258,9 @@ class FineTuner(Trainer):
     def _click_loss(self, indices: list[int], g: torch.Generator) -> torch.Tensor:
         """The click stage: a simulated interaction per sample, Dice + focal at every step, averaged over steps.
 
-        Step 0 is the box alone (the box-only decode: its accuracy stays in the loss); each of the `clicks` steps
+        Step 0 is the box alone (the box-only decode: its accuracy stays in the loss; with a separate click decoder the
+        box decoder is frozen and that step is a constant of the loss, as box-only masks cannot change); each of the
+        `clicks` steps
         after it adds, per sample, the click zoo.interactive.next_click places on the largest error of the previous
         step's mask (at the 256 frame, inside the image's unpadded area), and feeds that step's logits back as the
         mask prompt (detached: each step learns to correct its input, as SAM was trained). The samples of a
@@ -255,7 +282,8 @@ class FineTuner(Trainer):
         ids = torch.tensor(modalities, device=device) if self.student.has_modality_head else None
         truths = [t[0].cpu().numpy() > 0.5 for t in truth]
         clicks: list[list[tuple[float, float, int]]] = [[] for _ in indices]
-        logits = decode_batch(self.student, embedding, box, ids)
+        with torch.set_grad_enabled(settings.click_parts != "separate"):  # a separate click decoder: the box's is frozen
+            logits = decode_batch(self.student, embedding, box, ids)
         losses = [segmentation_loss(logits, truth, settings.focal_weight)]
         for _ in range(settings.clicks):
             previous = logits.detach()
@@ -274,7 +302,12 @@ class FineTuner(Trainer):
         self.validate(epoch)
 
     def validate(self, epoch: int) -> None:
-        result = score_samples(self.val_encoder, self.val_samples)
+        if self.settings.clicks and self.settings.click_parts in ("separate", "prompt") and self.box_result is not None:
+            result = self.box_result  # box-only masks cannot change: scored once, on the init
+        else:
+            result = score_samples(self.val_encoder, self.val_samples)
+        if self.settings.clicks and self.box_result is None:
+            self.box_result = result
         clicks = score_samples_clicks(self.val_encoder, self.click_val_samples, self.settings.clicks) if self.settings.clicks else None
         self.train_mode()
         row = {"step": self.step, "epoch": epoch, **{k: f"{result[k]:.4f}" for k in ("score", "dsc", "nsd", "head_accuracy")}}
@@ -381,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-class-prompt", action="store_true", help="the ablation: the same fine-tuning without head and class prompt")
     p.add_argument("--decoder-token-stride", type=int, default=None,
                    help="2 or more: the decoder's token-to-image attention on a pooled grid (zoo.models.pooled_decoder; default: the init's)")
+    p.add_argument("--click-decoder-from", default=None,
+                   help="click stage (--click-parts separate): a zoo checkpoint whose click decoder (or mask decoder) "
+                        "and click prompt parts the click decoder starts from (default: the init's box decoder)")
     p.add_argument("--val", type=Path, nargs="+", default=[data_split("val")],
                    help="model selection data (--max-samples caps it too)")
     p.add_argument("--out", type=Path, default=RUNS_DIR / "finetune")
@@ -399,9 +435,11 @@ def run(args) -> Path:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    init = [Path(args.init)] if Path(args.init).exists() else []
+    init = [Path(m) for m in (args.init, args.click_decoder_from) if m and Path(m).exists()]
     refuse_overwriting_inputs(args.out, [*args.data, *args.val, *init], "--out")
     model = build_model(args.init, class_prompt=not args.no_class_prompt, decoder_token_stride=args.decoder_token_stride)
+    if args.clicks and args.click_parts == "separate":
+        model = with_click_decoder(model, args.click_decoder_from)
     skipped = getattr(args, "skipped", None)
     data = settings_from_args(DataSettings, args)
     samples = data.samples(args.seed, foreground_only=True, skipped=skipped)
@@ -414,6 +452,7 @@ def run(args) -> Path:
         keys = cache.build(samples, model.to(args.device).eval(), args.device)
     settings = settings_from_args(FinetuneSettings, args, out_dir=args.out)
     metadata = {"stage": "finetune", "init": args.init, "class_prompt": not args.no_class_prompt,
+                "click_decoder_from": args.click_decoder_from,
                 "decoder_token_stride": model.config.decoder_token_stride,
                 "data": [str(d) for d in args.data], "val_data": [str(d) for d in args.val], "samples": len(samples),
                 "val_samples": len(val_samples), "slice_step": args.slice_step, "settings": settings.to_dict()}

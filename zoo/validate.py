@@ -13,7 +13,7 @@ from zoo.data.io import Case
 from zoo.data.preprocess import label_box
 from zoo.data.samples import Sample, sample_image, sample_labels
 from zoo.data.scoring import case_scores
-from zoo.interactive import PROTOCOL_CLICKS, Refinement, interaction_auc
+from zoo.interactive import PROTOCOL_CLICKS, Refinement, interaction_auc, next_click
 from zoo.modalities import canonical_modality, head_accuracy, modality_confusion, modality_id
 from zoo.predict import ModalityChoice, segment_2d
 
@@ -56,22 +56,33 @@ def score_samples(model, samples: list[Sample], progress: bool = True) -> dict:
 
 
 @torch.inference_mode()
-def score_samples_clicks(model, samples: list[Sample], clicks: int = PROTOCOL_CLICKS, progress: bool = True) -> dict:
+def score_samples_clicks(model, samples: list[Sample], clicks: int = PROTOCOL_CLICKS, progress: bool = True,
+                         box_free: bool = False) -> dict:
     """The interactive protocol per slice (zoo.interactive): every sample as a 2D case (sample_case), each object
     prompted by its tight box, then `clicks` simulated clicks, all objects at once per step; official DSC/NSD after
     every step. Per modality and as means over modalities: 'steps' [(DSC, NSD) per step, the box step first],
     'dsc_auc' / 'nsd_auc' (zoo.interactive.interaction_auc, per sample then averaged), and 'score', the mean over
-    modalities of (DSC_AUC + NSD_AUC) / (2 * (clicks - 1)): 1 when every click step is perfect."""
+    modalities of (DSC_AUC + NSD_AUC) / (2 * (clicks - 1)): 1 when every click step is perfect.
+
+    box_free: the start zoo.segment --points gives a label without a box: every object's box is the whole image
+    (step 0, scored as it is), its first click lands at the centre of its ground truth (positive: where a user
+    would click first), the others as the protocol places them."""
     if isinstance(model, torch.nn.Module):
         model.eval()
     per_sample: dict[str, list[tuple[list, list]]] = {}
     modalities = ModalityChoice(model)
     for sample in tqdm(samples, desc="validate clicks", unit="img", leave=False, disable=not progress):
         case = sample_case(sample)
+        if box_free:
+            height, width = case.gts.shape
+            case.boxes = np.tile(np.array([0, 0, width - 1, height - 1], dtype=np.float64), (len(case.boxes), 1))
         refinement = Refinement(model, case, modalities)
         dscs, nsds = [], []
         for step in range(clicks + 1):
-            if step:
+            if step == 1 and box_free:
+                empty = np.zeros(case.gts.shape, dtype=bool)
+                refinement.clicks({i: next_click(empty, case.gts == i + 1) for i in range(len(case.boxes))})
+            elif step:
                 refinement.simulate(case.gts)
             dsc, nsd = case_scores(case.gts, refinement.segs)
             dscs.append(dsc)

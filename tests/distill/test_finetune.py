@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill.finetune import build_model, main
+from distill.finetune import CLICK_PROMPT_PARTS, build_model, main
 from tests.helpers import TINY_STUDENT, write_npz
 from zoo.data.io import load_case, read_csv
 from zoo.models.checkpoint import load_checkpoint, save_checkpoint
@@ -165,7 +165,8 @@ def test_click_stage_trains_by_simulated_interaction_and_selects_by_the_protocol
     first (its box-only DSC is the bar) and every epoch by the protocol on the val samples; the head and the encoder
     do not train, the decoder and the click parts of the prompt encoder do."""
     out = data / "clicks"
-    assert main(_args(data, out, "--clicks", "2", "--click-val-samples", "2", "--decoder-token-stride", "2")) == 0
+    assert main(_args(data, out, "--clicks", "2", "--click-val-samples", "2", "--decoder-token-stride", "2",
+                      "--click-parts", "decoder")) == 0
     rows = read_csv(out / "val.csv")
     assert [int(r["epoch"]) for r in rows] == [-1, 0, 1] and [int(r["step"]) for r in rows] == [0, 2, 4]
     assert all(r["dsc_step0"] == r["dsc"] or abs(float(r["dsc_step0"]) - float(r["dsc"])) < 1e-9 for r in rows)
@@ -201,3 +202,35 @@ def test_click_stage_on_the_prompt_parts_leaves_box_only_masks_exactly_the_inits
     embedding, boxes = torch.randn(1, 256, 64, 64), torch.tensor([[4.0, 5.0, 30.0, 40.0]])
     with torch.inference_mode():
         assert torch.equal(start.decode(embedding, boxes, 3), model.decode(embedding, boxes, 3))
+
+
+def test_a_separate_click_decoder_leaves_the_box_decoder_and_box_only_masks_exactly_the_inits(data):
+    """--click-parts separate (the default): the click decoder starts as the box decoder (or --click-decoder-from's),
+    only it and the click prompt parts train; box-only decodes are the init's bit for bit, clicks go to the new one."""
+    first = data / "first"
+    assert main(_args(data, first, "--clicks", "1", "--click-val-samples", "1", "--epochs", "1")) == 0
+    torch.manual_seed(0)
+    start = build_model(str(data / "tiny.pt"), class_prompt=True)
+    model = load_checkpoint(first / "best.pt")[0]
+    assert model.config.click_decoder and not start.config.click_decoder
+    trained = build_model(str(first / "best.pt"), class_prompt=True)
+    trained.load_state_dict(torch.load(first / "last.pt", weights_only=True)["model"])
+    before, after = start.state_dict(), trained.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith(CLICK_PROMPT_PARTS))
+    assert any(not torch.equal(after[f"click_mask_decoder.{k}"], v) for k, v in start.mask_decoder.state_dict().items())
+    embedding, boxes = torch.randn(1, 256, 64, 64), torch.tensor([[4.0, 5.0, 30.0, 40.0]])
+    click = dict(points=torch.tensor([[[10.0, 20.0]]]), point_labels=torch.ones(1, 1))
+    with torch.inference_mode():
+        assert torch.equal(start.decode(embedding, boxes, 3), trained.decode(embedding, boxes, 3))
+        assert not torch.equal(start.decode(embedding, boxes, 3, **click), trained.decode(embedding, boxes, 3, **click))
+    rows = read_csv(first / "val.csv")
+    assert len({r["dsc"] for r in rows}) == 1 and all(r["box_dsc_kept"] == "yes" for r in rows)  # scored once
+
+    # a second stage takes its click decoder from the first one's checkpoint
+    second = data / "second"
+    assert main(_args(data, second, "--clicks", "1", "--click-val-samples", "1", "--epochs", "1", "--max-steps", "1",
+                      "--click-decoder-from", str(first / "last_weights.pt"))) == 2  # a missing file is named
+    save_checkpoint(data / "donor.pt", trained)
+    assert main(_args(data, second, "--clicks", "1", "--click-val-samples", "1", "--epochs", "1", "--max-steps", "1",
+                      "--click-decoder-from", str(data / "donor.pt"))) == 0
+    assert load_checkpoint(second / "best.pt")[1]["click_decoder_from"] == str(data / "donor.pt")

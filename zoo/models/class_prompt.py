@@ -37,6 +37,9 @@ class ModelConfig:
     encoder: TinyViTConfig = field(default_factory=lambda: ENCODER_CONFIGS["litemedsam"])
     class_prompt: bool = False
     decoder_token_stride: int = 1
+    # A mask decoder of its own for decodes with clicks (issue #31), of the box decoder's design: a box alone keeps
+    # the box decoder, so box-only masks stay exactly those of the model it was trained from.
+    click_decoder: bool = False
 
     @property
     def decoder(self) -> str:
@@ -44,8 +47,11 @@ class ModelConfig:
         return "sam" if self.decoder_token_stride == 1 else LIGHT_DECODER
 
     def to_dict(self) -> dict:
-        return {"encoder": self.encoder.to_dict(), "class_prompt": self.class_prompt,
-                "decoder_token_stride": self.decoder_token_stride, "decoder": self.decoder}
+        values = {"encoder": self.encoder.to_dict(), "class_prompt": self.class_prompt,
+                  "decoder_token_stride": self.decoder_token_stride, "decoder": self.decoder}
+        if self.click_decoder:  # written only when there is one: earlier readers still read the others
+            values["click_decoder"] = True
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":
@@ -54,7 +60,7 @@ class ModelConfig:
         reproduce: refused, not loaded into the wrong decoder."""
         stride = int(values.get("decoder_token_stride", 1))
         config = cls(encoder=TinyViTConfig.from_dict(values["encoder"]), class_prompt=bool(values["class_prompt"]),
-                     decoder_token_stride=stride)
+                     decoder_token_stride=stride, click_decoder=bool(values.get("click_decoder", False)))
         decoder = values.get("decoder", "sam" if stride == 1 else "an earlier light decoder")
         if decoder != config.decoder:
             raise ValueError(f"decoder {decoder!r} with decoder_token_stride {stride}: this version builds SAM's decoder"
@@ -104,10 +110,14 @@ class ClassPromptSAM(nn.Module):
         shape = dict(depth=2, embedding_dim=EMBED_DIM, mlp_dim=2048, num_heads=8)
         decoder = dict(num_multimask_outputs=3, transformer_dim=EMBED_DIM, iou_head_depth=3, iou_head_hidden_dim=256)
         stride = config.decoder_token_stride
-        if stride == 1:
-            self.mask_decoder = MaskDecoder(transformer=TwoWayTransformer(**shape), **decoder)
-        else:
-            self.mask_decoder = PooledMaskDecoder(transformer=PooledTwoWayTransformer(token_stride=stride, **shape), **decoder)
+
+        def mask_decoder():
+            if stride == 1:
+                return MaskDecoder(transformer=TwoWayTransformer(**shape), **decoder)
+            return PooledMaskDecoder(transformer=PooledTwoWayTransformer(token_stride=stride, **shape), **decoder)
+
+        self.mask_decoder = mask_decoder()
+        self.click_mask_decoder = mask_decoder() if config.click_decoder else None
         if config.class_prompt:
             self.modality_head = ModalityHead()
             self.class_prompt = nn.Embedding(len(MODALITIES), EMBED_DIM)
@@ -181,12 +191,14 @@ class ClassPromptSAM(nn.Module):
                       has_mask_input: torch.Tensor) -> torch.Tensor:
         """The click decode on padded inputs (what the exported `clicks` graph computes): box, points and labels
         (N, MAX_POINTS[, 2]), mask_input (N, 1, 256, 256), has_mask_input (1,) -> logits (N, 1, 256, 256). The class
-        prompt is part of the box prompt: it goes onto the two box tokens only."""
+        prompt is part of the box prompt: it goes onto the two box tokens only. A model with a click decoder
+        (config.click_decoder) decodes with it; the others with their box decoder."""
         sparse, dense = self.click_prompts(boxes, points, point_labels, mask_input, has_mask_input)
         if self.class_prompt is not None:
             ids = torch.as_tensor(modality, device=sparse.device).reshape(-1)
             sparse = torch.cat([sparse[:, :-2], sparse[:, -2:] + self.class_prompt(ids)[:, None, :]], dim=1)
-        logits, _ = self.mask_decoder(
+        decoder = self.mask_decoder if self.click_mask_decoder is None else self.click_mask_decoder
+        logits, _ = decoder(
             image_embeddings=embedding, image_pe=self.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
         )
