@@ -88,3 +88,41 @@ def confusion_plot(confusion: np.ndarray, path: Path, title: str) -> Path:
     ax.set_title(title, fontsize=9)
     _save(fig, path)
     return path
+
+
+def click_curves_plot(curves: list[dict], path: Path, rows: dict[str, dict] | None = None) -> Path:
+    """The interactive protocol's curves (benchmarks.clicks): DSC and NSD against the step (0: the box, then each
+    click), one panel per modality and one for the mean over modalities, one line per model; the legend gives each
+    model's DSC_AUC / NSD_AUC means over modalities where `rows` (leaderboard rows by model) has them."""
+    groups = [m for m in MODALITIES if any(c["modality"] == m for c in curves)] + ["mean over modalities"]
+    models = list(dict.fromkeys(c["model"] for c in curves))
+    columns = 4
+    lines = -(-len(groups) // columns)
+    fig, axes = plt.subplots(2 * lines, columns, figsize=(4 * columns, 3.2 * 2 * lines), squeeze=False)
+    for metric_index, metric in enumerate(("dsc", "nsd")):
+        for g, group in enumerate(groups):
+            ax = axes[metric_index * lines + g // columns, g % columns]
+            for model in models:
+                points = sorted((c["step"], c[metric]) for c in curves if c["model"] == model and c["modality"] == group)
+                if not points:
+                    continue
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=model)
+            ax.set_title(f"{metric.upper()}: {group}", fontsize=10)
+            ax.set_xticks(range(max(c["step"] for c in curves) + 1))
+            ax.set_ylim(0, 1)
+            ax.grid(True, alpha=0.3)
+            if g // columns == lines - 1:
+                ax.set_xlabel("step (0: box, then clicks)")
+        for g in range(len(groups), lines * columns):
+            axes[metric_index * lines + g // columns, g % columns].axis("off")
+    handles, labels = axes[lines - 1, (len(groups) - 1) % columns].get_legend_handles_labels()  # the mean's panel
+
+    def described(model: str) -> str:
+        row = (rows or {}).get(model, {})
+        aucs = [_score(row, f"{metric}_auc_mean_modalities") for metric in ("dsc", "nsd")]
+        return model + (f" (DSC_AUC {aucs[0]:.3f}, NSD_AUC {aucs[1]:.3f})" if all(np.isfinite(aucs)) else "")
+
+    fig.legend(handles, [described(label) for label in labels], loc="lower center", ncol=min(3, len(labels)), fontsize=9)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    _save(fig, path)
+    return path

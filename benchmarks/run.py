@@ -1,7 +1,7 @@
 """Benchmark model variants on real data: DSC/NSD per case and modality, CPU latency, FLOPs, params, memory.
 
     python -m benchmarks.run [--data DIR] [--models litemedsam,cp_tinyvit,LABEL=PATH | all] [--out DIR] [--all]
-                             [--case-times] [--latency-budget SECONDS | --no-latency]
+                             [--case-times | --clicks N] [--latency-budget SECONDS | --no-latency]
 
 By default it compares the fair baselines (LiteMedSAM in PyTorch and on OpenVINO FP32 and INT8) and the zoo's main
 models (zoo/index.json entries marked default_benchmark); `--models all` takes every zoo variant this CPU can run.
@@ -22,6 +22,9 @@ Image embeddings are kept in --cache-dir (float32, keyed by the encoder's weight
 share an encoder, and later runs, embed each image once; scores are the same as without the cache. With
 --case-times there is no cache: each case is timed whole, from reading its npz to its written segs (the challenge's
 efficiency measure), with the median and maximum per model and modality, and the slowest case, in OUT/case_times.csv.
+
+--clicks N runs the interactive protocol on every case (benchmarks.clicks: the box, then N simulated clicks per
+object), with the click columns in cases.csv and the leaderboard, and the curves in OUT/clicks.csv and clicks.png.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from benchmarks import clicks as interactive
 from benchmarks.evaluate import summarize
 from benchmarks.latency import BUDGET_S, first_call_ms, measure_latency
 from zoo.cli import RUNS_DIR, positive_int, run_cli
@@ -155,14 +159,15 @@ def variant_label(name: str) -> str:
 
 def benchmark_variant(entry: str, files: list[Path], threads: int, latency_budget: float | None,
                       segs_dir: Path | None, cache_dir: Path | None, labels: dict[str, str] | None = None,
-                      case_times: bool = False) -> dict:
+                      case_times: bool = False, clicks: int = 0) -> dict:
     """Runs in a child process: the first call on the fresh model, every case through zoo's inference path, then
     steady-state latency, FLOPs and size.
 
     With a cache_dir, image embeddings are looked up there first (float32, keyed by the encoder's weights), so
     variants sharing an encoder embed each image once; latency is always measured on the model itself. With
     case_times, no cache: each case is timed whole, from reading its npz to its written segs (the challenge's
-    efficiency measure), into segs_dir or a temporary folder."""
+    efficiency measure), into segs_dir or a temporary folder. With `clicks` (not with case_times), each case runs
+    the interactive protocol (benchmarks.clicks): its box step is the box-only result, its seconds the box step's."""
     from zoo.index import load, model_bytes, model_parent
     from zoo.models.flops import model_size
 
@@ -180,24 +185,36 @@ def benchmark_variant(entry: str, files: list[Path], threads: int, latency_budge
         written = segs_dir if segs_dir is not None else Path(scratch)
         for path in tqdm(files, desc=label, unit="case", leave=False):
             start = time.perf_counter()
+            protocol = None
             try:
                 case = load_case(path)
                 if case.gts is None:
                     raise CaseError(path, "no 'gts' to score against")
-                result = segment_case(scored, case, modalities)
+                if clicks:
+                    protocol = interactive.run_protocol(scored, case, modalities, clicks)
+                    segs, head_modality = protocol["steps"][-1], protocol["head_modality"]
+                else:
+                    result = segment_case(scored, case, modalities)
+                    segs, head_modality = result.segs, result.head_modality
                 if case_times or segs_dir is not None:
-                    save_npz_atomic(written / path.name, segs=result.segs)
+                    # with clicks, as the challenge's script saves them: the last step's and every step's
+                    save_npz_atomic(written / path.name, segs=segs,
+                                    **({"all_segs": np.stack(protocol["steps"])} if protocol else {}))
             except WriteError as err:  # named; the case is still scored
                 errors.append(str(err))
             except CaseError as err:
                 errors.append(str(err))
                 continue
-            seconds = time.perf_counter() - start
-            dsc, nsd = case_scores(case.gts, result.segs, case.spacing.tolist())
-            if result.head_modality is not None and case.modality is not None:
-                confusion[modality_id(case.modality), modality_id(result.head_modality)] += 1
-            cases.append({"case": path.name, "modality": case.modality or "unknown", "model": label,
-                          "dsc": dsc, "nsd": nsd, "seconds": seconds})
+            seconds = protocol["seconds"] if protocol else time.perf_counter() - start
+            if head_modality is not None and case.modality is not None:
+                confusion[modality_id(case.modality), modality_id(head_modality)] += 1
+            row = {"case": path.name, "modality": case.modality or "unknown", "model": label, "seconds": seconds}
+            if protocol:
+                cases.append(interactive.step_scores({**row, "click_seconds": protocol["click_seconds"]},
+                                                     protocol["dsc"], protocol["nsd"], clicks))
+            else:
+                dsc, nsd = case_scores(case.gts, segs, case.spacing.tolist())
+                cases.append({**row, "dsc": dsc, "nsd": nsd})
     if latency_budget is not None:
         latency = measure_latency(model, budget_s=latency_budget)
     else:
@@ -219,6 +236,9 @@ def benchmark_variant(entry: str, files: list[Path], threads: int, latency_budge
         "parent": (labels or {}).get(model_parent(name) or "", variant_label(model_parent(name) or "")),
         "cpu": cpu_model(), "cpu_flags": " ".join(cpu_flags()),
     }
+    if clicks and cases:
+        row.update(interactive.leaderboard_columns(cases, clicks))
+        row["click_ms"] = interactive.click_latency(model, budget_s=latency_budget) if latency_budget is not None else ""
     return {"cases": cases, "row": row, "errors": errors, "confusion": confusion if confusion.sum() else None}
 
 
@@ -347,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where image embeddings are kept for variants that share an encoder")
     parser.add_argument("--no-embedding-cache", action="store_true", help="embed every image anew for every variant")
     parser.add_argument("--no-latency", action="store_true", help="scores only: leave the latency columns empty")
+    parser.add_argument("--clicks", type=int, default=0, metavar="N",
+                        help="run the interactive protocol (benchmarks.clicks): the box, then N simulated clicks per "
+                             "object (the CVPR 2025 challenge: 5), scored after each step, with DSC_AUC / NSD_AUC")
     parser.add_argument("--merge", action="store_true",
                         help="add this run's models to OUT's leaderboard (same cases), replacing their earlier rows")
     return parser
@@ -357,6 +380,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.latency_budget <= 0:
         parser.error("--latency-budget must be positive")
+    if args.clicks < 0:
+        parser.error("--clicks must be 0 or more")
+    if args.clicks and args.case_times:
+        parser.error("--clicks and --case-times time different things (a click step, a whole case): run them apart")
     return args
 
 
@@ -376,7 +403,7 @@ def benchmark_models(models: list[str], files: list[Path], args: argparse.Namesp
         try:
             with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
                 result = pool.submit(benchmark_variant, name, files, args.threads, latency_budget(args), segs_dir,
-                                     cache_dir, labels, args.case_times).result()
+                                     cache_dir, labels, args.case_times, args.clicks).result()
         except Exception as err:  # a broken variant is reported; the others still run
             failed.append(name)
             tqdm.write(f"error: variant {name} failed: {type(err).__name__}: {err}", file=sys.stderr)
@@ -402,8 +429,12 @@ def write_outputs(out: Path, results: list[dict], merge: bool, threads: int, ski
     timed = {r["model"] for r in rows if r["latency_2d_ms"] != ""}
     compare_with_parents(all_rows, timed)
     compare_with_baselines(all_rows, timed)
-    writes = [(write_csv_atomic, out / "cases.csv", all_cases, CASE_FIELDS),
-              (write_csv_atomic, out / "leaderboard.csv", [_fmt(r) for r in all_rows], LEADERBOARD_FIELDS),
+    clicks = interactive.clicks_of([c for c in all_cases if c.get("dsc_1", "") != ""])  # the click columns, if any
+    case_fields = CASE_FIELDS + (interactive.case_fields(clicks) if clicks else [])
+    board_fields = LEADERBOARD_FIELDS + (interactive.leaderboard_fields() if clicks else [])
+    writes = [(write_csv_atomic, out / "cases.csv", [_fmt(c) for c in all_cases], case_fields),
+              (write_csv_atomic, out / "leaderboard.csv", [_fmt(r) for r in all_rows], board_fields),
+              (interactive.write_click_outputs, out, all_cases, all_rows),
               (radar_plot, all_rows, out / "radar.png"),
               (latency_plot, all_rows, out / "latency_vs_dsc.png", threads)]
     if case_times:  # this run's whole-case wall times, per model and modality
@@ -476,8 +507,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     if rows:
         print(summary_table(rows) + "\n(DSC / NSD: means over modalities; 2D ms: a 256² image with one box; "
               "3D s: a 24-slice volume with a box over 12)")
+        if args.clicks:
+            print(interactive.summary(rows, args.clicks))
         print(f"leaderboard: {args.out / 'leaderboard.csv'} (per case: {args.out / 'cases.csv'})")
         plots = ["radar.png", "latency_vs_dsc.png"] + [f"confusion_{r['model']}.png" for r in rows if r["head_accuracy"] != ""]
+        plots += ["clicks.png"] if args.clicks else []
         print(f"plots: {', '.join(str(args.out / name) for name in plots)}")
     return rows
 

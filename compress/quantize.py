@@ -46,12 +46,14 @@ import torch
 from compress.export import load_parent
 from zoo.cli import RUNS_DIR, run_cli
 from zoo.data.io import data_split, refuse_overwriting_inputs
-from zoo.data.samples import DataError, find_samples, round_robin, sample_box, sample_tensor
+from zoo.data.samples import DataError, find_samples, round_robin, sample_area, sample_box, sample_object, sample_tensor
+from zoo.interactive import next_click, padded_clicks
 from zoo.modalities import prompt_modality
 from zoo.models.class_prompt import ClassPromptSAM
+from zoo.models.clicks import MAX_POINTS, pad_clicks
 from zoo.runtime.cpu import cpu_flags
 from zoo.runtime.export import EncoderGraph, export_onnx, onnx_to_openvino, write_variant
-from zoo.runtime.exported import _graph, read_manifest
+from zoo.runtime.exported import CLICK_INPUTS, _graph, read_manifest
 
 QUANTIZERS = {"openvino": "nncf", "onnxruntime": "onnxruntime", "optimum": "optimum-onnx", "inc": "neural-compressor-pt"}
 MODEL_TYPES = ("auto", "transformer")
@@ -87,6 +89,43 @@ def decoder_inputs(model: ClassPromptSAM, data_dirs: list[Path], count: int, see
                     chosen = int(model.predict_modality(torch.from_numpy(item["embedding"])).argmax())
                 item["modality"] = np.array([chosen], dtype=np.int64)
             inputs.append(item)
+    return inputs
+
+
+def click_inputs(model: ClassPromptSAM, data_dirs: list[Path], count: int, seed: int = 0,
+                 skipped: list[str] | None = None) -> list[dict[str, np.ndarray]]:
+    """`count` inputs of the clicks graph as the interactive protocol makes them, round-robin over modalities: the
+    model's embedding of an image with ground truth, the box of one label, its modality, and the k-th click of a
+    simulated interaction (k = 1..MAX_POINTS in turn; zoo.interactive.next_click at the 256 frame, inside the image)
+    with the model's own previous logits as the mask prompt, padded as every backend pads them."""
+    samples = round_robin(find_samples(data_dirs, slice_step=5, seed=seed, foreground_only=True, skipped=skipped), count, seed)
+    if not samples:
+        raise DataError(f"{', '.join(map(str, data_dirs))}: no images with ground truth to calibrate the decoder on")
+    generator = torch.Generator().manual_seed(seed)
+    inputs = []
+    with torch.inference_mode():
+        for n, sample in enumerate(samples):
+            embedding = model.embed(sample_tensor(sample)[None])
+            box, truth = sample_object(sample, generator)
+            area = sample_area(sample).numpy()
+            truth = (truth[0].numpy() > 0.5) & area
+            modality = prompt_modality(model, sample.modality)
+            if model.has_modality_head and modality is None:
+                modality = int(model.predict_modality(embedding).argmax())
+            ids = None if modality is None else torch.tensor([modality])
+            logits, clicks = model.decode(embedding, box[None], ids), []
+            for k in range(1 + n % MAX_POINTS):
+                click = next_click((logits[0, 0].numpy() > 0) & area, truth)
+                if click is not None:
+                    clicks.append((float(click.position[1]), float(click.position[0]), int(click.positive)))
+                padded = pad_clicks(1, *padded_clicks([clicks]), logits)
+                if k == n % MAX_POINTS:
+                    item = {"embedding": embedding.numpy(), "boxes": box[None].numpy()}
+                    if ids is not None:
+                        item["modality"] = ids.numpy().astype(np.int64)
+                    inputs.append({**item, **{name: value.numpy() for name, value in padded.items()}})
+                else:
+                    logits = model.decode_clicks(embedding, box[None], ids, *padded.values())
     return inputs
 
 
@@ -215,13 +254,19 @@ def embedding_error(model: ClassPromptSAM, encoder_path: Path, images: list[np.n
 
 
 def mask_agreement(model: ClassPromptSAM, decoder_path: Path, inputs: list[dict[str, np.ndarray]]) -> float:
-    """Mean Dice of the quantized decoder's masks against the PyTorch model's, on the same FP32 embeddings."""
+    """Mean Dice of the quantized decoder's (or clicks graph's) masks against the PyTorch model's, on the same FP32
+    embeddings."""
     graph = _graph(decoder_path, torch.get_num_threads(), "int8")
     dice = []
     with torch.inference_mode():
         for item in inputs:
             modality = torch.from_numpy(item["modality"]) if "modality" in item else None
-            reference = model.decode(torch.from_numpy(item["embedding"]), torch.from_numpy(item["boxes"]), modality).numpy() > 0
+            embedding, boxes = torch.from_numpy(item["embedding"]), torch.from_numpy(item["boxes"])
+            if "points" in item:
+                clicks = [torch.from_numpy(item[name]) for name in CLICK_INPUTS]
+                reference = model.decode_clicks(embedding, boxes, modality, *clicks).numpy() > 0
+            else:
+                reference = model.decode(embedding, boxes, modality).numpy() > 0
             mask = graph(**item) > 0
             total = mask.sum() + reference.sum()
             dice.append(1.0 if total == 0 else 2 * float((mask & reference).sum()) / float(total))
@@ -230,13 +275,15 @@ def mask_agreement(model: ClassPromptSAM, decoder_path: Path, inputs: list[dict[
 
 def quantize_variant(model: ClassPromptSAM, out: Path, backend: str, images: list[np.ndarray], keep_fp32: list[str],
                      metadata: dict, model_type: str = "auto", check_images: list[np.ndarray] | None = None,
-                     decoder_calibration: list[dict] | None = None, decoder_check: list[dict] | None = None) -> Path:
+                     decoder_calibration: list[dict] | None = None, decoder_check: list[dict] | None = None,
+                     click_calibration: list[dict] | None = None, click_check: list[dict] | None = None) -> Path:
     """An INT8-encoder variant of `model` at `out` (written atomically), its embedding error on `check_images`
     in the manifest's metadata; with `decoder_calibration` (decoder_inputs, openvino) its decoder INT8 too, and its
-    masks' Dice against FP32 on `decoder_check` recorded."""
+    masks' Dice against FP32 on `decoder_check` recorded; with `click_calibration` (click_inputs) its clicks graph
+    INT8 too, likewise checked on `click_check`."""
     if backend not in QUANTIZERS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(QUANTIZERS)}")
-    if decoder_calibration and backend != "openvino":
+    if (decoder_calibration or click_calibration) and backend != "openvino":
         raise ValueError("--decoder (an INT8 mask decoder) is offered for --backend openvino only")
     if keep_fp32 and backend == "inc":
         raise ValueError("--keep-fp32 is not offered for --backend inc (its PT2E quantizer is configured by module type)")
@@ -250,9 +297,12 @@ def quantize_variant(model: ClassPromptSAM, out: Path, backend: str, images: lis
 
     metadata = {**metadata, "quantizer": f"{QUANTIZERS[backend]} {importlib.metadata.version(QUANTIZERS[backend])}",
                 "calibration_images": len(images), "keep_fp32": keep_fp32, "model_type": model_type,
-                "quantized_parts": ["encoder", "decoder"] if decoder_calibration else ["encoder"]}
+                "quantized_parts": ["encoder"] + (["decoder"] if decoder_calibration else [])
+                + (["clicks"] if click_calibration else [])}
     if decoder_calibration:
         metadata["decoder_calibration_inputs"] = len(decoder_calibration)
+    if click_calibration:
+        metadata["clicks_calibration_inputs"] = len(click_calibration)
 
     def build(folder: Path) -> dict[str, Path]:
         paths = export_onnx(model, folder)
@@ -265,6 +315,12 @@ def quantize_variant(model: ClassPromptSAM, out: Path, backend: str, images: lis
                 if decoder_check:
                     metadata["mask_dice_vs_fp32"] = mask_agreement(model, rest["decoder"], decoder_check)
                     metadata["mask_dice_vs_fp32_inputs"] = len(decoder_check)
+            if click_calibration:
+                rest["clicks"] = quantize_openvino(rest["clicks"], folder / "clicks_int8.xml", click_calibration,
+                                                   keep_fp32, model_type)
+                if click_check:
+                    metadata["click_mask_dice_vs_fp32"] = mask_agreement(model, rest["clicks"], click_check)
+                    metadata["click_mask_dice_vs_fp32_inputs"] = len(click_check)
             rest = {part: path if path.suffix == ".xml" else onnx_to_openvino(path, path.with_suffix(".xml"))
                     for part, path in rest.items()}
         elif backend == "onnxruntime":
@@ -296,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-type", choices=MODEL_TYPES, default="auto", help="NNCF's preset (openvino)")
     parser.add_argument("--decoder", action="store_true",
                         help="quantize the mask decoder too (openvino), calibrated on --n-calib images with ground "
-                             "truth: the model's embedding, a box of one label, the modality")
+                             "truth: the model's embedding, a box of one label, the modality; its clicks graph too, "
+                             "on as many simulated clicks (1 to 5 after the box, the previous logits as mask prompt)")
     parser.add_argument("--check", type=Path, nargs="*", default=[data_split("val")],
                         help="npz directories whose images measure the embedding error (none: not measured)")
     parser.add_argument("--n-check", type=int, default=8)
@@ -322,20 +379,23 @@ def run(args) -> Path:
     check = calibration_images(args.check, args.n_check, args.seed + 1) if args.check and args.n_check else None
     metadata.update(calibration_data=[str(d) for d in args.calib], seed=args.seed,
                     check_data=[str(d) for d in args.check or []])
-    decoder_calibration = decoder_check = None
+    decoder_calibration = decoder_check = click_calibration = click_check = None
     if args.decoder:
         if args.backend != "openvino":  # before any embedding is computed
             raise ValueError("--decoder (an INT8 mask decoder) is offered for --backend openvino only")
         decoder_calibration = decoder_inputs(model, args.calib, args.n_calib, args.seed, getattr(args, "skipped", None))
+        click_calibration = click_inputs(model, args.calib, args.n_calib, args.seed, getattr(args, "skipped", None))
         if args.check and args.n_check:
             decoder_check = decoder_inputs(model, args.check, args.n_check, args.seed + 1)
+            click_check = click_inputs(model, args.check, args.n_check, args.seed + 1)
     quantize_variant(model, out, args.backend, images, args.keep_fp32, metadata, args.model_type, check,
-                     decoder_calibration, decoder_check)
+                     decoder_calibration, decoder_check, click_calibration, click_check)
     meta = read_manifest(out)["metadata"]
     print(f"wrote {out}: {args.backend} INT8 encoder calibrated on {len(images)} images, "
           + (f"INT8 decoder on {len(decoder_calibration)} boxes" if decoder_calibration else "FP32 decoder")
           + (f"; embedding relative error {meta['embedding_rel_error']:.4f} on {len(check)} images" if check else "")
-          + (f"; masks' Dice vs FP32 {meta['mask_dice_vs_fp32']:.4f} on {len(decoder_check)} boxes" if decoder_check else ""))
+          + (f"; masks' Dice vs FP32 {meta['mask_dice_vs_fp32']:.4f} on {len(decoder_check)} boxes" if decoder_check else "")
+          + (f", with clicks {meta['click_mask_dice_vs_fp32']:.4f}" if click_check else ""))
     if args.ship:
         from zoo.index import add_model, committed_parent
 
@@ -353,11 +413,14 @@ def ship_description(manifest: dict) -> str:
     made = (f"{meta['parent']} with its encoder quantized to static INT8 by {meta['quantizer']} on "
             f"{meta['calibration_images']} train images" + (f", {meta['model_type']} preset" if meta.get("model_type", "auto") != "auto" else "")
             + (f", layers matching {' '.join(meta['keep_fp32'])} kept float" if meta.get("keep_fp32") else "")
-            + ("; decoder INT8 too, head FP32" if "decoder" in meta.get("quantized_parts", []) else "; decoder and head FP32"))
+            + ("; decoder INT8 too" + (" (with clicks too)" if "clicks" in meta.get("quantized_parts", []) else "")
+               + ", head FP32" if "decoder" in meta.get("quantized_parts", []) else "; decoder and head FP32"))
     error = (f"; embedding relative error {meta['embedding_rel_error']:.3f} on {meta['embedding_rel_error_images']} val images"
              if "embedding_rel_error" in meta else "")
     error += (f"; masks' Dice vs FP32 {meta['mask_dice_vs_fp32']:.3f} on {meta['mask_dice_vs_fp32_inputs']} val boxes"
               if "mask_dice_vs_fp32" in meta else "")
+    error += (f" ({meta['click_mask_dice_vs_fp32']:.3f} on {meta['click_mask_dice_vs_fp32_inputs']} with clicks)"
+              if "click_mask_dice_vs_fp32" in meta else "")
     return (made + error + ". Faster than FP32 on CPUs with INT8 dot-product instructions (AVX512_VNNI, AVX-VNNI, "
             "AMX); on AVX2-only CPUs INT8 is not faster than FP32 (zoo.runtime.cpu.auto_precision)")
 

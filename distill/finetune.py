@@ -40,18 +40,26 @@ from zoo.data.samples import (
     Sample,
     flip,
     flip_box,
+    round_robin,
+    sample_area,
     sample_object,
     sample_tensor,
 )
+from zoo.interactive import PROTOCOL_CLICKS, next_click, padded_clicks
 from zoo.modalities import MODALITIES, head_accuracy, modality_confusion, modality_id
 from zoo.models.checkpoint import load_checkpoint, save_checkpoint
 from zoo.models.class_prompt import ClassPromptSAM, ModalityHead
 from zoo.models.factory import build_litemedsam, create_model
+from zoo.models.pooled_decoder import PooledMaskDecoder
 from zoo.models.weights import CheckpointError
 from zoo.runtime.embedding_cache import ENCODER_CACHE_DIR, CachedEncoder, encoder_cache_id
-from zoo.validate import score_samples
+from zoo.validate import score_samples, score_samples_clicks
 
 NEW_PARTS = ("modality_head.", "class_prompt.")
+# What a click needs beside the box prompt: the positive / negative point embeddings, the padding token and the mask
+# prompt's encoder. A box-only decode uses none of them.
+CLICK_PROMPT_PARTS = ("prompt_encoder.point_embeddings.0.", "prompt_encoder.point_embeddings.1.",
+                      "prompt_encoder.not_a_point_embed.", "prompt_encoder.mask_downscaling.")
 
 
 @dataclass
@@ -73,6 +81,22 @@ class FinetuneSettings(TrainSettings):
     half: bool = option(False, "store OUT/best.pt in float16")
     encoder_from: str | None = option(None, "leave LiteMedSAM's unchanged encoder out of OUT/best.pt (checked)",
                                       choices=("litemedsam",))
+    # The click stage (issue #31): each sample is a simulated interaction, its box step and every click step in the
+    # loss (see FineTuner._click_loss); the epoch is chosen by the interactive protocol on the val samples.
+    clicks: int = option(0, "click stage: simulated clicks after the box per sample (the protocol's 5); 0: boxes only",
+                         type=int)
+    click_parts: str = option("separate", "what the click stage trains: 'separate' (a click decoder of its own, from "
+                                          "the box decoder or --click-decoder-from, and the prompt encoder's point "
+                                          "and mask parts: box-only masks stay exactly the init's), 'decoder' (the "
+                                          "box decoder itself and the class prompt too: box-only masks change) or "
+                                          "'prompt' (the prompt encoder's point and mask parts alone)",
+                              choices=("separate", "decoder", "prompt"))
+    click_prompt_lr_scale: float = option(1.0, "click stage: learning-rate factor of the prompt encoder's point and "
+                                               "mask parts")
+    click_val_samples: int = option(66, "click stage: val samples the protocol scores each epoch, taken in turn from "
+                                        "each modality (the box-only score uses every val sample)", type=int)
+    box_tolerance: float = option(0.005, "click stage: an epoch is kept only if its box-only val DSC is at most this "
+                                         "far below the init's")
 
 
 # The mask loss and encoder parts of distillation do not apply here: fine-tuning learns masks from ground truth
@@ -94,6 +118,24 @@ def build_model(init: str, class_prompt: bool, decoder_token_stride: int | None 
     if unexpected or any(not k.startswith(NEW_PARTS) for k in missing):
         raise CheckpointError(f"{init}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model
+
+
+def with_click_decoder(model: ClassPromptSAM, source: str | None = None) -> ClassPromptSAM:
+    """`model` with a click decoder of its own (ModelConfig.click_decoder), every weight kept. The click decoder starts
+    as `source`'s (a zoo checkpoint: its click decoder, or its mask decoder where it has none; its prompt encoder's
+    point and mask parts come too), else as the model's box decoder (or its click decoder, where it has one)."""
+    donor = load_checkpoint(source)[0] if source else model
+    prefix = "click_mask_decoder." if donor.click_mask_decoder is not None else "mask_decoder."
+    if donor.config.decoder_token_stride != model.config.decoder_token_stride:
+        raise CheckpointError(f"{source}: its decoder (token stride {donor.config.decoder_token_stride}) is not the model's "
+                              f"({model.config.decoder_token_stride})")
+    result = create_model(model.config, click_decoder=True)
+    weights = dict(model.state_dict())
+    weights.update({"click_mask_decoder." + k[len(prefix):]: v for k, v in donor.state_dict().items() if k.startswith(prefix)})
+    if source:
+        weights.update({k: v for k, v in donor.state_dict().items() if k.startswith(CLICK_PROMPT_PARTS)})
+    result.load_state_dict(weights)  # strict: every weight has its place
+    return result
 
 
 def save_best(settings: FinetuneSettings, model: ClassPromptSAM, metadata: dict) -> Path:
@@ -119,6 +161,30 @@ class EmbeddingSource:
 
 
 VAL_FIELDS = ["step", "epoch", "score", "dsc", "nsd", "head_accuracy"] + [f"{k}_{m}" for m in MODALITIES for k in ("dsc", "nsd")]
+# The click stage's columns: the interactive protocol on the same samples (zoo.validate.score_samples_clicks).
+CLICK_VAL_FIELDS = (["click_score", "dsc_auc", "nsd_auc", "box_dsc_kept"] + [f"dsc_step{k}" for k in range(PROTOCOL_CLICKS + 1)]
+                    + [f"{k}_{m}" for m in MODALITIES for k in ("dsc_auc", "dsc_last")])
+
+
+def click_row(result: dict) -> dict:
+    """val.csv's click columns of one score_samples_clicks result."""
+    row = {"click_score": f"{result['score']:.4f}", "dsc_auc": f"{result['dsc_auc']:.4f}", "nsd_auc": f"{result['nsd_auc']:.4f}"}
+    row.update({f"dsc_step{k}": f"{dsc:.4f}" for k, (dsc, _) in enumerate(result["steps"])})
+    for m, v in result["per_modality"].items():
+        row[f"dsc_auc_{m}"], row[f"dsc_last_{m}"] = f"{v['dsc_auc']:.4f}", f"{v['steps'][-1][0]:.4f}"
+    return row
+
+
+def decode_batch(model: ClassPromptSAM, embedding: torch.Tensor, boxes: torch.Tensor, modality, **clicks) -> torch.Tensor:
+    """decode() of B samples, each with its own embedding (B, 256, 64, 64), box and clicks: in one call for the light
+    decoder (it broadcasts an embedding per box), sample by sample for SAM's (it repeats one embedding per box)."""
+    if isinstance(model.mask_decoder, PooledMaskDecoder):
+        return model.decode(embedding, boxes, modality, **clicks)
+    rows = []
+    for i in range(len(boxes)):
+        row = {k: (v[i : i + 1] if v is not None else None) for k, v in clicks.items()}
+        rows.append(model.decode(embedding[i : i + 1], boxes[i : i + 1], None if modality is None else modality[i : i + 1], **row))
+    return torch.cat(rows)
 
 
 class FineTuner(Trainer):
@@ -133,13 +199,24 @@ class FineTuner(Trainer):
         val_encoder = self.student if settings.train_encoder else CachedEncoder(self.student, encoder_cache_dir)
         self.val_encoder = val_encoder
         self.val_embeddings = EmbeddingSource(val_samples, val_encoder)
+        # the protocol costs 6 decodes and scorings per object: the click stage scores a fixed, balanced subset
+        self.click_val_samples = round_robin(val_samples, settings.click_val_samples, settings.seed)
         self.val_rows: list[dict] = []
         self.best = {"score": -math.inf, "step": 0}
+        self.box_baseline = -math.inf  # click stage: the init's box-only val DSC
+        self.box_result = None  # click stage: the init's box-only validation
 
     def is_trainable(self, name: str) -> bool:
+        if self.settings.clicks:  # the click stage: the head is not trained, nor the encoder
+            extra = {"decoder": ("mask_decoder.", "class_prompt."), "separate": ("click_mask_decoder.",), "prompt": ()}
+            return name.startswith(CLICK_PROMPT_PARTS + extra[self.settings.click_parts])
         return name.startswith(("mask_decoder.",) + NEW_PARTS) or (self.settings.train_encoder and name.startswith("image_encoder."))
 
     def param_groups(self) -> list[dict]:
+        if self.settings.clicks:  # the class prompt is trained already; the click prompt parts may get their own rate
+            prompt = [p for n, p in self.student.named_parameters() if p.requires_grad and n.startswith(CLICK_PROMPT_PARTS)]
+            rest = [p for n, p in self.student.named_parameters() if p.requires_grad and not n.startswith(CLICK_PROMPT_PARTS)]
+            return [{"params": rest}, {"params": prompt, "lr": self.settings.lr * self.settings.click_prompt_lr_scale}]
         new = [p for n, p in self.student.named_parameters() if p.requires_grad and n.startswith(NEW_PARTS)]
         rest = [p for n, p in self.student.named_parameters() if p.requires_grad and not n.startswith(NEW_PARTS)]
         groups = [{"params": rest}]
@@ -151,6 +228,8 @@ class FineTuner(Trainer):
         raise ValueError("fine-tuning runs in one process; start it without torchrun")
 
     def _micro_batch_loss(self, indices: list[int], g: torch.Generator) -> torch.Tensor:
+        if self.settings.clicks:
+            return self._click_loss(indices, g)
         settings, device = self.settings, self.settings.device
         seg_losses, embeddings, modalities = [], [], []
         for i in indices:
@@ -176,23 +255,84 @@ class FineTuner(Trainer):
             loss = loss + settings.head_weight * F.cross_entropy(head_logits, torch.tensor(modalities, device=device))
         return loss
 
+    def _click_loss(self, indices: list[int], g: torch.Generator) -> torch.Tensor:
+        """The click stage: a simulated interaction per sample, Dice + focal at every step, averaged over steps.
+
+        Step 0 is the box alone (the box-only decode: its accuracy stays in the loss; with a separate click decoder the
+        box decoder is frozen and that step is a constant of the loss, as box-only masks cannot change); each of the
+        `clicks` steps
+        after it adds, per sample, the click zoo.interactive.next_click places on the largest error of the previous
+        step's mask (at the 256 frame, inside the image's unpadded area), and feeds that step's logits back as the
+        mask prompt (detached: each step learns to correct its input, as SAM was trained). The samples of a
+        micro-batch are decoded together (the light decoder broadcasts one embedding per box)."""
+        settings, device = self.settings, self.settings.device
+        embeddings, boxes, masks, valid, modalities = [], [], [], [], []
+        for i in indices:
+            h, v = (torch.rand(2, generator=g) < 0.5).tolist() if settings.flip else (False, False)
+            found = sample_object(self.samples[i], g, grow=settings.box_jitter)
+            if found is None:
+                raise DataError(f"{self.samples[i].path}: slice {self.samples[i].z} has no ground-truth object")
+            box, mask = found
+            embeddings.append(flip(self.train_embeddings(i), h, v))
+            boxes.append(flip_box(box, h, v))
+            masks.append(flip(mask, h, v))
+            valid.append(flip(sample_area(self.samples[i]), h, v).numpy())
+            modalities.append(modality_id(self.samples[i].modality))
+        embedding, box, truth = torch.cat(embeddings).to(device), torch.stack(boxes).to(device), torch.stack(masks).to(device)
+        ids = torch.tensor(modalities, device=device) if self.student.has_modality_head else None
+        truths = [t[0].cpu().numpy() > 0.5 for t in truth]
+        clicks: list[list[tuple[float, float, int]]] = [[] for _ in indices]
+        with torch.set_grad_enabled(settings.click_parts != "separate"):  # a separate click decoder: the box's is frozen
+            logits = decode_batch(self.student, embedding, box, ids)
+        losses = [segmentation_loss(logits, truth, settings.focal_weight)]
+        for _ in range(settings.clicks):
+            previous = logits.detach()
+            predicted = (previous[:, 0] > 0).cpu().numpy()
+            for j, (prediction, area) in enumerate(zip(predicted, valid)):
+                click = next_click(prediction & area, truths[j] & area)
+                if click is not None:
+                    clicks[j].append((float(click.position[1]), float(click.position[0]), int(click.positive)))
+            points, labels = padded_clicks(clicks)
+            logits = decode_batch(self.student, embedding, box, ids, points=points.to(device),
+                                  point_labels=labels.to(device), mask_input=previous)
+            losses.append(segmentation_loss(logits, truth, settings.focal_weight))
+        return torch.stack(losses).mean()
+
     def end_of_epoch(self, epoch: int) -> None:
         self.validate(epoch)
 
     def validate(self, epoch: int) -> None:
-        result = score_samples(self.val_encoder, self.val_samples)
+        if self.settings.clicks and self.settings.click_parts in ("separate", "prompt") and self.box_result is not None:
+            result = self.box_result  # box-only masks cannot change: scored once, on the init
+        else:
+            result = score_samples(self.val_encoder, self.val_samples)
+        if self.settings.clicks and self.box_result is None:
+            self.box_result = result
+        clicks = score_samples_clicks(self.val_encoder, self.click_val_samples, self.settings.clicks) if self.settings.clicks else None
         self.train_mode()
         row = {"step": self.step, "epoch": epoch, **{k: f"{result[k]:.4f}" for k in ("score", "dsc", "nsd", "head_accuracy")}}
         for m, (dsc, nsd) in result["per_modality"].items():
             row[f"dsc_{m}"], row[f"nsd_{m}"] = f"{dsc:.4f}", f"{nsd:.4f}"
+        score = result["score"]
+        if clicks is not None:
+            row.update(click_row(clicks))
+            if not self.val_rows:  # the init's box-only DSC: the bar every later epoch's box-only DSC is held to
+                self.box_baseline = result["dsc"]
+            kept = result["dsc"] >= self.box_baseline - self.settings.box_tolerance
+            row["box_dsc_kept"] = "yes" if kept else "no"
+            score = clicks["score"] if kept else -math.inf
         self.val_rows.append(row)
-        write_csv_atomic(self.settings.out_dir / "val.csv", self.val_rows, VAL_FIELDS)
+        write_csv_atomic(self.settings.out_dir / "val.csv", self.val_rows, VAL_FIELDS + (CLICK_VAL_FIELDS if clicks else []))
         tqdm.write(f"step {self.step} (epoch {epoch}): val DSC {result['dsc']:.4f} NSD {result['nsd']:.4f} "
-                   f"head accuracy {result['head_accuracy']:.3f}")
-        if result["score"] > self.best["score"]:
-            self.best = {"score": result["score"], "step": self.step}
+                   f"head accuracy {result['head_accuracy']:.3f}"
+                   + (f"; clicks: DSC after {self.settings.clicks} {clicks['steps'][-1][0]:.4f}, DSC_AUC "
+                      f"{clicks['dsc_auc']:.4f}, NSD_AUC {clicks['nsd_auc']:.4f}" if clicks else ""))
+        if score > self.best["score"]:
+            self.best = {"score": score, "step": self.step}
             metrics = {k: result[k] for k in ("score", "dsc", "nsd", "head_accuracy")}
             metrics["per_modality"] = {m: {"dsc": d, "nsd": n} for m, (d, n) in result["per_modality"].items()}
+            if clicks is not None:
+                metrics["clicks"] = {k: clicks[k] for k in ("score", "dsc_auc", "nsd_auc", "steps", "per_modality")}
             metrics["confusion"] = result["confusion"].tolist()
             save_best(self.settings, self.student.eval(), {**self.metadata, "steps": self.step, "epoch": epoch, "val": metrics})
             self.train_mode()
@@ -201,13 +341,16 @@ class FineTuner(Trainer):
                                f"modality head on val samples (step {self.step}): accuracy {result['head_accuracy']:.3f}")
 
     def extra_state(self) -> dict:
-        return {"best": dict(self.best), "val_rows": list(self.val_rows)}
+        return {"best": dict(self.best), "val_rows": list(self.val_rows), "box_baseline": self.box_baseline}
 
     def restore_extra(self, state: dict) -> None:
         self.best = dict(state.get("best", self.best))
         self.val_rows = list(state.get("val_rows", []))
+        self.box_baseline = state.get("box_baseline", self.box_baseline)
 
     def fit(self, progress: bool = True) -> dict:
+        if self.settings.clicks and not self.val_rows:  # the init, scored first: box-only baseline and a candidate
+            self.validate(-1)
         result = super().fit(progress)
         if self.best["step"] != self.step and not any(int(r["step"]) == self.step for r in self.val_rows):
             self.validate(self.step // self.steps_per_epoch)  # stopped mid-epoch (--max-steps): score the last weights too
@@ -271,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-class-prompt", action="store_true", help="the ablation: the same fine-tuning without head and class prompt")
     p.add_argument("--decoder-token-stride", type=int, default=None,
                    help="2 or more: the decoder's token-to-image attention on a pooled grid (zoo.models.pooled_decoder; default: the init's)")
+    p.add_argument("--click-decoder-from", default=None,
+                   help="click stage (--click-parts separate): a zoo checkpoint whose click decoder (or mask decoder) "
+                        "and click prompt parts the click decoder starts from (default: the init's box decoder)")
     p.add_argument("--val", type=Path, nargs="+", default=[data_split("val")],
                    help="model selection data (--max-samples caps it too)")
     p.add_argument("--out", type=Path, default=RUNS_DIR / "finetune")
@@ -287,9 +433,11 @@ def parse_args(argv):
 
 def run(args) -> Path:
     start_run(args)
-    init = [Path(args.init)] if Path(args.init).exists() else []
+    init = [Path(m) for m in (args.init, args.click_decoder_from) if m and Path(m).exists()]
     refuse_overwriting_inputs(args.out, [*args.data, *args.val, *init], "--out")
     model = build_model(args.init, class_prompt=not args.no_class_prompt, decoder_token_stride=args.decoder_token_stride)
+    if args.clicks and args.click_parts == "separate":
+        model = with_click_decoder(model, args.click_decoder_from)
     skipped = getattr(args, "skipped", None)
     data = settings_from_args(DataSettings, args)
     samples = data.samples(args.seed, foreground_only=True, skipped=skipped)
@@ -302,6 +450,7 @@ def run(args) -> Path:
         keys = cache.build(samples, model.to(args.device).eval(), args.device)
     settings = settings_from_args(FinetuneSettings, args, out_dir=args.out)
     metadata = {"stage": "finetune", "init": args.init, "class_prompt": not args.no_class_prompt,
+                "click_decoder_from": args.click_decoder_from,
                 "decoder_token_stride": model.config.decoder_token_stride,
                 "data": [str(d) for d in args.data], "val_data": [str(d) for d in args.val], "samples": len(samples),
                 "val_samples": len(val_samples), "slice_step": args.slice_step, "settings": settings.to_dict()}
@@ -315,7 +464,7 @@ def run(args) -> Path:
     elif not best.exists():  # the head of --init's model, which is otherwise kept as it is
         args.out.mkdir(parents=True, exist_ok=True)
         save_best(settings, model, {**metadata, "head_only": True})
-    if trainer.student.has_modality_head and not args.train_encoder:
+    if trainer.student.has_modality_head and not args.train_encoder and not args.clicks:  # the click stage keeps the head
         head = refit_head(settings, samples, keys, cache, val_samples, trainer.val_embeddings)
         print(f"modality head fitted on {len(samples)} pooled train embeddings: val accuracy {head['head_accuracy']:.4f}")
     return best

@@ -84,7 +84,7 @@ _TRAINING_SMOKE = (("max_samples", SMOKE_SAMPLES), ("batch_size", SMOKE_SAMPLES)
 KINDS = {
     "distill": StageKind("distill.run", ("teacher", "init", "decoder_from"), "student.pt",
                          ("data", "out", "device", "resume", "cache_dir", "teacher_checkpoint"), _TRAINING_SMOKE),
-    "finetune": StageKind("distill.finetune", ("init",), "best.pt",
+    "finetune": StageKind("distill.finetune", ("init", "click_decoder_from"), "best.pt",
                           ("data", "val", "out", "device", "resume", "cache_dir"), _TRAINING_SMOKE, uses_val=True),
     "prune": StageKind("compress.prune", ("model",), "pruned.pt",
                        ("data", "out", "work", "device", "resume", "cache_dir"), _TRAINING_SMOKE),

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import inspect
 import ipaddress
 import re
 import secrets
@@ -96,14 +95,15 @@ def load_model(name: str):
 
 
 def accepts_clicks(model) -> bool:
-    """Whether the model's decode takes clicks (ClassPromptSAM does; the exported graphs do not yet, issue #31)."""
-    return "points" in inspect.signature(model.decode).parameters
+    """Whether the model's decode takes clicks (zoo.runtime.interface: ClassPromptSAM does, and an exported variant
+    with a clicks graph)."""
+    return bool(getattr(model, "takes_clicks", False))
 
 
 def clicks_note(model, name: str) -> str:
     if accepts_clicks(model):
         return CLICKS_UNTRAINED
-    return f"This model ({name}) does not take clicks yet: its exported decoder has no click inputs (issue #31)."
+    return f"This model ({name}) does not take clicks yet: its exported folder has no click decoder (issue #31)."
 
 
 class AppError(Exception):

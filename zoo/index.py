@@ -42,7 +42,7 @@ from zoo.runtime.backends import (
     runtime_version,
 )
 from zoo.runtime.embedding_cache import DEFAULT_CACHE_DIR
-from zoo.runtime.export import complete_variant, export_variant
+from zoo.runtime.export import EXPORT_PARTS_VERSION, complete_variant, export_variant
 from zoo.runtime.exported import MANIFEST, ExportedModel, read_manifest
 
 INDEX_PATH = ZOO_DIR / "index.json"
@@ -182,7 +182,8 @@ def _derived_folder(entry: dict) -> Path:
                                   f"{parent['name']} again (compress.quantize --ship {entry['name']})")
     precision = entry.get("precision", "fp32")
     tag = f"{entry['sha256'][:16]}-" if shipped else ("" if precision == "fp32" else f"{precision}-")
-    folder = EXPORT_CACHE / f"{entry['name']}-{tag}{parent['sha256'][:16]}-{backend}-{runtime_version(backend)}"
+    folder = EXPORT_CACHE / (f"{entry['name']}-{tag}{parent['sha256'][:16]}-{backend}-{runtime_version(backend)}"
+                             f"-{EXPORT_PARTS_VERSION}")
     stale = clean_stale_temps(EXPORT_CACHE)  # staging folders of exports killed midway (kill -9, power loss)
     if stale:
         print(f"removed {len(stale)} unfinished export(s) left by an interrupted run: {', '.join(map(str, stale))}",

@@ -16,7 +16,7 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,17 @@ class Segmentation:
     head_modality: str | None = None  # the modality head's prediction on the first embedded image, if it has one
 
 
+@dataclass
+class Trace:
+    """What zoo.interactive refines from: every box's prompt, logits and mask on each slice it was decoded on,
+    {(box index, z, None for a 2D image): (256-scale box, (1, 256, 256) logits, (H, W) bool mask)}, and a 2D image's
+    embedding with its unpadded 256-frame size."""
+
+    decoded: dict = field(default_factory=dict)
+    embedding: torch.Tensor | None = None
+    resized: tuple[int, int] | None = None
+
+
 class ModalityChoice:
     """Which modality a case's class prompt gets: 'auto' (the file's modality, else the head's prediction),
     'head' (always the head's prediction) or a modality name. Models without a class prompt use none."""
@@ -80,22 +91,32 @@ class ModalityChoice:
         return predicted, "head", predicted
 
 
-def decode_masks(model, embedding, boxes256: np.ndarray, modality: str | None, resized, original) -> np.ndarray:
-    """Boxes (N, 4) at 256 scale -> boolean masks (N, H, W) at the original size."""
+def decode_masks(model, embedding, boxes256: np.ndarray, modality: str | None, resized, original,
+                 logits: list | None = None) -> np.ndarray:
+    """Boxes (N, 4) at 256 scale -> boolean masks (N, H, W) at the original size; each box's (1, 256, 256) logits
+    are appended to `logits` when one is given (zoo.interactive feeds them back as the next step's mask prompt)."""
     ids = None if modality is None else modality_id(modality)
     masks = []
     for start in range(0, len(boxes256), DECODE_CHUNK):
         boxes = torch.as_tensor(boxes256[start : start + DECODE_CHUNK], dtype=torch.float32)
-        masks.append(postprocess_logits(model.decode(embedding, boxes, ids), resized, original))
+        chunk = model.decode(embedding, boxes, ids)
+        if logits is not None:
+            logits.extend(chunk)
+        masks.append(postprocess_logits(chunk, resized, original))
     return np.concatenate(masks)
 
 
-def segment_2d(model: SegmentationRuntime, case: Case, modalities: ModalityChoice) -> Segmentation:
+def segment_2d(model: SegmentationRuntime, case: Case, modalities: ModalityChoice, trace: Trace | None = None) -> Segmentation:
+    """`trace`, when given, receives the embedding and each box's prompt, logits and mask (Trace)."""
     height, width = case.image.shape[:2]
     image, resized = preprocess_image(case.image)
     embedding = model.embed(image)
     modality, source, predicted = modalities.resolve(case, embedding)
-    masks = decode_masks(model, embedding, scale_boxes(case.boxes, (height, width)), modality, resized, (height, width))
+    boxes256, logits = scale_boxes(case.boxes, (height, width)), []
+    masks = decode_masks(model, embedding, boxes256, modality, resized, (height, width), logits)
+    if trace is not None:
+        trace.embedding, trace.resized = embedding, resized
+        trace.decoded.update({(b, None): (boxes256[b], logits[b], masks[b]) for b in range(len(masks))})
     segs = np.zeros((height, width), dtype=label_dtype(len(case.boxes)))
     for label, mask in enumerate(masks, start=1):
         segs[mask] = label
@@ -140,7 +161,8 @@ def propagation_plan(boxes: np.ndarray, depth: int) -> list[tuple[int, range, ra
 
 
 def segment_3d(model: SegmentationRuntime, case: Case, modalities: ModalityChoice,
-               embeddings: SliceEmbeddings | None = None) -> Segmentation:
+               embeddings: SliceEmbeddings | None = None, trace: Trace | None = None) -> Segmentation:
+    """`trace`, when given, receives each box's prompt, logits and mask on every slice it was decoded on (Trace)."""
     volume = case.image
     depth, height, width = volume.shape
     embeddings = embeddings or SliceEmbeddings(model, volume)
@@ -160,7 +182,12 @@ def segment_3d(model: SegmentationRuntime, case: Case, modalities: ModalityChoic
             for b in active:
                 carried = box_from_mask(previous[b]) if b in previous else None
                 prompts.append(start_boxes[b] if carried is None else carried)
-            masks = decode_masks(model, embeddings[z], np.stack(prompts), modality, embeddings.resized, (height, width))
+            logits = []
+            masks = decode_masks(model, embeddings[z], np.stack(prompts), modality, embeddings.resized, (height, width),
+                                 logits)
+            if trace is not None:
+                trace.decoded.update({(b, z): (prompt, lowres, mask)
+                                      for b, prompt, lowres, mask in zip(active, prompts, logits, masks)})
             for b, mask in zip(active, masks):
                 label = b + 1
                 # The official script carries the box from its label map (values = label), and INTER_AREA's

@@ -144,13 +144,14 @@ def test_ship_of_a_zoo_models_variant_commits_only_the_int8_encoder(setup, tmp_p
     assert entry["derived_from"] == "tiny" and entry["export"] == "openvino" and entry["precision"] == "int8"
     shipped = index.parent / "tiny_openvino_int8"
     assert sorted(p.name for p in shipped.iterdir()) == ["encoder_int8.bin", "encoder_int8.xml", MANIFEST]
-    assert json.loads((shipped / MANIFEST).read_text())["from_parent"] == ["decoder", "head"]
+    assert json.loads((shipped / MANIFEST).read_text())["from_parent"] == ["decoder", "clicks", "head"]
     with pytest.raises(CheckpointError, match="load it by its zoo name"):
         zoo.index.load(shipped)
 
     # Completed on load: the shipped INT8 encoder, the parent's FP32 decoder and head; answers as the full variant.
     loaded, full = zoo.index.load("tiny_openvino_int8"), ExportedModel(out)
     assert loaded.precision == "int8" and loaded.encoder_fingerprint() == full.encoder_fingerprint()
+    assert loaded.takes_clicks  # the parent's FP32 clicks graph (#31) completes it too
     assert zoo.index.model_parent("tiny_openvino_int8") == "tiny"
     image = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
     embedding = loaded.embed(image)
@@ -208,12 +209,13 @@ def test_decoder_int8_is_calibrated_on_boxes_of_the_ground_truth_and_ships_witho
     assert main(["tiny", "--decoder", "--calib", str(labelled), "--n-calib", "3", "--check", str(labelled), "--n-check", "2",
                  "--out", str(out), "--ship", "tiny_int8"]) == 0
     metadata = ExportedModel(out).manifest["metadata"]
-    assert metadata["quantized_parts"] == ["encoder", "decoder"] and metadata["decoder_calibration_inputs"] == 3
+    assert metadata["quantized_parts"] == ["encoder", "decoder", "clicks"] and metadata["decoder_calibration_inputs"] == 3
     assert 0 < metadata["mask_dice_vs_fp32"] <= 1 and metadata["mask_dice_vs_fp32_inputs"] == 2
+    assert metadata["clicks_calibration_inputs"] == 3 and 0 < metadata["click_mask_dice_vs_fp32"] <= 1
     shipped = index.parent / "tiny_int8"
-    assert sorted(p.name for p in shipped.iterdir()) == ["decoder_int8.bin", "decoder_int8.xml", "encoder_int8.bin",
-                                                         "encoder_int8.xml", MANIFEST]
-    assert "decoder INT8 too" in zoo.index.read_index()[1]["source"]
+    assert sorted(p.name for p in shipped.iterdir()) == ["clicks_int8.bin", "clicks_int8.xml", "decoder_int8.bin",
+                                                         "decoder_int8.xml", "encoder_int8.bin", "encoder_int8.xml", MANIFEST]
+    assert "decoder INT8 too (with clicks too)" in zoo.index.read_index()[1]["source"]
     model, variant = zoo.index.load("tiny"), zoo.index.load("tiny_int8")
     image, boxes = torch.rand(1, 3, 256, 256), torch.tensor([[10.0, 10.0, 100.0, 100.0]])
     with torch.inference_mode():
@@ -221,6 +223,10 @@ def test_decoder_int8_is_calibrated_on_boxes_of_the_ground_truth_and_ships_witho
         int8, fp32 = variant.decode(embedding, boxes, 1), model.decode(embedding, boxes, 1)
         assert not torch.allclose(int8, fp32, atol=1e-3)  # the decoder quantized for real
         assert torch.allclose(variant.predict_modality(embedding), model.predict_modality(embedding), atol=1e-4)  # FP32 head
+        # the clicks graph INT8 too: loosely like PyTorch (a random tiny model: its logits' sign is all that is checked)
+        click = dict(points=torch.tensor([[[40.0, 50.0]]]), point_labels=torch.ones(1, 1), mask_input=fp32)
+        int8, fp32 = variant.decode(embedding, boxes, 1, **click), model.decode(embedding, boxes, 1, **click)
+        assert not torch.allclose(int8, fp32, atol=1e-3) and ((int8 > 0) == (fp32 > 0)).float().mean() > 0.8
 
 
 def test_large_float_constants_of_an_int8_ir_are_stored_as_fp16_and_computed_in_f32():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill.finetune import build_model, main
+from distill.finetune import CLICK_PROMPT_PARTS, build_model, main
 from tests.helpers import TINY_STUDENT, write_npz
 from zoo.data.io import load_case, read_csv
 from zoo.models.checkpoint import load_checkpoint, save_checkpoint
@@ -158,3 +158,80 @@ def test_head_only_refits_the_head_of_a_distilled_student(data, capsys):
     assert 0 <= meta["val"]["head_accuracy"] <= 1 and "modality head fitted" in capsys.readouterr().out
     assert not torch.equal(before.modality_head.mlp[0].weight, model.modality_head.mlp[0].weight)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.state_dict().items() if not k.startswith("modality_head."))
+
+
+def test_click_stage_trains_by_simulated_interaction_and_selects_by_the_protocol(data):
+    """--clicks 2: each sample the box step then two simulated clicks, every step in the loss; the init is scored
+    first (its box-only DSC is the bar) and every epoch by the protocol on the val samples; the head and the encoder
+    do not train, the decoder and the click parts of the prompt encoder do."""
+    out = data / "clicks"
+    # one train and one val sample (one step an epoch): quick, and every part still runs
+    assert main(_args(data, out, "--clicks", "2", "--click-val-samples", "1", "--decoder-token-stride", "2",
+                      "--click-parts", "decoder", "--max-samples", "1", "--batch-size", "1")) == 0
+    rows = read_csv(out / "val.csv")
+    assert [int(r["epoch"]) for r in rows] == [-1, 0, 1] and [int(r["step"]) for r in rows] == [0, 1, 2]
+    assert all(r["dsc_step0"] == r["dsc"] or abs(float(r["dsc_step0"]) - float(r["dsc"])) < 1e-9 for r in rows)
+    assert all(r["dsc_step2"] != "" and r["box_dsc_kept"] in ("yes", "no") for r in rows) and rows[0]["box_dsc_kept"] == "yes"
+    model, meta = load_checkpoint(out / "best.pt")
+    assert meta["settings"]["clicks"] == 2 and set(meta["val"]["clicks"]["per_modality"]) == {"US"}
+    kept = [r for r in rows if r["box_dsc_kept"] == "yes"]
+    assert meta["val"]["clicks"]["score"] == pytest.approx(max(float(r["click_score"]) for r in kept), abs=1e-4)
+    torch.manual_seed(0)  # the run's seed: the same fresh head and zero class prompt as its start
+    start = build_model(str(data / "tiny.pt"), class_prompt=True, decoder_token_stride=2)
+    before, after = start.state_dict(), model.state_dict()
+    if meta["steps"]:  # an epoch was kept: it trained what a click needs, and nothing else
+        assert not torch.equal(before["prompt_encoder.mask_downscaling.0.weight"], after["prompt_encoder.mask_downscaling.0.weight"])
+        assert not torch.equal(before["mask_decoder.iou_token.weight"], after["mask_decoder.iou_token.weight"])
+    for name in before:
+        if name.startswith(("image_encoder.", "modality_head.", "prompt_encoder.point_embeddings.2", "prompt_encoder.no_mask")):
+            assert torch.equal(before[name], after[name]), name
+
+
+def test_click_stage_on_the_prompt_parts_leaves_box_only_masks_exactly_the_inits(data):
+    out = data / "prompt"
+    assert main(_args(data, out, "--clicks", "1", "--click-val-samples", "1", "--click-parts", "prompt",
+                      "--epochs", "1", "--box-tolerance", "1", "--max-samples", "1", "--batch-size", "1")) == 0
+    torch.manual_seed(0)
+    start = build_model(str(data / "tiny.pt"), class_prompt=True)
+    model = build_model(str(data / "tiny.pt"), class_prompt=True)
+    model.load_state_dict(torch.load(out / "last.pt", weights_only=True)["model"])  # the trained weights
+    before, after = start.state_dict(), model.state_dict()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(name.startswith(("prompt_encoder.point_embeddings.0", "prompt_encoder.point_embeddings.1",
+                                            "prompt_encoder.not_a_point", "prompt_encoder.mask_downscaling"))
+                           for name in changed), changed
+    embedding, boxes = torch.randn(1, 256, 64, 64), torch.tensor([[4.0, 5.0, 30.0, 40.0]])
+    with torch.inference_mode():
+        assert torch.equal(start.decode(embedding, boxes, 3), model.decode(embedding, boxes, 3))
+
+
+def test_a_separate_click_decoder_leaves_the_box_decoder_and_box_only_masks_exactly_the_inits(data):
+    """--click-parts separate (the default): the click decoder starts as the box decoder (or --click-decoder-from's),
+    only it and the click prompt parts train; box-only decodes are the init's bit for bit, clicks go to the new one."""
+    first = data / "first"
+    assert main(_args(data, first, "--clicks", "1", "--click-val-samples", "1", "--epochs", "1", "--max-samples", "1", "--batch-size", "1")) == 0
+    torch.manual_seed(0)
+    start = build_model(str(data / "tiny.pt"), class_prompt=True)
+    model = load_checkpoint(first / "best.pt")[0]
+    assert model.config.click_decoder and not start.config.click_decoder
+    trained = build_model(str(first / "best.pt"), class_prompt=True)
+    trained.load_state_dict(torch.load(first / "last.pt", weights_only=True)["model"])
+    before, after = start.state_dict(), trained.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith(CLICK_PROMPT_PARTS))
+    assert any(not torch.equal(after[f"click_mask_decoder.{k}"], v) for k, v in start.mask_decoder.state_dict().items())
+    embedding, boxes = torch.randn(1, 256, 64, 64), torch.tensor([[4.0, 5.0, 30.0, 40.0]])
+    click = dict(points=torch.tensor([[[10.0, 20.0]]]), point_labels=torch.ones(1, 1))
+    with torch.inference_mode():
+        assert torch.equal(start.decode(embedding, boxes, 3), trained.decode(embedding, boxes, 3))
+        assert not torch.equal(start.decode(embedding, boxes, 3, **click), trained.decode(embedding, boxes, 3, **click))
+    rows = read_csv(first / "val.csv")
+    assert len({r["dsc"] for r in rows}) == 1 and all(r["box_dsc_kept"] == "yes" for r in rows)  # scored once
+
+    # a second stage takes its click decoder from the first one's checkpoint
+    second = data / "second"
+    assert main(_args(data, second, "--clicks", "1", "--click-val-samples", "1", "--epochs", "1", "--max-steps", "1",
+                      "--click-decoder-from", str(first / "last_weights.pt"))) == 2  # a missing file is named
+    save_checkpoint(data / "donor.pt", trained)
+    assert main(_args(data, second, "--clicks", "1", "--click-val-samples", "1", "--epochs", "1", "--max-steps", "1",
+                      "--max-samples", "1", "--batch-size", "1", "--click-decoder-from", str(data / "donor.pt"))) == 0
+    assert load_checkpoint(second / "best.pt")[1]["click_decoder_from"] == str(data / "donor.pt")

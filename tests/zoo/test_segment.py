@@ -201,6 +201,47 @@ def test_dicom_series_is_segmented_into_a_nifti_of_the_series_geometry(bright_ru
     assert sitk.GetArrayFromImage(written)[1:, 20:101, 20:101].any()
 
 
+def test_points_refine_the_boxes_masks_click_by_click_and_may_start_without_a_box(stand_in, tmp_path, capsys):
+    """--points in the --boxes convention: label N is box N; fg and bg clicks ([x, y], column and row) replay in order;
+    a label without a box starts box-free from the whole image; a bad click is named; a model without clicks refused."""
+    from tests.zoo.test_interactive import ClickingRuntime
+
+    picture = np.zeros((64, 64), np.uint8)
+    picture[10:40, 10:40] = 200
+    picture[20:26, 20:26] = 60  # a dark hole the box's mask misses
+    Image.fromarray(picture).save(tmp_path / "p.png")
+    other = np.zeros((64, 64), np.uint8)
+    other[40:60, 2:40] = 200  # an object given no box
+    Image.fromarray(other).save(tmp_path / "q.png")
+    boxes, points = tmp_path / "boxes.json", tmp_path / "points.json"
+    boxes.write_text(json.dumps({"p.png": [[9, 9, 40, 40]], "q.png": [[60, 0, 63, 3]]}))
+    points.write_text(json.dumps({"p.png": [{"label": 1, "fg": [[22, 23]]}],
+                                  "q.png": [{"label": 3, "fg": [[8, 54]], "bg": [[30, 50]]}]}))
+    model = ClickingRuntime()
+    rows = segment_files(model, [tmp_path / "p.png", tmp_path / "q.png"], tmp_path / "out", boxes_file=boxes,
+                         points_file=points, progress=False)
+    assert [r["status"] for r in rows] == ["ok", "ok"] and [r["n_clicks"] for r in rows] == [1, 2]
+    assert (np.asarray(Image.open(tmp_path / "out" / "p.png"))[10:40, 10:40] == 1).all()  # the hole filled
+    labels = np.asarray(Image.open(tmp_path / "out" / "q.png"))
+    assert rows[1]["n_objects"] == 2 and labels[54, 8] == 3 and labels[50, 30] == 0  # box-free: label 3, its bg click
+    plain = segment_files(model, [tmp_path / "p.png"], tmp_path / "plain", boxes_file=boxes, progress=False)
+    points.write_text(json.dumps({"p.png": [{"label": 1, "fg": [[22, 23]]}]}))
+    assert plain[0]["n_clicks"] == 0 and not np.asarray(Image.open(tmp_path / "plain" / "p.png"))[22, 22]
+
+    points.write_text(json.dumps({"p.png": [{"label": 1, "fg": [[70, 3]]}]}))
+    rows = segment_files(model, [tmp_path / "p.png"], tmp_path / "o2", boxes_file=boxes, points_file=points, progress=False)
+    assert "label 1: click [70.0, 3.0] lies outside the image (64 x 64)" in rows[0]["error"]
+    points.write_text(json.dumps({"p.png": [{"label": 2, "bg": [[5, 3]]}]}))
+    rows = segment_files(model, [tmp_path / "p.png"], tmp_path / "o3", boxes_file=boxes, points_file=points, progress=False)
+    assert "label 2 has no box: a box-free start needs an fg click" in rows[0]["error"]
+    points.write_text(json.dumps({"p.png": [{"label": 1, "fg": [[22, 23]]}]}))
+    rows = segment_files(ClickingRuntime.__mro__[1](), [tmp_path / "p.png"], tmp_path / "o4", boxes_file=boxes,
+                         points_file=points, progress=False)
+    assert "this model takes no clicks" in rows[0]["error"]
+    assert main([str(tmp_path / "p.png"), "-o", str(tmp_path / "o5"), "--boxes", str(boxes), "--points",
+                 str(tmp_path / "nope.json")] + stand_in) == 2
+    assert "nope.json: not a readable JSON file" in capsys.readouterr().err
+
 
 # Reliability round 3 (#33): each probe of the issue, with its outcome now.
 

@@ -56,6 +56,12 @@ def scale_boxes(boxes: np.ndarray, original_size: tuple[int, int]) -> np.ndarray
     return np.trunc(np.asarray(boxes, dtype=np.float64) * (IMAGE_SIZE / max(original_size)))
 
 
+def scale_points(points: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+    """Clicks (N, 2) [x, y] in original pixels -> (N, 2) float at 256 scale: the boxes' factor, not truncated (a
+    click is one pixel; SAM's prompt encoder takes it at that pixel's centre, as it takes a box's corners)."""
+    return np.asarray(points, dtype=np.float64).reshape(-1, 2) * (IMAGE_SIZE / max(original_size))
+
+
 def label_box(labels: np.ndarray, label: int) -> np.ndarray:
     """The tight box (4,) [x0, y0, x1, y1] in original pixels around `label` in a 2D label map (H, W)."""
     ys, xs = np.nonzero(labels == label)

@@ -184,6 +184,14 @@ def sample_object(sample: Sample, generator: torch.Generator, jitter: int = 0,
     return torch.as_tensor(box, dtype=torch.float32), mask_256(gts, label)
 
 
+def sample_area(sample: Sample) -> torch.Tensor:
+    """(256, 256) bool: where a sample's image lies in the 256 frame (the rest is padding, cropped at inference)."""
+    height, width = resized_shape(*sample_image(sample).shape[:2])
+    area = torch.zeros(IMAGE_SIZE, IMAGE_SIZE, dtype=torch.bool)
+    area[:height, :width] = True
+    return area
+
+
 def flip(tensor: torch.Tensor, horizontal: bool, vertical: bool) -> torch.Tensor:
     """A (…, H, W) image, embedding or mask flipped left-right and/or up-down (training augmentation)."""
     dims = [d for d, on in ((-1, horizontal), (-2, vertical)) if on]

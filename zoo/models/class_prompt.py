@@ -16,6 +16,7 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransfor
 
 from zoo.data.preprocess import IMAGE_SIZE
 from zoo.modalities import MODALITIES
+from zoo.models.clicks import pad_clicks
 from zoo.models.encoders import ENCODER_CONFIGS, TinyViTConfig, TinyViTEncoder
 from zoo.models.pooled_decoder import PooledMaskDecoder, PooledTwoWayTransformer
 from zoo.models.weights import module_fingerprint
@@ -36,6 +37,9 @@ class ModelConfig:
     encoder: TinyViTConfig = field(default_factory=lambda: ENCODER_CONFIGS["litemedsam"])
     class_prompt: bool = False
     decoder_token_stride: int = 1
+    # A mask decoder of its own for decodes with clicks (issue #31), of the box decoder's design: a box alone keeps
+    # the box decoder, so box-only masks stay exactly those of the model it was trained from.
+    click_decoder: bool = False
 
     @property
     def decoder(self) -> str:
@@ -43,8 +47,11 @@ class ModelConfig:
         return "sam" if self.decoder_token_stride == 1 else LIGHT_DECODER
 
     def to_dict(self) -> dict:
-        return {"encoder": self.encoder.to_dict(), "class_prompt": self.class_prompt,
-                "decoder_token_stride": self.decoder_token_stride, "decoder": self.decoder}
+        values = {"encoder": self.encoder.to_dict(), "class_prompt": self.class_prompt,
+                  "decoder_token_stride": self.decoder_token_stride, "decoder": self.decoder}
+        if self.click_decoder:  # written only when there is one: earlier readers still read the others
+            values["click_decoder"] = True
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":
@@ -53,7 +60,7 @@ class ModelConfig:
         reproduce: refused, not loaded into the wrong decoder."""
         stride = int(values.get("decoder_token_stride", 1))
         config = cls(encoder=TinyViTConfig.from_dict(values["encoder"]), class_prompt=bool(values["class_prompt"]),
-                     decoder_token_stride=stride)
+                     decoder_token_stride=stride, click_decoder=bool(values.get("click_decoder", False)))
         decoder = values.get("decoder", "sam" if stride == 1 else "an earlier light decoder")
         if decoder != config.decoder:
             raise ValueError(f"decoder {decoder!r} with decoder_token_stride {stride}: this version builds SAM's decoder"
@@ -84,9 +91,12 @@ class ClassPromptSAM(nn.Module):
       predict_modality(embedding)       (1, 256, 64, 64) -> (1, 11) logits, or None without a head
       decode(embedding, boxes, modality, points=None, point_labels=None, mask_input=None)
                                         boxes (N, 4) at 256 scale -> (N, 1, 256, 256) mask logits
+      decode_clicks(embedding, boxes, modality, points, point_labels, mask_input, has_mask_input)
+                                        the click decode on padded inputs (the exported `clicks` graph)
     """
 
     backend = "pytorch"
+    takes_clicks = True  # decode(points=, point_labels=, mask_input=): zoo.models.clicks
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -100,10 +110,14 @@ class ClassPromptSAM(nn.Module):
         shape = dict(depth=2, embedding_dim=EMBED_DIM, mlp_dim=2048, num_heads=8)
         decoder = dict(num_multimask_outputs=3, transformer_dim=EMBED_DIM, iou_head_depth=3, iou_head_hidden_dim=256)
         stride = config.decoder_token_stride
-        if stride == 1:
-            self.mask_decoder = MaskDecoder(transformer=TwoWayTransformer(**shape), **decoder)
-        else:
-            self.mask_decoder = PooledMaskDecoder(transformer=PooledTwoWayTransformer(token_stride=stride, **shape), **decoder)
+
+        def mask_decoder():
+            if stride == 1:
+                return MaskDecoder(transformer=TwoWayTransformer(**shape), **decoder)
+            return PooledMaskDecoder(transformer=PooledTwoWayTransformer(token_stride=stride, **shape), **decoder)
+
+        self.mask_decoder = mask_decoder()
+        self.click_mask_decoder = mask_decoder() if config.click_decoder else None
         if config.class_prompt:
             self.modality_head = ModalityHead()
             self.class_prompt = nn.Embedding(len(MODALITIES), EMBED_DIM)
@@ -134,26 +148,57 @@ class ClassPromptSAM(nn.Module):
                mask_input: torch.Tensor | None = None) -> torch.Tensor:
         """embedding (1 or N, 256, 64, 64), boxes (N, 4), modality: id, (N,) ids or None -> logits (N, 1, 256, 256).
 
-        Clicks: points (N, P, 2) as (x, y) at 256 scale with point_labels (N, P): 1 positive, 0 negative, -1 padding
-        (ignored); mask_input (N, 1, 256, 256): the previous step's logits. Without a given modality a class-prompt
-        model uses its head's prediction."""
-        clicks = None
-        if points is not None:
-            if point_labels is None or point_labels.shape != points.shape[:2]:
-                raise ValueError("points (N, P, 2) need point_labels (N, P)")
-            clicks = (points.float(), point_labels.float())
-        sparse, dense = self.prompt_encoder(points=clicks, boxes=boxes.reshape(-1, 1, 4).float(),
-                                            masks=None if mask_input is None else mask_input.float())
+        Clicks: points (N, P, 2) as (x, y) at 256 scale with point_labels (N, P): 1 positive, 0 negative, -1 padding;
+        mask_input (N, 1, 256, 256): the previous step's logits. With neither, the box-only decode (unchanged since
+        before clicks); with either, decode_clicks on the inputs padded as every backend pads them
+        (zoo.models.clicks.pad_clicks). Without a given modality a class-prompt model uses its head's prediction."""
+        if self.class_prompt is not None and modality is None:
+            modality = self.predict_modality(embedding).argmax(dim=1)
+        if points is not None or mask_input is not None:
+            clicks = pad_clicks(len(boxes.reshape(-1, 4)), points, point_labels, mask_input)
+            device = boxes.device
+            return self.decode_clicks(embedding, boxes, modality, *(v.to(device) for v in clicks.values()))
+        sparse, dense = self.prompt_encoder(points=None, boxes=boxes.reshape(-1, 1, 4).float(), masks=None)
         if self.class_prompt is not None:
-            if modality is None:
-                modality = self.predict_modality(embedding).argmax(dim=1)
             ids = torch.as_tensor(modality, device=sparse.device).reshape(-1)
-            prompt = self.class_prompt(ids)[:, None, :]  # (N or 1, 1, 256)
-            if clicks is None:
-                sparse = sparse + prompt  # onto both box tokens
-            else:  # onto the box tokens only, the last two: the class prompt is part of the box prompt
-                sparse = torch.cat([sparse[:, :-2], sparse[:, -2:] + prompt], dim=1)
+            sparse = sparse + self.class_prompt(ids)[:, None, :]  # onto both box tokens
         logits, _ = self.mask_decoder(
+            image_embeddings=embedding, image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
+        )
+        return logits
+
+    def click_prompts(self, boxes: torch.Tensor, points: torch.Tensor, point_labels: torch.Tensor,
+                      mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM's prompt encoder on padded clicks (zoo.models.clicks.pad_clicks), written with selections instead of
+        in-place masked writes so that it exports to ONNX, as SAM's ONNX model does: the same sums as
+        PromptEncoder.forward(points, boxes, masks) (tested). -> sparse (N, P + 2, 256): the points then the two box
+        corners; dense (N, 256, 64, 64): the mask prompt where has_mask_input is 1, the no-mask embedding where 0."""
+        encoder = self.prompt_encoder
+        coords = encoder.pe_layer.forward_with_coords(points.float() + 0.5, encoder.input_image_size)  # (N, P, 256)
+        labels = point_labels.float()[..., None]
+        padding = encoder.not_a_point_embed.weight.expand_as(coords)
+        points_embedded = torch.where(labels == 1, coords + encoder.point_embeddings[1].weight,
+                                      torch.where(labels == 0, coords + encoder.point_embeddings[0].weight, padding))
+        sparse = torch.cat([points_embedded, encoder._embed_boxes(boxes.reshape(-1, 1, 4).float())], dim=1)
+        has_mask = has_mask_input.float().reshape(-1, 1, 1, 1)[:1]
+        no_mask = encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        dense = has_mask * encoder.mask_downscaling(mask_input.float()) + (1 - has_mask) * no_mask
+        return sparse, dense
+
+    def decode_clicks(self, embedding: torch.Tensor, boxes: torch.Tensor, modality: torch.Tensor | int | None,
+                      points: torch.Tensor, point_labels: torch.Tensor, mask_input: torch.Tensor,
+                      has_mask_input: torch.Tensor) -> torch.Tensor:
+        """The click decode on padded inputs (what the exported `clicks` graph computes): box, points and labels
+        (N, MAX_POINTS[, 2]), mask_input (N, 1, 256, 256), has_mask_input (1,) -> logits (N, 1, 256, 256). The class
+        prompt is part of the box prompt: it goes onto the two box tokens only. A model with a click decoder
+        (config.click_decoder) decodes with it; the others with their box decoder."""
+        sparse, dense = self.click_prompts(boxes, points, point_labels, mask_input, has_mask_input)
+        if self.class_prompt is not None:
+            ids = torch.as_tensor(modality, device=sparse.device).reshape(-1)
+            sparse = torch.cat([sparse[:, :-2], sparse[:, -2:] + self.class_prompt(ids)[:, None, :]], dim=1)
+        decoder = self.mask_decoder if self.click_mask_decoder is None else self.click_mask_decoder
+        logits, _ = decoder(
             image_embeddings=embedding, image_pe=self.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
         )

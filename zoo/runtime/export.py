@@ -21,12 +21,16 @@ import torch.nn as nn
 from zoo.data.io import clean_stale_temps, temp_name
 from zoo.data.preprocess import IMAGE_SIZE
 from zoo.models.class_prompt import EMBED_DIM, ClassPromptSAM
+from zoo.models.clicks import pad_clicks
 from zoo.models.flops import model_size
 from zoo.models.weights import sha256_file
 from zoo.runtime.backends import BACKENDS, EXPORT_PRECISIONS, check_precision, export_backend
-from zoo.runtime.exported import FORMAT, MANIFEST, PARTS, read_manifest
+from zoo.runtime.exported import CLICK_INPUTS, FORMAT, MANIFEST, PARTS, read_manifest
 
 OPSET = 17
+# Named in the cache folder of every export made on first load (zoo.index): a cached export made before the parts it
+# holds changed (the `clicks` graph, issue #31) is not reused; the first load exports anew.
+EXPORT_PARTS_VERSION = "clicks1"
 
 
 class EncoderGraph(nn.Module):
@@ -62,15 +66,36 @@ class DecoderGraph(nn.Module):
         return self.model.decode(embedding, boxes, modality)
 
 
+class ClickDecoderGraph(nn.Module):
+    """decode_clicks(): a box with clicks padded to MAX_POINTS and the previous step's logits (zoo.models.clicks)."""
+
+    def __init__(self, model: ClassPromptSAM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, embedding, boxes, *inputs):
+        modality, (points, point_labels, mask_input, has_mask_input) = (inputs[0], inputs[1:]) if len(inputs) == 5 \
+            else (None, inputs)
+        return self.model.decode_clicks(embedding, boxes, modality, points, point_labels, mask_input, has_mask_input)
+
+
+def click_example(count: int) -> tuple[torch.Tensor, ...]:
+    """Example click inputs for `count` boxes (tracing): a positive and a negative click, a previous mask."""
+    clicks = pad_clicks(count, torch.tensor([[60.0, 80.0], [100.0, 90.0]]), torch.tensor([1.0, 0.0]),
+                        torch.randn(count, 1, IMAGE_SIZE, IMAGE_SIZE))
+    return tuple(clicks.values())
+
+
 def export_onnx(model: ClassPromptSAM, folder: Path, parts: tuple[str, ...] = PARTS) -> dict[str, Path]:
-    """encoder.onnx, decoder.onnx (a dynamic number of boxes) and, with a modality head, head.onnx; only those
-    in `parts`. A copy is traced: tracing leaves state behind in timm's attention-bias caches."""
+    """encoder.onnx, decoder.onnx (a dynamic number of boxes), clicks.onnx (the decoder with clicks and a mask
+    prompt, zoo.models.clicks) and, with a modality head, head.onnx; only those in `parts`. A copy is traced:
+    tracing leaves state behind in timm's attention-bias caches."""
     model = copy.deepcopy(model).float().eval()
     grid = model.config.encoder.embedding_size
     image = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE)
     embedding = torch.randn(1, EMBED_DIM, grid, grid)
     boxes = torch.tensor([[10.0, 20.0, 120.0, 140.0], [30.0, 30.0, 90.0, 200.0]])
-    paths = {"encoder": folder / "encoder.onnx", "decoder": folder / "decoder.onnx"}
+    paths = {"encoder": folder / "encoder.onnx", "decoder": folder / "decoder.onnx", "clicks": folder / "clicks.onnx"}
     exports = [(EncoderGraph(model), (image,), ["image"], ["embedding"], {}, paths["encoder"])]
     decoder_inputs, decoder_names = (embedding, boxes), ["embedding", "boxes"]
     dynamic = {"boxes": {0: "boxes"}, "logits": {0: "boxes"}}
@@ -81,6 +106,10 @@ def export_onnx(model: ClassPromptSAM, folder: Path, parts: tuple[str, ...] = PA
         paths["head"] = folder / "head.onnx"
         exports.append((HeadGraph(model), (embedding,), ["embedding"], ["modality_logits"], {}, paths["head"]))
     exports.append((DecoderGraph(model), decoder_inputs, decoder_names, ["logits"], dynamic, paths["decoder"]))
+    click_names = decoder_names + CLICK_INPUTS
+    click_dynamic = {**dynamic, **{name: {0: "boxes"} for name in CLICK_INPUTS if name != "has_mask_input"}}
+    exports.append((ClickDecoderGraph(model), decoder_inputs + click_example(len(boxes)), click_names, ["logits"],
+                    click_dynamic, paths["clicks"]))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about shape arithmetic that is constant here
         for module, inputs, in_names, out_names, axes, path in exports:

@@ -1,7 +1,9 @@
 """Exported model variants (ONNX Runtime, OpenVINO) behind the same interface as ClassPromptSAM.
 
 A variant is a folder: manifest.json plus one graph per part — `encoder` (image -> embedding), `decoder`
-(embedding, boxes[, modality] -> mask logits) and, for class-prompt models, `head` (embedding -> modality logits).
+(embedding, boxes[, modality] -> mask logits), `clicks` (the decoder with clicks and a mask prompt, issue #31) and,
+for class-prompt models, `head` (embedding -> modality logits). `clicks` is optional: a variant exported before it
+existed loads and decodes boxes, and refuses clicks with NoClicksError naming itself (never a box-only answer).
 The manifest records each file's sha256, checked before a graph is read. zoo.runtime.export (and compress.quantize) write these folders.
 A zoo variant may ship only its own parts (an INT8 encoder) and name the rest `from_parent`: those are its parent's FP32
 graphs, exported on first load (zoo.runtime.export.complete_variant); such a folder loads by its zoo name, not by path.
@@ -12,7 +14,12 @@ Graph inputs and outputs (N boxes):
   encoder  image (1, 3, 256, 256) float32                       -> embedding (1, 256, 64, 64)
   decoder  embedding (1, 256, 64, 64), boxes (N, 4) float32,
            modality (N,) int64 (class-prompt models only)         -> logits (N, 1, 256, 256)
+  clicks   the decoder's inputs, and points (N, P, 2) float32 (x, y at 256 scale),
+           point_labels (N, P) float32 (1 / 0 / -1 padding), mask_input (N, 1, 256, 256)
+           float32, has_mask_input (1,) float32; P = zoo.models.clicks.MAX_POINTS   -> logits (N, 1, 256, 256)
   head     embedding (1, 256, 64, 64)                            -> modality_logits (1, 11)
+A box-only decode runs `decoder` (the graph it always ran); a decode with clicks or a mask runs `clicks`, its inputs
+padded by zoo.models.clicks.pad_clicks as PyTorch pads them.
 """
 
 from __future__ import annotations
@@ -25,12 +32,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from zoo.models.clicks import pad_clicks
 from zoo.models.weights import CheckpointError, sha256_file
 from zoo.runtime.backends import MANIFEST_BACKENDS, OPENVINO_PRECISION, precision_problem
 
 FORMAT = "cp-tinyvit-exported/1"
 MANIFEST = "manifest.json"
-PARTS = ("encoder", "decoder", "head")
+PARTS = ("encoder", "decoder", "head", "clicks")
+CLICK_INPUTS = ["points", "point_labels", "mask_input", "has_mask_input"]
+
+
+class NoClicksError(ValueError):
+    """A decode with clicks asked of a variant whose folder has no click decoder."""
 
 
 def read_manifest(folder: Path) -> dict:
@@ -173,6 +186,11 @@ class ExportedModel:
     def has_modality_head(self) -> bool:
         return "head" in self.graphs
 
+    @property
+    def takes_clicks(self) -> bool:
+        """Whether decode takes clicks: the folder has a `clicks` graph."""
+        return "clicks" in self.graphs
+
     def encoder_fingerprint(self) -> str:
         """Hash of the encoder graph's files (graph and weights) and of the precision it runs in: equal exactly
         when the embeddings are (one graph computed in f32 and in bf16 gives different ones)."""
@@ -188,11 +206,20 @@ class ExportedModel:
             return None
         return torch.from_numpy(self.graphs["head"](embedding=embedding.numpy().astype(np.float32)))
 
-    def decode(self, embedding: torch.Tensor, boxes: torch.Tensor, modality: torch.Tensor | int | None = None) -> torch.Tensor:
+    def decode(self, embedding: torch.Tensor, boxes: torch.Tensor, modality: torch.Tensor | int | None = None,
+               points: torch.Tensor | None = None, point_labels: torch.Tensor | None = None,
+               mask_input: torch.Tensor | None = None) -> torch.Tensor:
         inputs = {"embedding": embedding.numpy().astype(np.float32), "boxes": boxes.reshape(-1, 4).numpy().astype(np.float32)}
         if self.class_prompt:
             if modality is None:
                 modality = self.predict_modality(embedding).argmax(dim=1)
             ids = torch.as_tensor(modality).reshape(-1).expand(len(inputs["boxes"]))
             inputs["modality"] = ids.numpy().astype(np.int64)
-        return torch.from_numpy(self.graphs["decoder"](**inputs))
+        if points is None and mask_input is None:
+            return torch.from_numpy(self.graphs["decoder"](**inputs))
+        if "clicks" not in self.graphs:
+            raise NoClicksError(f"{self.folder}: this variant takes no clicks (its folder has no click decoder graph: "
+                                f"made before issue #31); decode boxes with it, or export or quantize its model again")
+        clicks = pad_clicks(len(inputs["boxes"]), points, point_labels, mask_input)
+        inputs.update({name: value.numpy() for name, value in clicks.items()})
+        return torch.from_numpy(self.graphs["clicks"](**inputs))

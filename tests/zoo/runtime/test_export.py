@@ -8,6 +8,7 @@ import zoo.index
 from tests.helpers import empty_zoo, tiny_model, write_npz
 from zoo.data.io import load_case
 from zoo.models.checkpoint import save_checkpoint
+from zoo.models.clicks import MAX_POINTS
 from zoo.models.flops import model_size
 from zoo.models.weights import CheckpointError
 from zoo.predict import ModalityChoice, segment_case
@@ -20,36 +21,49 @@ def model():
     return tiny_model()
 
 
+@pytest.fixture(scope="module")
+def exported(model, tmp_path_factory):
+    """exported(backend): one FP32 export of the tiny model per backend, made on first use and shared by the tests
+    that only read it or copy it (an export costs 10 to 30 s on 2 cores)."""
+    made = {}
+
+    def get(backend: str):
+        if backend not in made:
+            made[backend] = export_variant(model, {"parent": "tiny"}, tmp_path_factory.mktemp("exported") / backend, backend)
+        return made[backend]
+
+    return get
+
+
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
-def test_exported_variant_answers_like_the_pytorch_model(model, backend, tmp_path):
-    out = export_variant(model, {"parent": "tiny"}, tmp_path / backend, backend)
-    exported = zoo.index.load(out)
-    assert isinstance(exported, ExportedModel) and exported.backend == backend and exported.precision == "fp32"
-    assert exported.size == model_size(model)
+def test_exported_variant_answers_like_the_pytorch_model(model, exported, backend, tmp_path):
+    variant = zoo.index.load(exported(backend))
+    assert isinstance(variant, ExportedModel) and variant.backend == backend and variant.precision == "fp32"
+    assert variant.size == model_size(model)
     # What the runtime really computes in, read back from the compiled graphs: OpenVINO defaults to bf16 on
     # AVX512_BF16 / AMX CPUs, so an fp32 variant has to ask for f32 explicitly.
-    assert {part: graph.inference_precision for part, graph in exported.graphs.items()} == dict.fromkeys(exported.graphs, "f32")
+    assert {part: graph.inference_precision for part, graph in variant.graphs.items()} == dict.fromkeys(variant.graphs, "f32")
     image = torch.rand(1, 3, 256, 256)
     boxes = torch.tensor([[10.0, 10.0, 100.0, 100.0], [50.0, 60.0, 200.0, 220.0], [0.0, 0.0, 255.0, 255.0]])
     with torch.inference_mode():
         embedding = model.embed(image)
-        assert torch.allclose(exported.embed(image), embedding, atol=1e-4)
-        assert torch.allclose(exported.predict_modality(embedding), model.predict_modality(embedding), atol=1e-4)
+        assert torch.allclose(variant.embed(image), embedding, atol=1e-4)
+        assert torch.allclose(variant.predict_modality(embedding), model.predict_modality(embedding), atol=1e-4)
         for modality in (None, 4, torch.tensor([1, 2, 3])):
-            assert torch.allclose(exported.decode(embedding, boxes, modality), model.decode(embedding, boxes, modality), atol=1e-3)
-        assert exported.decode(embedding, boxes[:1], 2).shape == (1, 1, 256, 256)
+            assert torch.allclose(variant.decode(embedding, boxes, modality), model.decode(embedding, boxes, modality), atol=1e-3)
+        assert variant.decode(embedding, boxes[:1], 2).shape == (1, 1, 256, 256)
     path = write_npz(tmp_path / "2DBox_US_x.npz", imgs=np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8),
                      boxes=np.array([[5, 5, 30, 30], [10, 20, 45, 38]]))
     case = load_case(path)
-    ours = segment_case(exported, case, ModalityChoice(exported)).segs
+    ours = segment_case(variant, case, ModalityChoice(variant)).segs
     theirs = segment_case(model, case, ModalityChoice(model)).segs
     assert (ours == theirs).mean() > 0.99
 
 
-def test_openvino_compiles_the_precision_the_manifest_names(model, tmp_path):
+def test_openvino_compiles_the_precision_the_manifest_names(exported):
     import openvino
 
-    out = export_variant(model, {}, tmp_path / "v", "openvino")
+    out = exported("openvino")
     encoder = out / json.loads((out / "manifest.json").read_text())["files"]["encoder"]["path"]
     assert _OpenVINOGraph(encoder, 1, "fp32").inference_precision == "f32"
     assert _OpenVINOGraph(encoder, 1, "int8").inference_precision == "f32"
@@ -260,3 +274,69 @@ def test_a_manifest_naming_odd_parts_from_its_parent_is_refused(model, tmp_path,
     assert read_manifest(broken)["from_parent"] == ["decoder"]  # a partial variant reads; it loads by zoo name only
     with pytest.raises(CheckpointError, match="load it by its zoo name"):
         ExportedModel(broken)
+
+
+@pytest.fixture(scope="module")
+def click_prompts(model):
+    """(embedding, boxes, [(click inputs, PyTorch's logits)], box-only logits): seeded, and decoded by PyTorch once
+    for both backends (the tiny model's decoder is the slow part of a comparison)."""
+    generator = torch.Generator().manual_seed(0)
+    embedding = torch.randn(1, 256, 64, 64, generator=generator)
+    boxes = torch.tensor([[10.0, 10.0, 100.0, 100.0], [50.0, 60.0, 200.0, 220.0]])
+    prompts = []
+    with torch.inference_mode():
+        for count in (0, 1, MAX_POINTS, MAX_POINTS + 1):  # padded, full, and more than the graph takes
+            points = torch.rand(2, count, 2, generator=generator) * 255
+            labels = (torch.arange(2 * count).reshape(2, count) % 2).float()
+            for mask in (None, torch.randn(2, 1, 256, 256, generator=generator) * 10):
+                if count == 0 and mask is None:
+                    continue
+                inputs = {"points": points if count else None, "point_labels": labels if count else None,
+                          "mask_input": mask}
+                prompts.append((inputs, model.decode(embedding, boxes, 3, **inputs)))
+        return embedding, boxes, prompts, model.decode(embedding, boxes, 3)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_the_exported_click_decoder_answers_like_pytorch_and_boxes_alone_keep_their_graph(exported, click_prompts,
+                                                                                          backend):
+    """The clicks graph (fixed MAX_POINTS points, padded as SAM's ONNX export pads them, and a mask prompt) against
+    PyTorch, which pads the same way: FP32 to 1e-3 of the logits, from no click (a mask alone) to one, all the graph
+    takes and more (the latest MAX_POINTS), with and without a mask."""
+    variant = ExportedModel(exported(backend))
+    assert variant.takes_clicks and set(variant.graphs) == {"encoder", "decoder", "head", "clicks"}
+    embedding, boxes, prompts, box_only = click_prompts
+    calls = []
+    for part in ("decoder", "clicks"):
+        graph = variant.graphs[part]
+        variant.graphs[part] = lambda graph=graph, part=part, **inputs: calls.append(part) or graph(**inputs)
+    with torch.inference_mode():
+        for inputs, theirs in prompts:
+            ours = variant.decode(embedding, boxes, 3, **inputs)
+            clicks = 0 if inputs["points"] is None else inputs["points"].shape[1]
+            assert torch.allclose(ours, theirs, atol=1e-3), (clicks, inputs["mask_input"] is None,
+                                                             (ours - theirs).abs().max())
+        assert set(calls) == {"clicks"}
+        calls.clear()
+        assert torch.allclose(variant.decode(embedding, boxes, 3), box_only, atol=1e-3)
+        assert calls == ["decoder"]  # a box alone runs the box-only graph, as before clicks existed
+
+
+def test_a_variant_without_a_click_graph_says_so_and_still_decodes_boxes(model, exported, tmp_path):
+    import shutil
+
+    from zoo.runtime.exported import MANIFEST, NoClicksError
+
+    older = tmp_path / "older"  # as exported before issue #31
+    shutil.copytree(exported("onnxruntime"), older)
+    manifest = json.loads((older / MANIFEST).read_text())
+    manifest["files"].pop("clicks")
+    (older / MANIFEST).write_text(json.dumps(manifest))
+    (older / "clicks.onnx").unlink()
+    variant = ExportedModel(older)
+    embedding, boxes = torch.randn(1, 256, 64, 64), torch.tensor([[10.0, 10.0, 100.0, 100.0]])
+    assert not variant.takes_clicks
+    with torch.inference_mode():
+        assert torch.allclose(variant.decode(embedding, boxes, 1), model.decode(embedding, boxes, 1), atol=1e-3)
+        with pytest.raises(NoClicksError, match="older: this variant takes no clicks"):
+            variant.decode(embedding, boxes, 1, points=torch.zeros(1, 1, 2), point_labels=torch.ones(1, 1))

@@ -1,0 +1,196 @@
+"""zoo.interactive: the simulated click (where it lands, which sign, the seeded tie-break), the AUC, and a case
+refined click by click (2D and 3D, with a stand-in model whose clicks act exactly)."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from tests.conftest import BrightRuntime
+from tests.helpers import tiny_model
+from zoo.data.io import Case
+from zoo.interactive import Click, Refinement, component_distance, interaction_auc, next_click
+from zoo.predict import ModalityChoice, segment_case
+
+
+def test_a_click_lands_at_the_centre_of_the_largest_error_component():
+    truth = np.zeros((60, 80), bool)
+    truth[10:50, 10:50] = True
+    prediction = truth.copy()
+    prediction[20:31, 20:31] = False  # missed object: 121 pixels, centred at (25, 25)
+    prediction[40:45, 60:65] = True  # false object: 25 pixels
+    click = next_click(prediction, truth)
+    assert click == Click((25, 25), True)
+    components, _ = ndimage.label(prediction != truth)
+    assert components[click.position] == components[25, 25]  # inside the largest component, at its EDT maximum
+
+
+def test_missed_object_gives_a_positive_click_and_false_object_a_negative_one():
+    truth = np.zeros((40, 40), bool)
+    truth[5:15, 5:15] = True
+    over = truth.copy()
+    over[20:35, 20:35] = True  # the largest error is false object
+    click = next_click(over, truth)
+    assert not click.positive and not truth[click.position] and over[click.position]
+    under = np.zeros_like(truth)
+    click = next_click(under, truth)  # everything missed
+    assert click.positive and truth[click.position] and click.position in {(9, 9), (9, 10), (10, 9), (10, 10)}
+    assert next_click(truth, truth) is None  # nothing left to correct
+
+
+def test_the_image_border_is_a_boundary_and_equal_maxima_are_broken_by_the_seeded_draw():
+    truth = np.zeros((20, 30), bool)
+    truth[:, :8] = True  # a band along the left border, 8 wide: its centre is column 3 or 4, not column 0
+    distance = component_distance(truth)
+    assert distance[:, 0].max() == 1 and distance.max() == 4
+    maxima = np.argwhere(distance == distance.max())
+    assert len(maxima) > 1  # many equal maxima along the band
+    expected = tuple(maxima[np.random.RandomState(42).choice(len(maxima))])  # the CVPR 2025 script's draw
+    assert next_click(np.zeros_like(truth), truth).position == expected
+    assert next_click(np.zeros_like(truth), truth).position == expected  # deterministic
+    other = tuple(maxima[np.random.RandomState(7).choice(len(maxima))])
+    assert next_click(np.zeros_like(truth), truth, seed=7).position == other
+
+
+def test_3d_components_join_through_corners_and_the_click_is_3d():
+    truth = np.zeros((10, 20, 20), bool)
+    prediction = truth.copy()
+    prediction[1:4, 1:4, 1:4] = True  # 27 voxels of false object
+    prediction[4, 4, 4] = True  # touching only by a corner: the same component under 26-connectivity
+    truth[6:9, 10:14, 10:14] = True  # 48 voxels missed: the largest
+    click = next_click(prediction, truth)
+    assert len(click.position) == 3 and click.positive and click.position[0] == 7
+    truth[6:9, 10:14, 10:14] = False
+    assert next_click(prediction, truth).position == (2, 2, 2)  # 28 voxels, its centre
+
+
+def test_auc_is_the_trapezoid_under_the_click_steps_as_the_cvpr_2025_script():
+    # a 3-step toy: the box, then 2 clicks; the script integrates the last `clicks` scores with unit steps
+    assert interaction_auc([0.5, 0.7, 0.9], clicks=2) == pytest.approx((0.7 + 0.9) / 2)
+    assert interaction_auc([0.2, 0.6, 0.7, 0.8, 0.9, 1.0]) == pytest.approx(0.6 / 2 + 0.7 + 0.8 + 0.9 + 1.0 / 2)
+    assert interaction_auc([1.0] * 6) == pytest.approx(4.0)  # the most 5 clicks can give
+    assert interaction_auc([0.3], clicks=1) == 0.0
+
+
+class ClickingRuntime(BrightRuntime):
+    """BrightRuntime whose clicks act exactly: a positive click adds a disk of radius 20 (256 frame) around itself, a
+    negative one removes it; the previous logits are ignored. Counts decodes."""
+
+    takes_clicks = True
+
+    def __init__(self):
+        super().__init__()
+        self.decodes = 0
+
+    def decode(self, embedding, boxes, modality=None, points=None, point_labels=None, mask_input=None):
+        self.decodes += 1
+        logits = super().decode(embedding, boxes, modality)
+        if points is None:
+            return logits
+        ys, xs = torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij")
+        for i in range(len(boxes)):
+            for (x, y), label in zip(points[i].tolist(), point_labels[i].tolist()):
+                disk = (xs - x) ** 2 + (ys - y) ** 2 <= 400
+                if label == 1:
+                    logits[i, 0][disk] = 10.0
+                elif label == 0:
+                    logits[i, 0][disk] = -10.0
+        return logits
+
+
+def _image_2d():
+    image = np.zeros((64, 64), np.uint8)
+    image[10:40, 10:40] = 200  # object 1, bright but for a dark hole
+    image[20:26, 20:26] = 60
+    image[45:60, 45:60] = 200  # object 2, found whole by its box
+    gts = np.zeros((64, 64), np.uint8)
+    gts[10:40, 10:40] = 1
+    gts[45:60, 45:60] = 2
+    return Case(path=None, image=np.stack([image] * 3, -1), boxes=np.array([[9, 9, 40, 40], [44, 44, 60, 60]]),
+                gts=gts, spacing=np.ones(2), modality=None)
+
+
+def test_2d_refinement_starts_from_the_box_only_result_and_a_click_fixes_the_hole():
+    model, case = ClickingRuntime(), _image_2d()
+    refinement = Refinement(model, case)
+    assert np.array_equal(refinement.segs, segment_case(model, case, ModalityChoice(model)).segs)
+    assert not refinement.segs[22, 22]
+    model.decodes = 0
+    clicks = refinement.simulate(case.gts)
+    assert clicks[1] is None and clicks[0].positive and clicks[0].position in {(22, 22), (22, 23), (23, 22), (23, 23)}
+    assert model.decodes == 1  # only the clicked object, and the decoder alone (no encoder run)
+    assert refinement.segs[20:26, 20:26].all() and (refinement.segs == case.gts).all()
+    assert refinement.objects[0].slices[None].clicks == [(pytest.approx(clicks[0].position[1] * 4.0),
+                                                          pytest.approx(clicks[0].position[0] * 4.0), 1)]
+    refinement.click(1, (50, 50), positive=False)  # a user's click: object 2 loses a disk
+    assert not refinement.segs[50, 50] and refinement.segs[58, 58] == 2
+    with pytest.raises(ValueError, match="outside the image"):
+        refinement.click(0, (64, 3), True)
+    with pytest.raises(ValueError, match="takes no clicks"):
+        Refinement(BrightRuntime(), case)
+
+
+def _volume():
+    volume = np.zeros((12, 64, 64), np.uint8)
+    volume[2:11, 20:40, 20:40] = 200  # the object, on slices 2..10, beyond its box's slices 2..9
+    volume[7, 20:40, 20:40] = 60  # slice 7: dark, propagation loses it there
+    volume[7, 0, 0] = 255  # (slices are min-max normalized one by one: this keeps slice 7's object dark)
+    gts = np.zeros(volume.shape, np.uint8)
+    gts[2:11, 20:40, 20:40] = 1
+    return Case(path=None, image=volume, boxes=np.array([[19, 19, 2, 40, 40, 9]]), gts=gts, spacing=np.ones(3), modality=None)
+
+
+def _decoded_slices(refinement):
+    seen = []
+    decode = refinement._decode
+
+    def recording(z, objects, prompts):
+        seen.append(z)
+        return decode(z, objects, prompts)
+
+    refinement._decode = recording
+    return seen
+
+
+def test_3d_a_click_decodes_its_slice_and_reruns_propagation_outward_only():
+    model, case = ClickingRuntime(), _volume()
+    refinement = Refinement(model, case)
+    assert np.array_equal(refinement.segs, segment_case(model, case, ModalityChoice(model)).segs)
+    assert refinement.objects[0].middle == 5 and not refinement.segs[7].any() and refinement.segs[8].any()
+    seen = _decoded_slices(refinement)
+    refinement.click(0, (7, 30, 30), positive=True)
+    # slice 7 again with its click, then outward (up): 8 and 9 get the box of 7's new mask; 2..6 are untouched
+    assert seen == [7, 8, 9] and refinement.segs[7, 30, 30] == 1
+    assert refinement.objects[0].slices[7].click_mask is not None
+    seen.clear()
+    refinement.click(0, (5, 5, 5), positive=False)  # the middle slice, where nothing changes: both ways, then stop
+    assert seen == [5, 6, 4]
+
+
+def test_3d_a_click_beyond_the_box_extends_the_object_and_the_protocol_scores_steps():
+    model, case = ClickingRuntime(), _volume()
+    refinement = Refinement(model, case)
+    assert not refinement.segs[10].any()
+    seen = _decoded_slices(refinement)
+    refinement.click(0, (10, 30, 30), positive=True)
+    assert seen == [10, 10] and refinement.segs[10].any()  # propagated there, then the click
+    fresh = Refinement(model, case)
+    first = fresh.simulate(case.gts)[0]  # the largest 3D error: the whole dark slice 7 or slice 10
+    assert first.positive and first.position[0] in (7, 10)
+
+
+def test_a_real_model_refines_and_its_box_step_is_the_box_only_result():
+    model = tiny_model()
+    rng = np.random.default_rng(0)
+    gts = np.zeros((40, 50), np.uint8)
+    gts[5:25, 10:30] = 1
+    case = Case(path=None, image=rng.integers(0, 255, (40, 50, 3), dtype=np.uint8), boxes=np.array([[10, 5, 29, 24]]),
+                gts=gts, spacing=np.ones(2), modality="US")
+    with torch.inference_mode():
+        refinement = Refinement(model, case)
+        assert np.array_equal(refinement.segs, segment_case(model, case, ModalityChoice(model)).segs)
+        for _ in range(6):  # more clicks than MAX_POINTS: the latest five are given, earlier ones via the mask
+            refinement.simulate(case.gts)
+    state = refinement.objects[0].slices[None]
+    assert refinement.decode_seconds > 0 and refinement.segs.shape == gts.shape
+    assert state.click_mask is not None and refinement.objects[0].clicks == len(state.clicks)

@@ -1,0 +1,285 @@
+"""Refine a segmentation with clicks (issue #31): the one click simulation, and a case refined click by click.
+
+The simulated click is the CVPR 2025 interactive challenge's ("Foundation Models for Interactive 3D Biomedical Image
+Segmentation", CVPR25_iter_eval.py): for one object, the error is where its mask and its ground truth differ; of
+the error's connected components (full connectivity: 8 in 2D, 26 in 3D) the largest is taken; its Euclidean
+distance transform is computed in its bounding box padded by a quarter of its size (at least 1 voxel, so that the
+image border counts as the component's boundary); the click lands on a maximum of that distance, the centre of the
+component, chosen among equal maxima by numpy's RandomState(42), as the script seeds it. It is positive (object)
+where the ground truth is object there (missed object), negative where it is not (false object). `next_click` is it;
+distill.finetune trains with it at the 256 frame, benchmarks.clicks scores with it at the original resolution,
+and the tests check it.
+
+`Refinement` is a case segmented from its boxes through zoo.predict (the box-only result is zoo.predict's, bit for
+bit) and then refined click by click, as a user refines it or as the protocol does:
+- 2D: the object is decoded again with its box, all its clicks so far (the latest zoo.models.clicks.MAX_POINTS)
+  and the previous step's logits as the mask prompt. A click costs the decoder alone: the embedding is kept.
+- 3D: the click's slice is decoded again the same way (its box is the one propagation gave it), then propagation
+  is rerun from that slice outward (away from the box's middle slice; both ways from the middle slice), each slice
+  prompted by the box of its neighbour's new mask as zoo.predict propagates. A slice with clicks of its own keeps
+  them (and the mask prompt it had when last clicked). Propagation stops where a slice's mask comes out unchanged:
+  every slice beyond would get the same prompt as before, hence the same mask. A click beyond the slices the box
+  spans extends the object's range to it (the slices between are propagated first, then the click applies).
+- Clicks are given at original pixel indices: (y, x), or (z, y, x) for a volume; they reach the decoder at the 256
+  frame as boxes do (zoo.data.preprocess.scale_points).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy import integrate, ndimage
+
+from zoo.data.io import Case, label_dtype
+from zoo.data.preprocess import box_from_mask, postprocess_logits, scale_points
+from zoo.modalities import modality_id
+from zoo.models.clicks import MAX_POINTS, NEGATIVE, PAD_LABEL, POSITIVE
+from zoo.predict import DECODE_CHUNK, ModalityChoice, SliceEmbeddings, Trace, segment_2d, segment_3d
+
+CLICK_SEED = 42  # the CVPR 2025 script's np.random.seed(42) before each draw among equal maxima
+PROTOCOL_CLICKS = 5  # clicks after the box in the CVPR 2025 protocol
+
+
+@dataclass(frozen=True)
+class Click:
+    position: tuple[int, ...]  # array index: (y, x) in 2D, (z, y, x) in 3D
+    positive: bool  # True: missed object (a foreground click); False: false object (a background click)
+
+
+def component_distance(component: np.ndarray) -> np.ndarray:
+    """Euclidean distance transform of one connected component (bool, any dimension), computed in its bounding box
+    padded by max(1, 25% of its size) on every side, so that the array's border is a boundary too; zero outside."""
+    coords = np.argwhere(component)
+    low, high = coords.min(axis=0), coords.max(axis=0) + 1
+    box = tuple(slice(a, b) for a, b in zip(low, high))
+    crop = component[box]
+    pad = np.maximum((np.array(crop.shape) * 0.25).astype(int), 1)
+    distance = ndimage.distance_transform_edt(np.pad(crop, [(p, p) for p in pad]))
+    full = np.zeros(component.shape, dtype=distance.dtype)
+    full[box] = distance[tuple(slice(p, p + s) for p, s in zip(pad, crop.shape))]
+    return full
+
+
+def next_click(prediction: np.ndarray, truth: np.ndarray, seed: int = CLICK_SEED) -> Click | None:
+    """The click at the centre of the largest connected error component of one object's `prediction` against its
+    `truth` (bool arrays of one shape, 2D or 3D); None where they agree everywhere (no click is needed)."""
+    prediction, truth = np.asarray(prediction, dtype=bool), np.asarray(truth, dtype=bool)
+    if prediction.shape != truth.shape:
+        raise ValueError(f"prediction {prediction.shape} and truth {truth.shape} differ in shape")
+    error = prediction != truth
+    if not error.any():
+        return None
+    components, _ = ndimage.label(error, structure=ndimage.generate_binary_structure(error.ndim, error.ndim))
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    distance = component_distance(components == sizes.argmax())  # the first of equal sizes, as np.argmax
+    maxima = np.argwhere(distance == distance.max())
+    center = tuple(int(v) for v in maxima[np.random.RandomState(seed).choice(len(maxima))])
+    return Click(center, bool(truth[center]))
+
+
+def interaction_auc(scores, clicks: int = PROTOCOL_CLICKS) -> float:
+    """DSC_AUC / NSD_AUC of one case as CVPR25_iter_eval.py computes it: the trapezoid (unit steps) under the scores
+    of the last `clicks` steps, i.e. of the click steps (the box step is left out there, as a box is optional in
+    that challenge; with 5 clicks the AUC lies in 0..4). `scores`: one per step, the box step first."""
+    values = np.asarray(scores, dtype=float)[-clicks:]
+    if len(values) < 2:
+        return 0.0
+    return float(integrate.cumulative_trapezoid(values, np.arange(len(values)))[-1])
+
+
+@dataclass
+class SliceState:
+    prompt: np.ndarray  # the 256-scale box it was last decoded with
+    logits: torch.Tensor  # (1, 256, 256): its latest low-resolution logits
+    mask: np.ndarray  # (H, W) bool at the original size
+    clicks: list[tuple[float, float, int]] = field(default_factory=list)  # (x, y) at 256 scale, label 1 / 0
+    click_mask: torch.Tensor | None = None  # the logits it had when it was last clicked: its mask prompt
+
+
+@dataclass
+class ObjectState:
+    label: int
+    start_box: np.ndarray  # 256-scale box of its prompt (a volume: on the middle slice)
+    middle: int | None  # a volume's middle slice (where propagation starts); None in 2D
+    slices: dict = field(default_factory=dict)  # z (None in 2D) -> SliceState
+    clicks: int = 0  # clicks given to this object
+
+
+class Refinement:
+    """A case segmented from its boxes (zoo.predict, unchanged), then refined click by click.
+
+        refinement = Refinement(model, case)          # the box-only segmentation: refinement.segs
+        refinement.click(0, (120, 85), positive=True)  # object 0 (the first box), pixel row 120, column 85
+        refinement.segs                                # labels 1..N, as zoo.predict writes them
+
+    `model` answers zoo.runtime.interface and takes clicks (model.takes_clicks); `embeddings` may be shared
+    (SliceEmbeddings of the case's volume, or a CachedEncoder around the model); `decode_seconds` adds up the time
+    spent decoding clicks (the cost of refinement, embeddings computed once)."""
+
+    def __init__(self, model, case: Case, modalities: ModalityChoice | None = None):
+        if not getattr(model, "takes_clicks", False):
+            raise ValueError(f"{getattr(model, 'folder', type(model).__name__)}: this model takes no clicks")
+        self.model, self.case = model, case
+        modalities = modalities or ModalityChoice(model)
+        trace = Trace()
+        self.is_3d = case.is_3d
+        self.embeddings = SliceEmbeddings(model, case.image) if self.is_3d else None
+        start = time.perf_counter()
+        if self.is_3d:
+            result = segment_3d(model, case, modalities, self.embeddings, trace)
+            self.shape = case.image.shape
+        else:
+            result = segment_2d(model, case, modalities, trace)
+            self.shape = case.image.shape[:2]
+        self.box_seconds = time.perf_counter() - start  # the box-only segmentation, encoder runs included
+        self._embedding_2d, self._resized = trace.embedding, trace.resized
+        self.result = result
+        self.modality = None if result.modality is None else modality_id(result.modality)
+        self.segs = result.segs
+        self.dtype = result.segs.dtype
+        self.objects = []
+        for b in range(len(case.boxes)):
+            slices = {z: SliceState(prompt, logits, mask) for (k, z), (prompt, logits, mask) in trace.decoded.items() if k == b}
+            middle = None
+            if self.is_3d:
+                z0, z1 = int(case.boxes[b][2]), int(case.boxes[b][5])
+                middle = int((z1 - z0) / 2 + z0)
+            start = slices[middle].prompt if middle in slices else next(iter(slices.values())).prompt
+            self.objects.append(ObjectState(b + 1, np.asarray(start), middle, slices))
+        self.decode_seconds = 0.0  # time spent decoding clicks: the cost of refinement
+
+    # -- decoding ---------------------------------------------------------------------------------------------------
+    def _embedding(self, z):
+        return self._embedding_2d if z is None else self.embeddings[z]
+
+    @property
+    def resized(self) -> tuple[int, int]:
+        return self.embeddings.resized if self.is_3d else self._resized
+
+    def _decode(self, z, objects: list[ObjectState], prompts: list[np.ndarray]) -> None:
+        """Decode `objects` on slice z (None in 2D) with these box prompts and each one's clicks on that slice."""
+        embedding = self._embedding(z)
+        start = time.perf_counter()
+        for first in range(0, len(objects), DECODE_CHUNK):
+            chunk, boxes = objects[first : first + DECODE_CHUNK], prompts[first : first + DECODE_CHUNK]
+            states = [obj.slices.get(z) for obj in chunk]
+            clicked = [s is not None and bool(s.clicks) for s in states]
+            box_t = torch.as_tensor(np.stack(boxes), dtype=torch.float32)
+            if any(clicked):
+                if not all(clicked):
+                    raise RuntimeError("objects with and without clicks are decoded apart")
+                points, labels = padded_clicks([s.clicks for s in states])
+                masks = [s.click_mask for s in states]
+                mask_input = None if any(m is None for m in masks) else torch.stack(masks)
+                logits = self.model.decode(embedding, box_t, self.modality, points=points, point_labels=labels,
+                                           mask_input=mask_input)
+            else:
+                logits = self.model.decode(embedding, box_t, self.modality)
+            masks = postprocess_logits(logits, self.resized, self.shape[-2:])
+            for obj, prompt, lowres, mask in zip(chunk, boxes, logits, masks):
+                state = obj.slices.get(z)
+                if state is None:
+                    obj.slices[z] = SliceState(np.asarray(prompt), lowres, mask)
+                else:
+                    state.prompt, state.logits, state.mask = np.asarray(prompt), lowres, mask
+        self.decode_seconds += time.perf_counter() - start
+
+    def _prompt(self, obj: ObjectState, z: int, direction: int) -> np.ndarray:
+        """The box propagation gives slice z: the start box on the middle slice, else the box of the mask on the
+        slice before it (in walking order) widened by 3 px, or the start box where that mask is empty."""
+        if z == obj.middle or (z - direction) not in obj.slices:
+            return obj.start_box
+        carried = box_from_mask(obj.slices[z - direction].mask.astype(self.dtype) * obj.label)
+        return obj.start_box if carried is None else carried
+
+    def _propagate(self, obj: ObjectState, start: int, direction: int, end: int, stop_unchanged: bool = True) -> None:
+        """Decode slices start, start + direction, ... end of one object; stop at a slice decoded before whose mask
+        comes out unchanged."""
+        for z in range(start, end + direction, direction):
+            before = obj.slices[z].mask if z in obj.slices else None
+            self._decode(z, [obj], [self._prompt(obj, z, direction)])
+            if stop_unchanged and before is not None and np.array_equal(before, obj.slices[z].mask):
+                return
+
+    # -- clicks -------------------------------------------------------------------------------------------------------
+    def click(self, index: int, position, positive: bool) -> None:
+        """Refine object `index` (0-based, box order) with one click at `position` (original pixel indices: (y, x),
+        a volume's (z, y, x)); segs is updated."""
+        self.clicks({index: Click(tuple(int(v) for v in position), bool(positive))})
+
+    def clicks(self, clicks: dict[int, Click | None]) -> None:
+        """One click for each of several objects, applied together (one step of the protocol): in 2D the objects
+        clicked are decoded in one batch."""
+        clicks = {i: c for i, c in clicks.items() if c is not None}
+        for index, click in clicks.items():
+            if not 0 <= index < len(self.objects):
+                raise ValueError(f"object {index} does not exist (the case has {len(self.objects)} boxes)")
+            if len(click.position) != len(self.shape) or not all(0 <= p < s for p, s in zip(click.position, self.shape)):
+                raise ValueError(f"click {click.position} lies outside the image {self.shape}")
+        if self.is_3d:
+            for index, click in clicks.items():
+                self._click_3d(self.objects[index], click)
+        elif clicks:
+            objects = [self.objects[i] for i in clicks]
+            for obj, click in zip(objects, clicks.values()):
+                self._add_click(obj.slices[None], click.position, click.positive)
+                obj.clicks += 1
+            self._decode(None, objects, [obj.slices[None].prompt for obj in objects])
+        self.segs = self.compose()
+
+    def _add_click(self, state: SliceState, position, positive: bool) -> None:
+        x, y = scale_points(np.array([[position[-1], position[-2]]], dtype=np.float64), self.shape[-2:])[0]
+        state.click_mask = state.logits
+        state.clicks.append((float(x), float(y), POSITIVE if positive else NEGATIVE))
+
+    def _click_3d(self, obj: ObjectState, click: Click) -> None:
+        z = click.position[0]
+        decoded = sorted(obj.slices)
+        low, high = decoded[0], decoded[-1]
+        if z > high:  # beyond the slices the box spans: propagate there first
+            self._propagate(obj, high + 1, 1, z, stop_unchanged=False)
+        elif z < low:
+            self._propagate(obj, low - 1, -1, z, stop_unchanged=False)
+        self._add_click(obj.slices[z], click.position, click.positive)
+        obj.clicks += 1
+        direction = 1 if z >= obj.middle else -1
+        self._decode(z, [obj], [self._prompt(obj, z, direction)])
+        decoded = sorted(obj.slices)
+        if z >= obj.middle and z + 1 <= decoded[-1]:
+            self._propagate(obj, z + 1, 1, decoded[-1])
+        if z <= obj.middle and z - 1 >= decoded[0]:
+            self._propagate(obj, z - 1, -1, decoded[0])
+
+    def compose(self) -> np.ndarray:
+        """The label map of every object's masks; where masks overlap the later box wins, as in zoo.predict."""
+        segs = np.zeros(self.shape, dtype=label_dtype(len(self.objects)))
+        for obj in self.objects:
+            for z, state in obj.slices.items():
+                target = segs if z is None else segs[z]
+                target[state.mask] = np.maximum(target[state.mask], obj.label)
+        return segs
+
+    def simulate(self, gts: np.ndarray, seed: int = CLICK_SEED) -> dict[int, Click | None]:
+        """The protocol's next step: each object's click from the current label map against `gts` (labels 1..N as
+        the boxes), applied together; returns them (None: that object has no error left)."""
+        chosen = {obj.label - 1: next_click(self.segs == obj.label, gts == obj.label, seed) for obj in self.objects}
+        self.clicks(chosen)
+        return chosen
+
+
+def padded_clicks(rows: list[list[tuple[float, float, int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-object click lists [(x, y, label), ...] -> points (N, P, 2), point_labels (N, P) padded with -1 to the
+    longest (at most MAX_POINTS: each object's latest; zoo.models.clicks pads them to MAX_POINTS)."""
+    rows = [row[-MAX_POINTS:] for row in rows]
+    width = max(1, max(len(row) for row in rows))
+    points = torch.zeros(len(rows), width, 2)
+    labels = torch.full((len(rows), width), float(PAD_LABEL))
+    for i, row in enumerate(rows):
+        for j, (x, y, label) in enumerate(row):
+            points[i, j] = torch.tensor([x, y])
+            labels[i, j] = label
+    return points, labels
