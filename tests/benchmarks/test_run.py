@@ -36,7 +36,7 @@ def test_run_writes_leaderboard_cases_and_plots_and_survives_a_broken_variant(ti
     blocked = tmp_path / "segs" / "tiny" / "2DBox_US_one.npz"
     blocked.mkdir(parents=True)  # an output that cannot be replaced: named, and the case still scored
     code = main(["--data", str(tiny_data), "--models", f"{broken},{model_path}", "--out", str(out), "--all",
-                 "--save-segs", str(tmp_path / "segs"), "--cache-dir", str(tmp_path / "cache")])
+                 "--save-segs", str(tmp_path / "segs"), "--cache-dir", str(tmp_path / "cache"), "--latency-budget", "1"])
     assert code == 1
     printed = capsys.readouterr()
     err = printed.err
@@ -106,7 +106,7 @@ def test_a_damaged_embedding_cache_gives_a_clean_runs_scores(tiny_data, tmp_path
     (tiny_data / "2DBox_US_bad.npz").unlink()
     model_path = save_checkpoint(tmp_path / "tiny.pt", tiny_model())
     common = ["--data", str(tiny_data), "--models", str(model_path), "--all", "--threads", "1",
-              "--cache-dir", str(tmp_path / "cache")]
+              "--cache-dir", str(tmp_path / "cache"), "--no-latency"]
     assert main(common + ["--out", str(tmp_path / "clean")]) == 0
     entries = sorted((tmp_path / "cache").rglob("*.emb"))
     assert entries
@@ -129,7 +129,7 @@ def test_bad_input_corpus(tmp_path, capsys):
     model_path = save_checkpoint(tmp_path / "tiny.pt", tiny_model())
     out = tmp_path / "out"
     code = main(["--data", str(tmp_path / "data"), "--models", str(model_path), "--out", str(out), "--all",
-                 "--threads", "1", "--cache-dir", str(tmp_path / "cache")])
+                 "--threads", "1", "--cache-dir", str(tmp_path / "cache"), "--no-latency"])
     assert code == 1
     assert_reported(capsys.readouterr().err, bad)
     assert sorted(c["case"] for c in read_csv(out / "cases.csv")) == sorted(good)
@@ -141,7 +141,9 @@ def test_merge_adds_and_replaces_rows_of_the_same_cases(tiny_data, tmp_path, cap
     first = save_checkpoint(tmp_path / "first.pt", tiny_model(0))
     second = save_checkpoint(tmp_path / "second.pt", tiny_model(1), {"parent": str(first)})  # as compress.prune records it
     out = tmp_path / "out"
-    common = ["--data", str(tiny_data), "--out", str(out), "--all", "--cache-dir", str(tmp_path / "cache")]
+    # (a short latency budget: the test is about the rows, but encoder_speedup_vs_parent needs timings)
+    common = ["--data", str(tiny_data), "--out", str(out), "--all", "--cache-dir", str(tmp_path / "cache"),
+              "--latency-budget", "1"]
     assert main(common + ["--models", str(first)]) == 0
     older = [{k: v for k, v in r.items() if k not in ("cpu", "cpu_flags")} for r in read_csv(out / "leaderboard.csv")]
     # as written before the CPU columns were added
