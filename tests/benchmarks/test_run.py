@@ -212,7 +212,9 @@ RECORDED_CASES = ["2DBox_CT_SAMMed2DTotalSeg_s0114-111.npz", "2DBox_Microscopy_D
                   "2DBox_US_DDTI_133_1-1.npz"]
 
 
-@pytest.mark.parametrize("model, tolerance", [("cp_tinyvit_fast", 0.005), ("cp_tinyvit_fast_openvino_int8", 0.05)])
+@pytest.mark.parametrize("model, tolerance", [
+    ("cp_tinyvit_fast", 0.005),
+    pytest.param("cp_tinyvit_fast_openvino_int8", 0.05, marks=pytest.mark.slow)])  # exports its parent first
 def test_shipped_fast_models_reproduce_their_recorded_val_scores(val_dir, model, tolerance):
     """A loaded zoo file gives the scores the shipped leaderboard recorded for it (FP32 within rounding across CPUs;
     INT8 kernels differ more between CPUs with and without VNNI)."""

@@ -24,7 +24,8 @@ def setup(tmp_path_factory):
 
 @pytest.mark.parametrize("backend, runtime, quantizer", [
     ("openvino", "openvino", "nncf"), ("onnxruntime", "onnxruntime", "onnxruntime"),
-    ("optimum", "onnxruntime", "optimum-onnx"), ("inc", "inc", "neural-compressor-pt")])
+    pytest.param("optimum", "onnxruntime", "optimum-onnx", marks=pytest.mark.slow),
+    pytest.param("inc", "inc", "neural-compressor-pt", marks=pytest.mark.slow)])
 def test_int8_variant_is_calibrated_loaded_and_close_to_fp32(setup, backend, runtime, quantizer):
     root, calib, model_path = setup
     before = model_path.read_bytes()

@@ -120,7 +120,7 @@ def dsc(a, b):
 @pytest.mark.parametrize("name", [
     "2DBox_Microscopy_DSB2018_03f583ec5018739f.npz",
     "2DBox_Mammography_DDSMtissue_A0002-RIGHTMLO.npz",
-    "3DBox_PET_IBSISTS_STS001.npz",
+    pytest.param("3DBox_PET_IBSISTS_STS001.npz", marks=pytest.mark.slow),  # a whole volume through LiteMedSAM
 ])
 def test_litemedsam_reproduces_the_official_masks(litemedsam, val_dir, reference_dir, name):
     ours = segment_case(litemedsam, load_case(val_dir / name), ModalityChoice(litemedsam)).segs
