@@ -43,7 +43,12 @@ def run_cli(run_fn, args) -> int:
     zoo (zoo.data.samples.DataError is one). An error raised while an interrupt was being handled is the interrupt
     (zoo.data.io.interrupted_by); SIGINT always raises KeyboardInterrupt during the run (zoo.interrupts)."""
     args.skipped = []
-    code = run_main(lambda: run_fn(args) and 0)  # what run_fn returns is its result, not an exit code
+
+    def run() -> int:
+        run_fn(args)  # what it returns is its result, not an exit code
+        return 0
+
+    code = run_main(run)
     if code:
         return code
     if args.skipped:
