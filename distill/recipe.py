@@ -27,8 +27,8 @@ as distill.finetune validates) and the checkpoint it wrote gets its provenance (
 the stage, the git commit, the train data listing's hash, the val scores), which `zoo.index add` copies into the
 zoo's index. OUT/stages.csv lists every stage's time and val scores.
 
---smoke runs every stage on 4 samples for 1 step (quantize on 4 images, the board on one case per modality, without
-timing): a check that the recipe runs end to end, in minutes, into OUT/smoke.
+--smoke runs every stage on 4 samples for 1 step (the head refit 100 steps, quantize on 4 images, the board on one
+case per modality, without timing): a check that the recipe runs end to end, in minutes, into OUT/smoke.
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ KINDS = {
     "distill": StageKind("distill.run", ("teacher", "init", "decoder_from"), "student.pt",
                          ("data", "out", "device", "resume", "cache_dir", "teacher_checkpoint"), _TRAINING_SMOKE),
     "finetune": StageKind("distill.finetune", ("init",), "best.pt",
-                          ("data", "val", "out", "device", "resume", "cache_dir"), _TRAINING_SMOKE, uses_val=True),
+                          ("data", "val", "out", "device", "resume", "cache_dir"),
+                          _TRAINING_SMOKE + (("head_epochs", 100),), uses_val=True),
     "prune": StageKind("compress.prune", ("model",), "pruned.pt",
                        ("data", "out", "work", "device", "resume", "cache_dir"), _TRAINING_SMOKE),
     "quantize": StageKind("compress.quantize", ("model",), "variant", ("calib", "check", "out", "ship"),

@@ -99,6 +99,7 @@ def test_no_output_is_an_input_and_threads_are_checked(tiny_data, tmp_path, caps
     assert exit_info.value.code == 2 and "--threads: must be at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two boards (30 s); tests/zoo/runtime/test_embedding_cache.py checks damaged entries in CI
 def test_a_damaged_embedding_cache_gives_a_clean_runs_scores(tiny_data, tmp_path, capfd):
     """Issue #18's report: 1 MiB flipped in cached embeddings, sizes kept; each entry is named once and recomputed."""
     from tests.helpers import flip_bytes
@@ -125,7 +126,7 @@ def test_a_damaged_embedding_cache_gives_a_clean_runs_scores(tiny_data, tmp_path
 def test_bad_input_corpus(tmp_path, capsys):
     from tests.helpers import assert_reported, write_corpus
 
-    bad, good = write_corpus(tmp_path / "data")
+    bad, good = write_corpus(tmp_path / "data", many_boxes=False)  # (300 boxes: tests/zoo/test_predict.py)
     model_path = save_checkpoint(tmp_path / "tiny.pt", tiny_model())
     out = tmp_path / "out"
     code = main(["--data", str(tmp_path / "data"), "--models", str(model_path), "--out", str(out), "--all",

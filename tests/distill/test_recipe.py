@@ -70,6 +70,7 @@ max_steps = 1
 [[stages]]
 name = "head"
 kind = "finetune"
+head_epochs = 100
 init = "@student"
 head_only = true
 max_samples = 4
@@ -167,6 +168,7 @@ max_steps = 1
 [[stages]]
 name = "head"
 kind = "finetune"
+head_epochs = 100
 init = "@longer"
 head_only = true
 max_samples = 4

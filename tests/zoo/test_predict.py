@@ -177,7 +177,7 @@ def test_bad_input_corpus(tmp_path, capsys):
     from tests.helpers import NOT_NPZ, assert_reported, tiny_model, write_corpus
     from zoo.models.checkpoint import save_checkpoint
 
-    bad, good = write_corpus(tmp_path / "in")
+    bad, good = write_corpus(tmp_path / "in", many_boxes=False)  # (test_300_boxes_... above)
     model = str(save_checkpoint(tmp_path / "tiny.pt", tiny_model()))
     out = tmp_path / "out"
     assert main(["-i", str(tmp_path / "in"), "-o", str(out), "--model", model, "--threads", "1"]) == 1
@@ -190,7 +190,6 @@ def test_bad_input_corpus(tmp_path, capsys):
     assert f"segmented {len(good)} of {n_npz + len(NOT_NPZ)} files" in captured.out
     assert f"{len(NOT_NPZ)} not npz, not read" in captured.out
     assert np.load(out / "2DBox_US_one_pixel.npz")["segs"].shape == (1, 1)
-    assert np.load(out / "2DBox_US_300_boxes.npz")["segs"].dtype == np.uint16
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     code = main(["-i", str(tmp_path / "in"), "-o", str(blocker / "out"), "--model", model])
