@@ -61,6 +61,7 @@ STAGE_RECORD = "stage.json"
 RESERVED = ("name", "kind", "why", "publish")
 BOARD_FILES = ("*.csv", "*.png")  # what a board publishes
 SMOKE_SAMPLES = 4
+SMOKE_HEAD_EPOCHS = 100  # the modality head's refit, 3000 full-batch steps in a real run
 
 
 class RecipeError(ValueError):
@@ -86,7 +87,7 @@ KINDS = {
                          ("data", "out", "device", "resume", "cache_dir", "teacher_checkpoint"), _TRAINING_SMOKE),
     "finetune": StageKind("distill.finetune", ("init",), "best.pt",
                           ("data", "val", "out", "device", "resume", "cache_dir"),
-                          _TRAINING_SMOKE + (("head_epochs", 100),), uses_val=True),
+                          _TRAINING_SMOKE + (("head_epochs", SMOKE_HEAD_EPOCHS),), uses_val=True),
     "prune": StageKind("compress.prune", ("model",), "pruned.pt",
                        ("data", "out", "work", "device", "resume", "cache_dir"), _TRAINING_SMOKE),
     "quantize": StageKind("compress.quantize", ("model",), "variant", ("calib", "check", "out", "ship"),

@@ -126,8 +126,9 @@ FILE_PROBLEMS = {  # name -> fragment; written by write_corpus below
     "2DBox_CT_directory.npz": "not a regular file",
 }
 NOT_NPZ = {"notes.txt": "skipped 2 non-npz file(s)", "2DBox_CT_scan.nii.gz": "skipped 2 non-npz file(s)"}
+MANY_BOXES = "2DBox_US_300_boxes.npz"  # write_good's case of 300 boxes (uint16 labels)
 GOOD_NAMES = ["2DBox_US_valid.npz", "2DBox_US_constant.npz", "2DBox_US_one_pixel.npz", "2DBox_US_float_boxes.npz",
-              "2DBox_US_300_boxes.npz", "3DBox_MR_volume.npz"]
+              MANY_BOXES, "3DBox_MR_volume.npz"]
 
 
 def write_file_problems(folder: Path) -> dict[str, str]:
@@ -151,20 +152,19 @@ def write_good(folder: Path, many_boxes: bool = True) -> list[str]:
     write_npz(folder / "2DBox_US_one_pixel.npz", imgs=np.full((1, 1, 3), 200, np.uint8), boxes=np.array([[0, 0, 1, 1]]),
               gts=np.ones((1, 1), np.uint8))
     write_npz(folder / "2DBox_US_float_boxes.npz", imgs=_image(), boxes=np.array([[10.4, 5.6, 38.7, 19.2]]), gts=_gts())
-    gts300 = np.zeros((60, 80), np.uint16)  # 300 objects of 3×3 pixels on a 4-px grid, one box each
-    for label in range(1, 301):
-        row, col = divmod(label - 1, 20)
-        gts300[4 * row : 4 * row + 3, 4 * col : 4 * col + 3] = label
-    boxes300 = [[4 * col, 4 * row, 4 * col + 2, 4 * row + 2] for row in range(15) for col in range(20)]
     if many_boxes:
-        write_npz(folder / "2DBox_US_300_boxes.npz", imgs=(gts300 > 0).astype(np.uint8) * 200,
-                  boxes=np.array(boxes300), gts=gts300)
+        gts300 = np.zeros((60, 80), np.uint16)  # 300 objects of 3×3 pixels on a 4-px grid, one box each
+        for label in range(1, 301):
+            row, col = divmod(label - 1, 20)
+            gts300[4 * row : 4 * row + 3, 4 * col : 4 * col + 3] = label
+        boxes300 = [[4 * col, 4 * row, 4 * col + 2, 4 * row + 2] for row in range(15) for col in range(20)]
+        write_npz(folder / MANY_BOXES, imgs=(gts300 > 0).astype(np.uint8) * 200, boxes=np.array(boxes300), gts=gts300)
     volume = np.random.default_rng(1).integers(0, 255, (11, 24, 32), dtype=np.uint8)
     gts = np.zeros_like(volume)
     gts[2:9, 5:15, 6:20] = 1
     write_npz(folder / "3DBox_MR_volume.npz", imgs=volume, gts=gts, boxes=np.array([[6, 5, 2, 19, 14, 8]]),
               spacing=np.array([2.0, 0.8, 0.8]))
-    return [name for name in GOOD_NAMES if many_boxes or name != "2DBox_US_300_boxes.npz"]
+    return [name for name in GOOD_NAMES if many_boxes or name != MANY_BOXES]
 
 
 def write_not_npz(folder: Path) -> dict[str, str]:

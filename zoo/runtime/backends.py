@@ -48,7 +48,7 @@ def openvino_core():
     Each Core's CPU plugin gives the thread a signal stack of its own (for AMX's large signal frames) and, when the
     Core goes, puts back the one it found and unmaps its own. Cores that went in another order than they came (two
     models, the first dropped first) left the main thread on an unmapped stack, and the next Ctrl-C was a
-    segmentation fault instead of exit 130 (issue #33's CI run). One Core that outlives the rest keeps it valid."""
+    segmentation fault instead of exit 130 (the CI run of stop 35). One Core that outlives the rest keeps it valid."""
     import openvino
 
     return openvino.Core()
