@@ -33,7 +33,7 @@ from benchmarks.plots import confusion_plot
 from distill.cache import EmbeddingCache
 from distill.losses import segmentation_loss
 from distill.train import DataSettings, Trainer, TrainSettings, start_run
-from zoo.cli import RUNS_DIR, add_settings_options, option, redefault, run_cli, settings_from_args
+from zoo.cli import RUNS_DIR, add_settings_options, option, positive_int, redefault, run_cli, settings_from_args
 from zoo.data.io import data_split, refuse_overwriting_inputs, write_csv_atomic
 from zoo.data.samples import (
     DataError,
@@ -74,6 +74,7 @@ class FinetuneSettings(TrainSettings):
     # .17 -> .03) on val after one epoch: focal terms reward background on such objects.
     focal_weight: float = option(1.0, "focal loss weight; Dice has weight 1")
     head_weight: float = option(1.0, "modality-head cross-entropy weight")
+    head_epochs: int = option(3000, "full-batch steps of the modality head's refit on pooled embeddings", type=positive_int)
     new_parts_lr_scale: float = option(10.0, "learning-rate factor of the zero-initialized class prompt and the fresh head")
     train_encoder: bool = option(False, "train the encoder too (no embedding cache)")
     # What ships is stored this way (zoo.index add copies such a file as it is), so that the board and the INT8
@@ -378,11 +379,18 @@ def fit_modality_head(head: ModalityHead, features: torch.Tensor, labels: torch.
     weights = torch.where(counts > 0, counts.sum() / counts.clamp(min=1), torch.zeros_like(counts))
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
     head.train()
-    with torch.enable_grad():
-        for _ in range(epochs):
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(head.mlp(features), labels, weight=weights).backward()
-            optimizer.step()
+    threads = torch.get_num_threads()
+    # One thread: a 256-wide MLP gains nothing from more, and each of its thousands of steps would wait on every
+    # thread of the pool (256 s instead of 12 for 3000 steps on 2 cores shared with another process).
+    torch.set_num_threads(1)
+    try:
+        with torch.enable_grad():
+            for _ in range(epochs):
+                optimizer.zero_grad(set_to_none=True)
+                F.cross_entropy(head.mlp(features), labels, weight=weights).backward()
+                optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
     head.eval()
 
 
@@ -395,7 +403,7 @@ def refit_head(settings: FinetuneSettings, samples, keys, cache, val_samples, va
     val_x = pooled_embeddings(val_source, len(val_samples), "val features")
     train_y = torch.tensor([modality_id(s.modality) for s in samples])
     val_y = torch.tensor([modality_id(s.modality) for s in val_samples])
-    fit_modality_head(model.modality_head, train_x, train_y, seed=settings.seed)
+    fit_modality_head(model.modality_head, train_x, train_y, epochs=settings.head_epochs, seed=settings.seed)
     with torch.inference_mode():
         predicted = model.modality_head.mlp(val_x).argmax(dim=1)
     confusion = modality_confusion()

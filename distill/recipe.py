@@ -27,8 +27,8 @@ as distill.finetune validates) and the checkpoint it wrote gets its provenance (
 the stage, the git commit, the train data listing's hash, the val scores), which `zoo.index add` copies into the
 zoo's index. OUT/stages.csv lists every stage's time and val scores.
 
---smoke runs every stage on 4 samples for 1 step (quantize on 4 images, the board on one case per modality, without
-timing): a check that the recipe runs end to end, in minutes, into OUT/smoke.
+--smoke runs every stage on 4 samples for 1 step (the head refit 100 steps, quantize on 4 images, the board on one
+case per modality, without timing): a check that the recipe runs end to end, in minutes, into OUT/smoke.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ STAGE_RECORD = "stage.json"
 RESERVED = ("name", "kind", "why", "publish")
 BOARD_FILES = ("*.csv", "*.png")  # what a board publishes
 SMOKE_SAMPLES = 4
+SMOKE_HEAD_EPOCHS = 100  # the modality head's refit, 3000 full-batch steps in a real run
 
 
 class RecipeError(ValueError):
@@ -85,7 +86,8 @@ KINDS = {
     "distill": StageKind("distill.run", ("teacher", "init", "decoder_from"), "student.pt",
                          ("data", "out", "device", "resume", "cache_dir", "teacher_checkpoint"), _TRAINING_SMOKE),
     "finetune": StageKind("distill.finetune", ("init", "click_decoder_from"), "best.pt",
-                          ("data", "val", "out", "device", "resume", "cache_dir"), _TRAINING_SMOKE, uses_val=True),
+                          ("data", "val", "out", "device", "resume", "cache_dir"),
+                          _TRAINING_SMOKE + (("head_epochs", SMOKE_HEAD_EPOCHS),), uses_val=True),
     "prune": StageKind("compress.prune", ("model",), "pruned.pt",
                        ("data", "out", "work", "device", "resume", "cache_dir"), _TRAINING_SMOKE),
     "quantize": StageKind("compress.quantize", ("model",), "variant", ("calib", "check", "out", "ship"),

@@ -43,16 +43,14 @@ def run_cli(run_fn, args) -> int:
     zoo (zoo.data.samples.DataError is one). An error raised while an interrupt was being handled is the interrupt
     (zoo.data.io.interrupted_by); SIGINT always raises KeyboardInterrupt during the run (zoo.interrupts)."""
     args.skipped = []
-    try:
-        with interrupts.raising():
-            run_fn(args)
-    except KeyboardInterrupt:
-        return interrupted()
-    except USAGE_ERRORS as err:
-        if interrupted_by(err):
-            return interrupted()
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+    def run() -> int:
+        run_fn(args)  # what it returns is its result, not an exit code
+        return 0
+
+    code = run_main(run)
+    if code:
+        return code
     if args.skipped:
         print(f"{len(args.skipped)} input file(s) could not be used and were skipped", file=sys.stderr)
         return 1
@@ -113,8 +111,8 @@ def interrupted() -> int:
 
 
 def run_main(main) -> int:
-    """`main()` of a command that returns its own exit code (not through run_cli): bad input ends as run_cli ends
-    it (exit 2, one line), Ctrl-C as interrupted() does."""
+    """`main()` of a command that returns its own exit code (run_cli's runner too): bad input ends with exit 2 and
+    one line, Ctrl-C as interrupted() does."""
     try:
         with interrupts.raising():
             return main()

@@ -36,7 +36,7 @@ def test_run_writes_leaderboard_cases_and_plots_and_survives_a_broken_variant(ti
     blocked = tmp_path / "segs" / "tiny" / "2DBox_US_one.npz"
     blocked.mkdir(parents=True)  # an output that cannot be replaced: named, and the case still scored
     code = main(["--data", str(tiny_data), "--models", f"{broken},{model_path}", "--out", str(out), "--all",
-                 "--save-segs", str(tmp_path / "segs"), "--cache-dir", str(tmp_path / "cache")])
+                 "--save-segs", str(tmp_path / "segs"), "--cache-dir", str(tmp_path / "cache"), "--latency-budget", "1"])
     assert code == 1
     printed = capsys.readouterr()
     err = printed.err
@@ -99,6 +99,7 @@ def test_no_output_is_an_input_and_threads_are_checked(tiny_data, tmp_path, caps
     assert exit_info.value.code == 2 and "--threads: must be at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two boards (30 s); tests/zoo/runtime/test_embedding_cache.py checks damaged entries in CI
 def test_a_damaged_embedding_cache_gives_a_clean_runs_scores(tiny_data, tmp_path, capfd):
     """Issue #18's report: 1 MiB flipped in cached embeddings, sizes kept; each entry is named once and recomputed."""
     from tests.helpers import flip_bytes
@@ -106,7 +107,7 @@ def test_a_damaged_embedding_cache_gives_a_clean_runs_scores(tiny_data, tmp_path
     (tiny_data / "2DBox_US_bad.npz").unlink()
     model_path = save_checkpoint(tmp_path / "tiny.pt", tiny_model())
     common = ["--data", str(tiny_data), "--models", str(model_path), "--all", "--threads", "1",
-              "--cache-dir", str(tmp_path / "cache")]
+              "--cache-dir", str(tmp_path / "cache"), "--no-latency"]
     assert main(common + ["--out", str(tmp_path / "clean")]) == 0
     entries = sorted((tmp_path / "cache").rglob("*.emb"))
     assert entries
@@ -125,11 +126,11 @@ def test_a_damaged_embedding_cache_gives_a_clean_runs_scores(tiny_data, tmp_path
 def test_bad_input_corpus(tmp_path, capsys):
     from tests.helpers import assert_reported, write_corpus
 
-    bad, good = write_corpus(tmp_path / "data")
+    bad, good = write_corpus(tmp_path / "data", many_boxes=False)  # (300 boxes: tests/zoo/test_predict.py)
     model_path = save_checkpoint(tmp_path / "tiny.pt", tiny_model())
     out = tmp_path / "out"
     code = main(["--data", str(tmp_path / "data"), "--models", str(model_path), "--out", str(out), "--all",
-                 "--threads", "1", "--cache-dir", str(tmp_path / "cache")])
+                 "--threads", "1", "--cache-dir", str(tmp_path / "cache"), "--no-latency"])
     assert code == 1
     assert_reported(capsys.readouterr().err, bad)
     assert sorted(c["case"] for c in read_csv(out / "cases.csv")) == sorted(good)
@@ -141,7 +142,9 @@ def test_merge_adds_and_replaces_rows_of_the_same_cases(tiny_data, tmp_path, cap
     first = save_checkpoint(tmp_path / "first.pt", tiny_model(0))
     second = save_checkpoint(tmp_path / "second.pt", tiny_model(1), {"parent": str(first)})  # as compress.prune records it
     out = tmp_path / "out"
-    common = ["--data", str(tiny_data), "--out", str(out), "--all", "--cache-dir", str(tmp_path / "cache")]
+    # (a short latency budget: the test is about the rows, but encoder_speedup_vs_parent needs timings)
+    common = ["--data", str(tiny_data), "--out", str(out), "--all", "--cache-dir", str(tmp_path / "cache"),
+              "--latency-budget", "1"]
     assert main(common + ["--models", str(first)]) == 0
     older = [{k: v for k, v in r.items() if k not in ("cpu", "cpu_flags")} for r in read_csv(out / "leaderboard.csv")]
     # as written before the CPU columns were added
@@ -210,7 +213,9 @@ RECORDED_CASES = ["2DBox_CT_SAMMed2DTotalSeg_s0114-111.npz", "2DBox_Microscopy_D
                   "2DBox_US_DDTI_133_1-1.npz"]
 
 
-@pytest.mark.parametrize("model, tolerance", [("cp_tinyvit_fast", 0.005), ("cp_tinyvit_fast_openvino_int8", 0.05)])
+@pytest.mark.parametrize("model, tolerance", [
+    ("cp_tinyvit_fast", 0.005),
+    pytest.param("cp_tinyvit_fast_openvino_int8", 0.05, marks=pytest.mark.slow)])  # exports its parent first
 def test_shipped_fast_models_reproduce_their_recorded_val_scores(val_dir, model, tolerance):
     """A loaded zoo file gives the scores the shipped leaderboard recorded for it (FP32 within rounding across CPUs;
     INT8 kernels differ more between CPUs with and without VNNI)."""

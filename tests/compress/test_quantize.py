@@ -24,7 +24,8 @@ def setup(tmp_path_factory):
 
 @pytest.mark.parametrize("backend, runtime, quantizer", [
     ("openvino", "openvino", "nncf"), ("onnxruntime", "onnxruntime", "onnxruntime"),
-    ("optimum", "onnxruntime", "optimum-onnx"), ("inc", "inc", "neural-compressor-pt")])
+    pytest.param("optimum", "onnxruntime", "optimum-onnx", marks=pytest.mark.slow),
+    pytest.param("inc", "inc", "neural-compressor-pt", marks=pytest.mark.slow)])
 def test_int8_variant_is_calibrated_loaded_and_close_to_fp32(setup, backend, runtime, quantizer):
     root, calib, model_path = setup
     before = model_path.read_bytes()
@@ -127,6 +128,7 @@ def test_ship_commits_the_int8_variant_to_the_zoo_with_where_it_is_faster(setup,
     assert shipped.manifest["metadata"]["keep_fp32"] == ["/neck/"] and out.is_dir()  # copied, the variant kept
 
 
+@pytest.mark.slow  # a zoo model exported, quantized and shipped (50 s); test_ship_commits_the_int8_variant_... stays in CI
 def test_ship_of_a_zoo_models_variant_commits_only_the_int8_encoder(setup, tmp_path, monkeypatch, capsys):
     import json
 
@@ -184,6 +186,7 @@ def test_ship_of_a_zoo_models_variant_commits_only_the_int8_encoder(setup, tmp_p
     assert "this one is fp32" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two graphs through NNCF (40 s)
 def test_decoder_int8_is_calibrated_on_boxes_of_the_ground_truth_and_ships_without_the_float_head(setup, tmp_path, monkeypatch, capsys):
 
     from zoo.runtime.exported import MANIFEST
@@ -233,6 +236,7 @@ def test_large_float_constants_of_an_int8_ir_are_stored_as_fp16_and_computed_in_
     import openvino
 
     from compress.quantize import float_constants_as_fp16
+    from zoo.runtime.backends import openvino_core
 
     ops = openvino.opset13
     values = np.random.default_rng(0).standard_normal((1, 4096)).astype(np.float32)
@@ -241,5 +245,5 @@ def test_large_float_constants_of_an_int8_ir_are_stored_as_fp16_and_computed_in_
     compressed = float_constants_as_fp16(model)
     kinds = sorted((str(n.get_element_type()), int(n.get_data().size)) for n in compressed.get_ops() if n.get_type_name() == "Constant")
     assert kinds == [("<Type: 'float16'>", 4096), ("<Type: 'float32'>", 1)]  # the small constant is left as it is
-    out = openvino.Core().compile_model(compressed, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(np.zeros((1, 4096), np.float32))[0]
+    out = openvino_core().compile_model(compressed, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(np.zeros((1, 4096), np.float32))[0]
     assert out.dtype == np.float32 and np.array_equal(out, values.astype(np.float16).astype(np.float32) + 1)

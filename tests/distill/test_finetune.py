@@ -42,7 +42,7 @@ def data(tmp_path):
 def _args(data, out, *extra):
     return ["--init", str(data / "tiny.pt"), "--data", str(data / "train"), "--val", str(data / "val"),
             "--out", str(out), "--cache-dir", str(data / "cache"), "--batch-size", "2", "--epochs", "2",
-            "--threads", "1", "--checkpoint-every", "1", *extra]
+            "--threads", "1", "--checkpoint-every", "1", "--head-epochs", "100", *extra]
 
 
 def test_finetune_trains_selects_and_ships_a_zoo_checkpoint(data, capsys):
@@ -135,7 +135,7 @@ def test_fit_modality_head_learns_separable_modalities():
     labels = torch.arange(3).repeat_interleave(20)
     features = centers[labels] + 0.01 * torch.randn(60, 256, generator=g)
     head = ModalityHead()
-    fit_modality_head(head, features, labels)
+    fit_modality_head(head, features, labels, epochs=300)
     with torch.inference_mode():
         assert (head.mlp(features).argmax(dim=1) == labels).float().mean() == 1.0
 

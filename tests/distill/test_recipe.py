@@ -54,32 +54,89 @@ def _run(data, recipe_file, *extra):
     return {row["stage"]: row for row in recipe.run(args)}
 
 
-def test_smoke_runs_the_whole_champion_recipe_then_finds_it_up_to_date(data, capsys):
-    rows = _run(data, RECIPES / "cp_tinyvit_fast.toml", "--smoke")
-    stages = [s.name for s in recipe.read_recipe(RECIPES / "cp_tinyvit_fast.toml").stages]
+EVERY_KIND = """
+name = "every_kind"
+
+[[stages]]
+name = "student"
+kind = "distill"
+teacher = "{teacher}"
+student = "tiny_test"
+init = "none"
+max_samples = 4
+batch_size = 4
+max_steps = 1
+
+[[stages]]
+name = "head"
+kind = "finetune"
+head_epochs = 100
+init = "@student"
+head_only = true
+max_samples = 4
+batch_size = 4
+half = true
+
+[[stages]]
+name = "pruned"
+kind = "prune"
+model = "@head"
+ratio = 0.5
+epochs = 0
+
+[[stages]]
+name = "pruned_int8"
+kind = "quantize"
+model = "@pruned"
+backend = "openvino"
+n_calib = 2
+n_check = 1
+
+[[stages]]
+name = "board"
+kind = "benchmark"
+models = ["@head", "@pruned", "@pruned_int8"]
+all = true
+no_latency = true
+"""
+
+
+def tiny_teacher(data, monkeypatch):
+    """A tiny teacher checkpoint in `data`, and the tiny student config registered as 'tiny_test'."""
+    from zoo.models.encoders import ENCODER_CONFIGS
+
+    monkeypatch.setitem(ENCODER_CONFIGS, "tiny_test", TINY_STUDENT.encoder)
+    torch.manual_seed(0)
+    return save_checkpoint(data / "teacher.pt", ClassPromptSAM(TINY), {"stage": "test"})
+
+
+def test_a_recipe_of_every_stage_kind_runs_records_its_provenance_then_finds_it_up_to_date(data, capsys, monkeypatch):
+    """distill, finetune, prune, quantize and benchmark on tiny models: what the shipped recipes chain on real ones
+    (test_every_shipped_recipe_checks checks those; `--smoke` runs them in minutes)."""
+    (data / "every_kind.toml").write_text(EVERY_KIND.format(teacher=tiny_teacher(data, monkeypatch)))
+    rows = _run(data, data / "every_kind.toml")
+    stages = ["student", "head", "pruned", "pruned_int8", "board"]
     assert list(rows) == stages and {r["status"] for r in rows.values()} == {"ran"}
     out = capsys.readouterr().out
     for number, name in enumerate(stages, start=1):  # stage k of n, its time and its val score
         assert f"[{number}/{len(stages)}] {name} (" in out
     assert "done in" in out and "val DSC" in out
-    folder = data / "out" / "smoke"
-    assert [r["stage"] for r in read_csv(folder / "stages.csv")] == stages
+    assert [r["stage"] for r in read_csv(data / "out" / "stages.csv")] == stages
 
-    # provenance: the recipe's text, the stage, the commit, the train listing's hash, the val scores
-    champion, metadata = load_checkpoint(rows["cp_tinyvit_fast"]["folder"] + "/best.pt")
-    provenance = metadata["recipe"]
-    assert provenance["stage"] == "cp_tinyvit_fast" and provenance["git_commit"]
-    assert provenance["recipe_text"][str(RECIPES / "cp_tinyvit_fast.toml")] == (RECIPES / "cp_tinyvit_fast.toml").read_text()
-    assert provenance["train_data_sha256"] == recipe.listing_sha256([data / "train"])
-    assert 0 <= provenance["val"]["dsc"] <= 1 and provenance["smoke"]
-    assert read_payload(rows["cp_tinyvit_fast"]["folder"] + "/best.pt")["state_dict"]["mask_decoder.iou_token.weight"].dtype == torch.float16
-    manifest = json.loads((folder.glob("cp_tinyvit_fast_openvino_int8-*/variant/manifest.json").__next__()).read_text())
-    assert manifest["metadata"]["recipe"]["stage"] == "cp_tinyvit_fast_openvino_int8"
-    assert champion.config.decoder == "pooled-tokens" and champion.has_modality_head
-    board = {r["model"] for r in read_csv(next(folder.glob("board-*/leaderboard.csv")))}
-    assert board == {"litemedsam_openvino", "shipped_cp_tinyvit_fast", "cp_tinyvit_fast", "cp_tinyvit_fast_openvino_int8"}
+    # provenance in every model written: the recipe's text, the stage, the commit, the train listing's hash, val scores
+    for stage, output in (("student", "student.pt"), ("head", "best.pt"), ("pruned", "pruned.pt")):
+        provenance = load_checkpoint(f"{rows[stage]['folder']}/{output}")[1]["recipe"]
+        assert provenance["stage"] == stage and provenance["git_commit"]
+        assert provenance["recipe_text"][str(data / "every_kind.toml")] == (data / "every_kind.toml").read_text()
+        assert provenance["train_data_sha256"] == recipe.listing_sha256([data / "train"])
+        assert 0 <= provenance["val"]["dsc"] <= 1
+    assert read_payload(rows["head"]["folder"] + "/best.pt")["state_dict"]["mask_decoder.iou_token.weight"].dtype == torch.float16
+    manifest = json.loads((data / "out").glob("pruned_int8-*/variant/manifest.json").__next__().read_text())
+    assert manifest["metadata"]["recipe"]["stage"] == "pruned_int8" and manifest["precision"] == "int8"
+    board = read_csv(next((data / "out").glob("board-*/leaderboard.csv")))
+    assert len(board) == 3 and all(0 <= float(r["dsc_mean_modalities"]) <= 1 for r in board)
 
-    again = _run(data, RECIPES / "cp_tinyvit_fast.toml", "--smoke")
+    again = _run(data, data / "every_kind.toml")
     assert {r["status"] for r in again.values()} == {"up to date"}
 
 
@@ -111,6 +168,7 @@ max_steps = 1
 [[stages]]
 name = "head"
 kind = "finetune"
+head_epochs = 100
 init = "@longer"
 head_only = true
 max_samples = 4
@@ -121,14 +179,10 @@ batch_size = 4
 @pytest.fixture
 def chain(data, monkeypatch):
     """A three-stage recipe of tiny models (teacher and student); write(...) varies its learning rates."""
-    from zoo.models.encoders import ENCODER_CONFIGS
-
-    monkeypatch.setitem(ENCODER_CONFIGS, "tiny_test", TINY_STUDENT.encoder)
-    torch.manual_seed(0)
-    save_checkpoint(data / "teacher.pt", ClassPromptSAM(TINY), {"stage": "test"})
+    teacher = tiny_teacher(data, monkeypatch)
 
     def write(lr="1e-3", second_lr=None):
-        text = TWO_STAGES.format(teacher=data / "teacher.pt", lr=lr)
+        text = TWO_STAGES.format(teacher=teacher, lr=lr)
         if second_lr:
             text = text.replace("max_steps = 1\n", f"max_steps = 1\nlr = {second_lr}\n")
         (data / "chain.toml").write_text(text)

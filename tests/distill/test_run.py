@@ -55,6 +55,7 @@ def test_clear_errors_for_bad_inputs(small_data, tmp_path, capsys, monkeypatch):
     assert "2DBox_US_9.npz: not a readable npz" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two training processes (35 s); CI's 20 minutes keep the single-process resume tests
 def test_ddp_two_cpu_processes(small_data, tmp_path):
     small_sam_checkpoint(tmp_path / "sam_small.pth")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "distill.run",
@@ -83,6 +84,7 @@ def test_bad_input_corpus(tmp_path, capsys):
     assert meta["samples"] == 5 + 3  # five 2D images and slices 0, 5, 10 of the volume
 
 
+@pytest.mark.slow  # three training runs in subprocesses (70 s); tests/distill/test_train.py checks resume in CI
 def test_sigkill_at_a_random_step_then_resume_matches_an_uninterrupted_run(small_data, tmp_path):
     import os
     import random

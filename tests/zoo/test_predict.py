@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import REPO, assert_refused, write_npz
-from zoo.data.io import Case, load_case, read_csv
+from zoo.data.io import Case, load_case, read_csv, save_npz_atomic
 from zoo.modalities import MODALITIES
 from zoo.predict import ModalityChoice, SliceEmbeddings, main, propagation_plan, segment_case
 
@@ -86,6 +86,8 @@ def test_300_boxes_get_uint16_labels_1_to_300(bright_runtime, tmp_path, depth):
     path = write_npz(tmp_path / "2DBox_US_many.npz", imgs=image, boxes=boxes)
     segs = segment_case(bright_runtime, load_case(path), ModalityChoice(bright_runtime)).segs
     assert segs.dtype == np.uint16
+    # as zoo.predict writes it (the CLI's corpus test leaves this case out: minutes of SAM's decoder)
+    assert np.load(save_npz_atomic(tmp_path / "out" / path.name, segs=segs))["segs"].dtype == np.uint16
     assert set(np.unique(segs)) == set(range(301))
     # row 1, column 1: the 22nd box (on every slice but 0, which propagation never reaches, as officially)
     assert (segs[..., 14:16, 14:16] == 22).all() if depth is None else (segs[1:, 14:16, 14:16] == 22).all()
@@ -120,7 +122,7 @@ def dsc(a, b):
 @pytest.mark.parametrize("name", [
     "2DBox_Microscopy_DSB2018_03f583ec5018739f.npz",
     "2DBox_Mammography_DDSMtissue_A0002-RIGHTMLO.npz",
-    "3DBox_PET_IBSISTS_STS001.npz",
+    pytest.param("3DBox_PET_IBSISTS_STS001.npz", marks=pytest.mark.slow),  # a whole volume through LiteMedSAM
 ])
 def test_litemedsam_reproduces_the_official_masks(litemedsam, val_dir, reference_dir, name):
     ours = segment_case(litemedsam, load_case(val_dir / name), ModalityChoice(litemedsam)).segs
@@ -177,7 +179,7 @@ def test_bad_input_corpus(tmp_path, capsys):
     from tests.helpers import NOT_NPZ, assert_reported, tiny_model, write_corpus
     from zoo.models.checkpoint import save_checkpoint
 
-    bad, good = write_corpus(tmp_path / "in")
+    bad, good = write_corpus(tmp_path / "in", many_boxes=False)  # (test_300_boxes_... above)
     model = str(save_checkpoint(tmp_path / "tiny.pt", tiny_model()))
     out = tmp_path / "out"
     assert main(["-i", str(tmp_path / "in"), "-o", str(out), "--model", model, "--threads", "1"]) == 1
@@ -190,7 +192,6 @@ def test_bad_input_corpus(tmp_path, capsys):
     assert f"segmented {len(good)} of {n_npz + len(NOT_NPZ)} files" in captured.out
     assert f"{len(NOT_NPZ)} not npz, not read" in captured.out
     assert np.load(out / "2DBox_US_one_pixel.npz")["segs"].shape == (1, 1)
-    assert np.load(out / "2DBox_US_300_boxes.npz")["segs"].dtype == np.uint16
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     code = main(["-i", str(tmp_path / "in"), "-o", str(blocker / "out"), "--model", model])

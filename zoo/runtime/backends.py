@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 from dataclasses import dataclass
+from functools import lru_cache
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,18 @@ def backend(name: str) -> Backend:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
     return BACKENDS[name]
+
+
+@lru_cache(maxsize=1)
+def openvino_core():
+    """The process's one openvino.Core, kept until exit; every OpenVINO graph the toolkit compiles goes through it.
+    Each Core's CPU plugin gives the thread a signal stack of its own (for AMX's large signal frames) and, when the
+    Core goes, puts back the one it found and unmaps its own. Cores that went in another order than they came (two
+    models, the first dropped first) left the main thread on an unmapped stack, and the next Ctrl-C was a
+    segmentation fault instead of exit 130 (the CI run of stop 35). One Core that outlives the rest keeps it valid."""
+    import openvino
+
+    return openvino.Core()
 
 
 def runtime_version(name: str) -> str:

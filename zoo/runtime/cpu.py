@@ -53,9 +53,9 @@ def cpu_flags() -> tuple[str, ...]:
 def openvino_supports_bf16() -> bool:
     """Whether OpenVINO's CPU plugin can compute in bf16 here (it lists 'BF16' among its optimization
     capabilities on CPUs with AVX512_BF16 or AMX): the authority for a bf16 variant, whatever /proc says."""
-    import openvino
+    from zoo.runtime.backends import openvino_core
 
-    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return "BF16" in openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 def auto_precision(flags: tuple[str, ...] | None = None) -> str:

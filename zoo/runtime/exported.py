@@ -34,7 +34,7 @@ import torch
 
 from zoo.models.clicks import pad_clicks
 from zoo.models.weights import CheckpointError, sha256_file
-from zoo.runtime.backends import MANIFEST_BACKENDS, OPENVINO_PRECISION, precision_problem
+from zoo.runtime.backends import MANIFEST_BACKENDS, OPENVINO_PRECISION, openvino_core, precision_problem
 
 FORMAT = "cp-tinyvit-exported/1"
 MANIFEST = "manifest.json"
@@ -100,13 +100,11 @@ class _OnnxRuntimeGraph:
 
 class _OpenVINOGraph:
     def __init__(self, path: Path, threads: int, precision: str):
-        import openvino
-
         if precision not in OPENVINO_PRECISION:
             raise CheckpointError(f"{path}: unknown precision {precision!r}; expected one of {', '.join(OPENVINO_PRECISION)}")
         config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[precision]}
         try:
-            self.compiled = openvino.Core().compile_model(str(path), "CPU", config)
+            self.compiled = openvino_core().compile_model(str(path), "CPU", config)
         except Exception as err:  # openvino raises RuntimeError subclasses of its own
             raise CheckpointError(f"{path}: OpenVINO cannot load this model ({err})") from err
         if precision == "bf16" and self.inference_precision != "bf16":
