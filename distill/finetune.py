@@ -45,6 +45,7 @@ from zoo.data.samples import (
     sample_object,
     sample_tensor,
 )
+from zoo.index import model_file
 from zoo.interactive import PROTOCOL_CLICKS, next_click, padded_clicks
 from zoo.modalities import MODALITIES, head_accuracy, modality_confusion, modality_id
 from zoo.models.checkpoint import load_checkpoint, save_checkpoint
@@ -106,12 +107,12 @@ NOT_OPTIONS = ("mask_loss_weight", "gt_loss_weight", "mask_box_jitter", "train_p
 
 
 def build_model(init: str, class_prompt: bool, decoder_token_stride: int | None = None) -> ClassPromptSAM:
-    """LiteMedSAM ('litemedsam') or a zoo checkpoint (a path), with a fresh head and zero class prompt if asked
-    and the checkpoint has none. `decoder_token_stride` 2 or more swaps in zoo.models.pooled_decoder's light decoder
+    """LiteMedSAM ('litemedsam'), a zoo checkpoint by name (e.g. 'cp_tinyvit_fast') or a checkpoint path, with a
+    fresh head and zero class prompt if asked and the checkpoint has none. `decoder_token_stride` 2 or more swaps in zoo.models.pooled_decoder's light decoder
     (the tokens' attention to the image on a pooled grid), with the checkpoint's decoder weights (it has the same)."""
     if init == "litemedsam" and decoder_token_stride in (None, 1):
         return build_litemedsam(class_prompt=class_prompt)
-    source = build_litemedsam(class_prompt=class_prompt) if init == "litemedsam" else load_checkpoint(init)[0]
+    source = build_litemedsam(class_prompt=class_prompt) if init == "litemedsam" else load_checkpoint(model_file(init))[0]
     stride = source.config.decoder_token_stride if decoder_token_stride is None else decoder_token_stride
     model = create_model(source.config, class_prompt=class_prompt, decoder_token_stride=stride)
     weights = {k: v for k, v in source.state_dict().items() if not k.startswith(NEW_PARTS) or class_prompt}
@@ -125,7 +126,7 @@ def with_click_decoder(model: ClassPromptSAM, source: str | None = None) -> Clas
     """`model` with a click decoder of its own (ModelConfig.click_decoder), every weight kept. The click decoder starts
     as `source`'s (a zoo checkpoint: its click decoder, or its mask decoder where it has none; its prompt encoder's
     point and mask parts come too), else as the model's box decoder (or its click decoder, where it has one)."""
-    donor = load_checkpoint(source)[0] if source else model
+    donor = load_checkpoint(model_file(source))[0] if source else model
     prefix = "click_mask_decoder." if donor.click_mask_decoder is not None else "mask_decoder."
     if donor.config.decoder_token_stride != model.config.decoder_token_stride:
         raise CheckpointError(f"{source}: its decoder (token stride {donor.config.decoder_token_stride}) is not the model's "
@@ -418,7 +419,7 @@ def refit_head(settings: FinetuneSettings, samples, keys, cache, val_samples, va
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m distill.finetune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--init", default="litemedsam", help="'litemedsam' or a zoo checkpoint (e.g. a distilled student)")
+    p.add_argument("--init", default="litemedsam", help="'litemedsam', a zoo checkpoint's name (e.g. cp_tinyvit_fast) or a checkpoint path (e.g. a distilled student)")
     p.add_argument("--no-class-prompt", action="store_true", help="the ablation: the same fine-tuning without head and class prompt")
     p.add_argument("--decoder-token-stride", type=int, default=None,
                    help="2 or more: the decoder's token-to-image attention on a pooled grid (zoo.models.pooled_decoder; default: the init's)")

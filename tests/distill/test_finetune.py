@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from distill.finetune import CLICK_PROMPT_PARTS, build_model, main
-from tests.helpers import TINY_STUDENT, write_npz
+from tests.helpers import TINY_STUDENT, empty_zoo, write_npz
 from zoo.data.io import load_case, read_csv
 from zoo.models.checkpoint import load_checkpoint, save_checkpoint
 from zoo.models.class_prompt import ClassPromptSAM
@@ -114,6 +114,19 @@ def test_build_model_from_litemedsam_starts_as_litemedsam(litemedsam):
     assert model.has_modality_head and not model.class_prompt.weight.any()
     for name, tensor in litemedsam.state_dict().items():
         assert torch.equal(tensor, model.state_dict()[name]), name
+
+
+def test_build_model_takes_a_zoo_checkpoint_by_name(data, tmp_path, monkeypatch):
+    import zoo.index
+
+    empty_zoo(tmp_path, monkeypatch)
+    zoo.index.add_model("tiny", data / "tiny.pt")
+    torch.manual_seed(0)  # the checkpoint has no head: each build makes a fresh one
+    by_name = build_model("tiny", class_prompt=True)
+    torch.manual_seed(0)
+    by_path = build_model(str(data / "tiny.pt"), class_prompt=True)
+    for name, tensor in by_path.state_dict().items():
+        assert torch.equal(tensor, by_name.state_dict()[name]), name
 
 
 def test_clear_errors(data, capsys):
