@@ -447,6 +447,8 @@ def run(args) -> Path:
     model = build_model(args.init, class_prompt=not args.no_class_prompt, decoder_token_stride=args.decoder_token_stride)
     if args.clicks and args.click_parts == "separate":
         model = with_click_decoder(model, args.click_decoder_from)
+    if args.clicks:  # its checkpoints and their exports say so (zoo.segment and the app warn on untrained ones)
+        model.config = replace(model.config, clicks_trained=True)
     skipped = getattr(args, "skipped", None)
     data = settings_from_args(DataSettings, args)
     samples = data.samples(args.seed, foreground_only=True, skipped=skipped)

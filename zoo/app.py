@@ -69,6 +69,7 @@ from zoo.data.io import Case, CaseError, check_boxes, label_dtype, load_case, sa
 from zoo.data.overlay import encode_png, label_colours, overlay_picture
 from zoo.data.preprocess import IMAGE_SIZE, box_from_mask, postprocess_logits, scale_boxes
 from zoo.index import AUTO
+from zoo.interactive import UNTRAINED_CLICKS, untrained_clicks
 from zoo.modalities import MODALITIES, canonical_modality, modality_from_name, modality_id
 from zoo.predict import ModalityChoice, SliceEmbeddings, decode_masks, propagation_plan, segment_3d
 
@@ -83,8 +84,6 @@ CT_PRESETS = {"soft tissue": SOFT_TISSUE_WINDOW, "lung": (-600.0, 1500.0), "bone
               "brain": (40.0, 80.0), "liver": (60.0, 160.0)}
 UPLOAD_SUFFIXES = {*VOLUME_FORMATS, *PICTURE_FORMATS, ".npz", ".zip", ""}  # '': a DICOM file without a suffix
 CSRF_HEADER = "x-requested-with"  # changes need it: a cross-site form or image cannot set it
-CLICKS_UNTRAINED = ("Clicks run the decoder as trained for boxes only: it has not been trained on clicks yet "
-                    "(issue #31), so a click shows the untrained decoder's answer.")
 
 
 def load_model(name: str):
@@ -101,8 +100,9 @@ def accepts_clicks(model) -> bool:
 
 
 def clicks_note(model, name: str) -> str:
+    """What the page tells a user about clicks: nothing where a click stage trained the model."""
     if accepts_clicks(model):
-        return CLICKS_UNTRAINED
+        return f"This model ({name}): {UNTRAINED_CLICKS}." if untrained_clicks(model) else ""
     return f"This model ({name}) does not take clicks yet: its exported folder has no click decoder (issue #31)."
 
 

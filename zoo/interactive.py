@@ -41,6 +41,13 @@ from zoo.predict import DECODE_CHUNK, ModalityChoice, SliceEmbeddings, Trace, se
 
 CLICK_SEED = 42  # the CVPR 2025 script's np.random.seed(42) before each draw among equal maxima
 PROTOCOL_CLICKS = 5  # clicks after the box in the CVPR 2025 protocol
+UNTRAINED_CLICKS = ("its decoder was trained on boxes alone (no click stage, distill.finetune --clicks): clicks reach "
+                    "it untrained and may make a mask worse (docs/interactive.md)")
+
+
+def untrained_clicks(model) -> bool:
+    """Whether `model` takes clicks that no click stage trained it for (zoo.runtime.interface.clicks_trained)."""
+    return bool(getattr(model, "takes_clicks", False)) and not getattr(model, "clicks_trained", False)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ bg clicks false object. Each object is refined click by click as zoo.interactive
 clicks, then its bg clicks, in the order given: each click is one step with the previous step's logits); in a
 volume a click's slice is decoded again and propagation rerun from it outward. A label without a box starts box-free:
 its box is the whole image (a volume: the whole slice of its first fg click), then its clicks apply; it needs an fg
-click, and its value is kept in the output. The model must take clicks (cp_tinyvit_fast_clicks is trained for them).
+click, and its value is kept in the output. The model must take clicks; one no click stage trained gets a warning.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ from zoo.data.io import (
 )
 from zoo.data.overlay import encode_png, overlay_picture, write_bytes_atomic
 from zoo.index import AUTO
-from zoo.interactive import Click, Refinement
+from zoo.interactive import UNTRAINED_CLICKS, Click, Refinement, untrained_clicks
 from zoo.modalities import MODALITIES, canonical_modality
 from zoo.predict import ModalityChoice, prepare_output_dir, segment_case
 
@@ -190,8 +190,8 @@ def segment_file(model, path: Path, output_dir: Path, modalities: ModalityChoice
         boxes, values = boxes_from_json(*boxes_json, image)
     clicks = clicks_from_json(*points_json, image, values) if points_json is not None else []
     if clicks and not getattr(model, "takes_clicks", False):
-        raise CaseError(path, "--points: this model takes no clicks (its exported variant has no click decoder); "
-                              "use cp_tinyvit_fast_clicks")
+        raise CaseError(path, "--points: this model takes no clicks (its exported variant has no clicks graph); "
+                              "use its PyTorch form")
     for label, object_clicks in clicks:  # box-free starts: a box of their own, the label value kept
         if label not in values:
             boxes, values = np.vstack([boxes, box_free(object_clicks, image)]), np.append(values, label)
@@ -253,6 +253,8 @@ def segment_files(model, inputs: list[Path], output_dir: Path, *, modality: str 
             print(f"warning: {given[1]}: no input is named {', '.join(map(repr, unknown_keys(given[0], inputs)))}; "
                   f"keys are input file names (a DICOM series: its folder's name), so those {option} are not used",
                   file=sys.stderr)
+    if points_json is not None and untrained_clicks(model):
+        print(f"warning: --points: {UNTRAINED_CLICKS}", file=sys.stderr)
     protected = {p.resolve() for p in inputs}
     if prompt_mask is not None:
         masks = list(prompt_mask.iterdir()) if prompt_mask.is_dir() else [prompt_mask]

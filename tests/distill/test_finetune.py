@@ -227,6 +227,7 @@ def test_a_separate_click_decoder_leaves_the_box_decoder_and_box_only_masks_exac
     start = build_model(str(data / "tiny.pt"), class_prompt=True)
     model = load_checkpoint(first / "best.pt")[0]
     assert model.config.click_decoder and not start.config.click_decoder
+    assert model.clicks_trained and not start.clicks_trained  # zoo.segment and the app warn only on untrained ones
     trained = build_model(str(first / "best.pt"), class_prompt=True)
     trained.load_state_dict(torch.load(first / "last.pt", weights_only=True)["model"])
     before, after = start.state_dict(), trained.state_dict()

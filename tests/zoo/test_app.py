@@ -95,7 +95,7 @@ def test_png_boxes_give_zoo_segments_masks_and_files(png_case, fast_model, tmp_p
         click = client.post(f"/api/images/{sid}/objects/{first}/clicks",
                             json={"x": int(x0 + x1) // 2, "y": int(y0 + y1) // 2, "positive": False})
         reply = click.json()
-        assert click.status_code == 200 and "not been trained on clicks" in reply["note"]
+        assert click.status_code == 200 and "trained on boxes alone" in reply["note"]
         assert reply["objects"][0]["clicks"] == [[0, float(int(x0 + x1) // 2), float(int(y0 + y1) // 2), 0]]
         assert reply["encoder_runs"] == 0
         undone = client.post(f"/api/images/{sid}/objects/{first}/undo", json={}).json()
@@ -175,6 +175,18 @@ def test_a_model_without_clicks_says_so(bright_client, small_png):
     oid = bright_client.post(f"/api/images/{sid}/objects", json={"box": [10, 5, 40, 25]}).json()["object"]
     refused = bright_client.post(f"/api/images/{sid}/objects/{oid}/clicks", json={"x": 20, "y": 12})
     assert "bright" in error_of(refused, 409) and "does not take clicks yet" in refused.json()["error"]
+
+
+def test_only_a_decoder_no_click_stage_trained_gets_the_caveat():
+    from zoo.app import clicks_note
+
+    class Trained:
+        takes_clicks, clicks_trained = True, True
+
+    class Untrained:
+        takes_clicks, clicks_trained = True, False
+
+    assert clicks_note(Trained(), "t") == "" and "(u): its decoder was trained on boxes alone" in clicks_note(Untrained(), "u")
 
 
 def test_bad_files_and_boxes_get_a_clear_message_and_the_server_goes_on(bright_client, small_png, tmp_path):

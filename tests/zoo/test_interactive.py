@@ -77,6 +77,7 @@ class ClickingRuntime(BrightRuntime):
     negative one removes it; the previous logits are ignored. Counts decodes."""
 
     takes_clicks = True
+    clicks_trained = True  # its clicks act as a trained decoder's should
 
     def __init__(self):
         super().__init__()

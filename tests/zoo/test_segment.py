@@ -220,6 +220,7 @@ def test_points_refine_the_boxes_masks_click_by_click_and_may_start_without_a_bo
     model = ClickingRuntime()
     rows = segment_files(model, [tmp_path / "p.png", tmp_path / "q.png"], tmp_path / "out", boxes_file=boxes,
                          points_file=points, progress=False)
+    assert "trained on boxes alone" not in capsys.readouterr().err  # the stand-in's clicks are trained
     assert [r["status"] for r in rows] == ["ok", "ok"] and [r["n_clicks"] for r in rows] == [1, 2]
     assert (np.asarray(Image.open(tmp_path / "out" / "p.png"))[10:40, 10:40] == 1).all()  # the hole filled
     labels = np.asarray(Image.open(tmp_path / "out" / "q.png"))
@@ -238,6 +239,11 @@ def test_points_refine_the_boxes_masks_click_by_click_and_may_start_without_a_bo
     rows = segment_files(ClickingRuntime.__mro__[1](), [tmp_path / "p.png"], tmp_path / "o4", boxes_file=boxes,
                          points_file=points, progress=False)
     assert "this model takes no clicks" in rows[0]["error"]
+    capsys.readouterr()
+    model.clicks_trained = False  # a decoder no click stage trained: clicks still run, with a warning, once a run
+    segment_files(model, [tmp_path / "p.png", tmp_path / "q.png"], tmp_path / "untrained", boxes_file=boxes,
+                  points_file=points, progress=False)
+    assert capsys.readouterr().err.count("warning: --points: its decoder was trained on boxes alone") == 1
     assert main([str(tmp_path / "p.png"), "-o", str(tmp_path / "o5"), "--boxes", str(boxes), "--points",
                  str(tmp_path / "nope.json")] + stand_in) == 2
     assert "nope.json: not a readable JSON file" in capsys.readouterr().err

@@ -40,6 +40,9 @@ class ModelConfig:
     # A mask decoder of its own for decodes with clicks (issue #31), of the box decoder's design: a box alone keeps
     # the box decoder, so box-only masks stay exactly those of the model it was trained from.
     click_decoder: bool = False
+    # Whether a click stage (distill.finetune --clicks) trained it: until then clicks run a decoder trained on boxes
+    # alone, which they can make worse (zoo.segment and the app say so).
+    clicks_trained: bool = False
 
     @property
     def decoder(self) -> str:
@@ -51,6 +54,8 @@ class ModelConfig:
                   "decoder_token_stride": self.decoder_token_stride, "decoder": self.decoder}
         if self.click_decoder:  # written only when there is one: earlier readers still read the others
             values["click_decoder"] = True
+        if self.clicks_trained:
+            values["clicks_trained"] = True
         return values
 
     @classmethod
@@ -60,7 +65,8 @@ class ModelConfig:
         reproduce: refused, not loaded into the wrong decoder."""
         stride = int(values.get("decoder_token_stride", 1))
         config = cls(encoder=TinyViTConfig.from_dict(values["encoder"]), class_prompt=bool(values["class_prompt"]),
-                     decoder_token_stride=stride, click_decoder=bool(values.get("click_decoder", False)))
+                     decoder_token_stride=stride, click_decoder=bool(values.get("click_decoder", False)),
+                     clicks_trained=bool(values.get("clicks_trained", False)))
         decoder = values.get("decoder", "sam" if stride == 1 else "an earlier light decoder")
         if decoder != config.decoder:
             raise ValueError(f"decoder {decoder!r} with decoder_token_stride {stride}: this version builds SAM's decoder"
@@ -133,6 +139,10 @@ class ClassPromptSAM(nn.Module):
     @property
     def has_modality_head(self) -> bool:
         return self.modality_head is not None
+
+    @property
+    def clicks_trained(self) -> bool:
+        return self.config.clicks_trained
 
     def embed(self, image: torch.Tensor) -> torch.Tensor:
         return self.image_encoder(image)

@@ -149,7 +149,7 @@ def write_variant(out: Path, model: ClassPromptSAM, build, backend: str, precisi
         for leftover in set(staging.iterdir()) - {staging / n for e in files.values() for n in e["sha256"]}:
             leftover.unlink()  # intermediate graphs (an ONNX file behind an OpenVINO IR)
         manifest = {"format": FORMAT, "backend": backend, "precision": precision, "class_prompt": model.has_modality_head,
-                    "size": model_size(model), "files": files, "metadata": metadata}
+                    "clicks_trained": model.clicks_trained, "size": model_size(model), "files": files, "metadata": metadata}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         os.chmod(staging, 0o755)
         os.rename(staging, out)

@@ -175,6 +175,7 @@ class ExportedModel:
         self.backend = manifest["backend"]
         self.precision = manifest["precision"]
         self.class_prompt = bool(manifest.get("class_prompt"))
+        self.clicks_trained = bool(manifest.get("clicks_trained"))  # absent in folders exported before the marker
         self.size = manifest["size"]  # the PyTorch parent's params and FLOPs (zoo.models.flops.model_size)
         threads = torch.get_num_threads()
         self.graphs = {part: _graph(self.folder / entry["path"], threads, self.precision)

@@ -17,6 +17,7 @@ class SegmentationRuntime(Protocol):
     precision: str  # 'fp32', 'int8', ...
     has_modality_head: bool
     takes_clicks: bool  # whether decode takes points / mask_input (an exported variant without a clicks graph: no)
+    clicks_trained: bool  # whether a click stage trained its decoder for them (else clicks may worsen masks)
 
     def embed(self, image: torch.Tensor) -> torch.Tensor:
         """(1, 3, 256, 256) float32 in [0, 1] -> (1, 256, 64, 64) image embedding."""

@@ -328,6 +328,7 @@ def test_the_exported_click_decoder_answers_like_pytorch_and_boxes_alone_keep_th
     takes and more (the latest MAX_POINTS), with and without a mask."""
     variant = ExportedModel(exported(backend))
     assert variant.takes_clicks and set(variant.graphs) == {"encoder", "decoder", "head", "clicks"}
+    assert not variant.clicks_trained  # as its parent: no click stage trained it (zoo.segment and the app warn)
     embedding, boxes, prompts, box_only = click_prompts
     calls = []
     for part in ("decoder", "clicks"):
@@ -343,6 +344,24 @@ def test_the_exported_click_decoder_answers_like_pytorch_and_boxes_alone_keep_th
         calls.clear()
         assert torch.allclose(variant.decode(embedding, boxes, 3), box_only, atol=1e-3)
         assert calls == ["decoder"]  # a box alone runs the box-only graph, as before clicks existed
+
+
+def test_a_click_trained_parent_makes_a_click_trained_variant(tmp_path):
+    """The click stage's marker (ModelConfig.clicks_trained) goes into every variant's manifest, so that an exported
+    form warns as its parent does."""
+    from dataclasses import replace
+
+    from zoo.runtime.exported import MANIFEST
+
+    trained = tiny_model()
+    trained.config = replace(trained.config, clicks_trained=True)
+
+    def one_graph(folder):
+        (folder / "encoder.onnx").write_bytes(b"graph")
+        return {"encoder": folder / "encoder.onnx"}
+
+    out = write_variant(tmp_path / "v", trained, one_graph, "onnxruntime", "fp32", {})
+    assert json.loads((out / MANIFEST).read_text())["clicks_trained"] is True
 
 
 def test_a_variant_without_a_click_graph_says_so_and_still_decodes_boxes(model, exported, tmp_path):
