@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,11 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 VAL_DIR = data_split("val")  # $MEDSEG_DATA/val, as every command takes it
 REFERENCE_DIR = SHARED / "reference/litemedsam-official-val"
+
+# A test run started in the background of a non-interactive shell (`.ci/run &`) inherits SIGINT ignored (POSIX) and
+# Python keeps it so: the Ctrl-C tests then see no KeyboardInterrupt. They test Python's default, as in a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
