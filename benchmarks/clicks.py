@@ -5,16 +5,18 @@ Segmentation"), run by `python -m benchmarks.run --clicks 5` on every case, and 
 A case is segmented from its boxes (step 0: the box-only result, zoo.predict's bit for bit), then refined by 5
 simulated clicks (steps 1..5): at each step every object gets one click at the centre of its largest error component
 (zoo.interactive.next_click, on the whole label map: 2D on the image, 3D in the volume), positive on missed object,
-negative on false object; its slice is decoded again with its clicks and the previous logits, and in 3D propagation
-is rerun from that slice outward (zoo.interactive.Refinement). DSC and NSD are scored after every step, as the
+negative on false object; its slice is decoded again with its clicks and the previous logits (a small object on a
+zoom crop, unless --no-zoom), and in 3D propagation is rerun from that slice outward (zoo.interactive.Refinement). DSC and NSD are scored after every step, as the
 challenge scores them; DSC_AUC and NSD_AUC are the trapezoid under the click steps' scores, as CVPR25_iter_eval.py
 computes them (zoo.interactive.interaction_auc: its AUC leaves the box step out; with 5 clicks it lies in 0..4).
 
-cases.csv gains dsc_1..dsc_5, nsd_1..nsd_5 (dsc, nsd stay the box step's), dsc_auc, nsd_auc and click_seconds (the
-decoder time of one step, all objects, embeddings kept); the leaderboard gains per modality the AUCs and the DSC
-after the last click, their means over modalities, click_ms (one click on a 256² image, its embedding cached: the
-decoder alone, at steady state by benchmarks.latency's rule) and dsc_clicks_gain (mean DSC after the last click minus
-the box-only mean); clicks.csv holds the curves (mean DSC and NSD per model, modality and step) that clicks.png plots.
+cases.csv gains dsc_1..dsc_5, nsd_1..nsd_5 (dsc, nsd stay the box step's), dsc_auc, nsd_auc, click_seconds (the
+time of one step, all objects, the image's embeddings kept: the decoder, and the zoom crops' encoder runs) and
+crop_embeddings (the encoder runs on zoom crops over the case's clicks); the leaderboard gains per modality the AUCs
+and the DSC after the last click, their means over modalities, click_zoom (whether small objects were zoomed on),
+click_ms (one click on a 256² image, its embedding cached: the decoder alone, at steady state by benchmarks.latency's
+rule) and dsc_clicks_gain (mean DSC after the last click minus the box-only mean); clicks.csv holds the curves (mean
+DSC and NSD per model, modality and step) that clicks.png plots.
 """
 
 from __future__ import annotations
@@ -39,23 +41,24 @@ CURVE_FIELDS = ["model", "modality", "step", "cases", "dsc", "nsd"]
 def case_fields(clicks: int) -> list[str]:
     """cases.csv's columns beside the box step's dsc and nsd."""
     return ([f"dsc_{k}" for k in range(1, clicks + 1)] + [f"nsd_{k}" for k in range(1, clicks + 1)]
-            + ["dsc_auc", "nsd_auc", "click_seconds"])
+            + ["dsc_auc", "nsd_auc", "click_seconds", "crop_embeddings"])
 
 
 def leaderboard_fields() -> list[str]:
     """The leaderboard's click columns (empty in a box-only run's rows)."""
-    return (["clicks", "click_ms", "dsc_clicks_mean_modalities", "nsd_clicks_mean_modalities", "dsc_clicks_gain",
+    return (["clicks", "click_zoom", "click_ms", "dsc_clicks_mean_modalities", "nsd_clicks_mean_modalities", "dsc_clicks_gain",
              "dsc_auc_mean_modalities", "nsd_auc_mean_modalities"]
             + [f"{metric}_{m}" for m in MODALITIES for metric in ("dsc_clicks", "dsc_auc", "nsd_auc")])
 
 
 def run_protocol(model, case: Case, modalities: ModalityChoice, clicks: int = PROTOCOL_CLICKS,
-                 seed: int = CLICK_SEED) -> dict:
+                 seed: int = CLICK_SEED, zoom: bool = True) -> dict:
     """One case through the protocol: {'steps': [segs of each step], 'dsc': [...], 'nsd': [...], 'seconds': the
-    box-only segmentation's, 'click_seconds': the mean decoder time of a click step}. The case needs gts."""
+    box-only segmentation's, 'click_seconds': the mean time of a click step, 'crop_embeddings': the encoder runs on
+    zoom crops}. The case needs gts."""
     spacing = case.spacing.tolist()
     with torch.inference_mode():
-        refinement = Refinement(model, case, modalities)
+        refinement = Refinement(model, case, modalities, zoom=zoom)
         steps = [refinement.segs]
         for _ in range(clicks):
             refinement.simulate(case.gts, seed)
@@ -63,7 +66,7 @@ def run_protocol(model, case: Case, modalities: ModalityChoice, clicks: int = PR
     scores = [case_scores(case.gts, segs, spacing) for segs in steps]
     return {"steps": steps, "dsc": [d for d, _ in scores], "nsd": [n for _, n in scores],
             "seconds": refinement.box_seconds, "click_seconds": refinement.decode_seconds / max(clicks, 1),
-            "head_modality": refinement.result.head_modality}
+            "crop_embeddings": refinement.crop_embeddings, "head_modality": refinement.result.head_modality}
 
 
 def step_scores(row: dict, dscs: list[float], nsds: list[float], clicks: int) -> dict:
@@ -113,13 +116,13 @@ def curves(cases: list[dict], clicks: int) -> list[dict]:
     return rows
 
 
-def leaderboard_columns(cases: list[dict], clicks: int) -> dict:
+def leaderboard_columns(cases: list[dict], clicks: int, zoom: bool = True) -> dict:
     """One model's click columns from its cases.csv rows: per modality the mean DSC after the last click and the
     mean AUCs, and their means over modalities (as the box-only columns, the mean of the modalities' means)."""
     by_modality: dict[str, list[dict]] = defaultdict(list)
     for case in cases:
         by_modality[case["modality"]].append(case)
-    row = {"clicks": clicks}
+    row = {"clicks": clicks, "click_zoom": "yes" if zoom else "no"}
     means = defaultdict(list)
     for m, group in by_modality.items():
         for key, column in ((f"dsc_{clicks}", "dsc_clicks"), ("dsc_auc", "dsc_auc"), ("nsd_auc", "nsd_auc"),

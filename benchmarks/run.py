@@ -1,7 +1,7 @@
 """Benchmark model variants on real data: DSC/NSD per case and modality, CPU latency, FLOPs, params, memory.
 
     python -m benchmarks.run [--data DIR] [--models litemedsam,cp_tinyvit,LABEL=PATH | all] [--out DIR] [--all]
-                             [--case-times | --clicks N] [--latency-budget SECONDS | --no-latency]
+                             [--case-times | --clicks N [--no-zoom]] [--latency-budget SECONDS | --no-latency]
 
 By default it compares the fair baselines (LiteMedSAM in PyTorch and on OpenVINO FP32 and INT8) and the zoo's main
 models (zoo/index.json entries marked default_benchmark); `--models all` takes every zoo variant this CPU can run.
@@ -24,7 +24,8 @@ share an encoder, and later runs, embed each image once; scores are the same as 
 efficiency measure), with the median and maximum per model and modality, and the slowest case, in OUT/case_times.csv.
 
 --clicks N runs the interactive protocol on every case (benchmarks.clicks: the box, then N simulated clicks per
-object), with the click columns in cases.csv and the leaderboard, and the curves in OUT/clicks.csv and clicks.png.
+object), with the click columns in cases.csv and the leaderboard, and the curves in OUT/clicks.csv and clicks.png;
+--no-zoom decodes every click on the whole image (no zoom crop for small objects: a click costs the decoder alone).
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ def variant_label(name: str) -> str:
 
 def benchmark_variant(entry: str, files: list[Path], threads: int, latency_budget: float | None,
                       segs_dir: Path | None, cache_dir: Path | None, labels: dict[str, str] | None = None,
-                      case_times: bool = False, clicks: int = 0) -> dict:
+                      case_times: bool = False, clicks: int = 0, zoom: bool = True) -> dict:
     """Runs in a child process: the first call on the fresh model, every case through zoo's inference path, then
     steady-state latency, FLOPs and size.
 
@@ -191,7 +192,7 @@ def benchmark_variant(entry: str, files: list[Path], threads: int, latency_budge
                 if case.gts is None:
                     raise CaseError(path, "no 'gts' to score against")
                 if clicks:
-                    protocol = interactive.run_protocol(scored, case, modalities, clicks)
+                    protocol = interactive.run_protocol(scored, case, modalities, clicks, zoom=zoom)
                     segs, head_modality = protocol["steps"][-1], protocol["head_modality"]
                 else:
                     result = segment_case(scored, case, modalities)
@@ -210,7 +211,8 @@ def benchmark_variant(entry: str, files: list[Path], threads: int, latency_budge
                 confusion[modality_id(case.modality), modality_id(head_modality)] += 1
             row = {"case": path.name, "modality": case.modality or "unknown", "model": label, "seconds": seconds}
             if protocol:
-                cases.append(interactive.step_scores({**row, "click_seconds": protocol["click_seconds"]},
+                cases.append(interactive.step_scores({**row, "click_seconds": protocol["click_seconds"],
+                                                      "crop_embeddings": protocol["crop_embeddings"]},
                                                      protocol["dsc"], protocol["nsd"], clicks))
             else:
                 dsc, nsd = case_scores(case.gts, segs, case.spacing.tolist())
@@ -237,7 +239,7 @@ def benchmark_variant(entry: str, files: list[Path], threads: int, latency_budge
         "cpu": cpu_model(), "cpu_flags": " ".join(cpu_flags()),
     }
     if clicks and cases:
-        row.update(interactive.leaderboard_columns(cases, clicks))
+        row.update(interactive.leaderboard_columns(cases, clicks, zoom))
         row["click_ms"] = interactive.click_latency(model, budget_s=latency_budget) if latency_budget is not None else ""
     return {"cases": cases, "row": row, "errors": errors, "confusion": confusion if confusion.sum() else None}
 
@@ -370,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clicks", type=int, default=0, metavar="N",
                         help="run the interactive protocol (benchmarks.clicks): the box, then N simulated clicks per "
                              "object (the CVPR 2025 challenge: 5), scored after each step, with DSC_AUC / NSD_AUC")
+    parser.add_argument("--no-zoom", action="store_true",
+                        help="with --clicks: decode every click on the whole image's embedding, small objects too "
+                             "(no zoom crop: zoo.interactive)")
     parser.add_argument("--merge", action="store_true",
                         help="add this run's models to OUT's leaderboard (same cases), replacing their earlier rows")
     return parser
@@ -384,6 +389,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--clicks must be 0 or more")
     if args.clicks and args.case_times:
         parser.error("--clicks and --case-times time different things (a click step, a whole case): run them apart")
+    if args.no_zoom and not args.clicks:
+        parser.error("--no-zoom is about clicks: give --clicks N")
     return args
 
 
@@ -403,7 +410,7 @@ def benchmark_models(models: list[str], files: list[Path], args: argparse.Namesp
         try:
             with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
                 result = pool.submit(benchmark_variant, name, files, args.threads, latency_budget(args), segs_dir,
-                                     cache_dir, labels, args.case_times, args.clicks).result()
+                                     cache_dir, labels, args.case_times, args.clicks, not args.no_zoom).result()
         except Exception as err:  # a broken variant is reported; the others still run
             failed.append(name)
             tqdm.write(f"error: variant {name} failed: {type(err).__name__}: {err}", file=sys.stderr)

@@ -13,7 +13,7 @@ what zoo.segment writes for the same boxes (labels 1..N in the list's order, the
 
 Each open image is a session with its own folder, its pixels as the model sees them and its slice embeddings
 (zoo.predict.SliceEmbeddings, computed when a box first needs a slice), so a box or a click on a slice already seen
-runs only the decoder. A volume's box is [x0, y0, z0, x1, y1, z1] as in zoo.segment's --boxes: the rectangle
+runs only the decoder (a small object's first click also embeds its zoom crop, zoo.interactive). A volume's box is [x0, y0, z0, x1, y1, z1] as in zoo.segment's --boxes: the rectangle
 prompts the middle slice of the range and is propagated up and down through it, as zoo.predict does.
 
 Safety: binds to 127.0.0.1 unless --host says otherwise (and then warns: there is no login). Uploads are streamed
@@ -69,9 +69,9 @@ from zoo.data.io import Case, CaseError, check_boxes, label_dtype, load_case, sa
 from zoo.data.overlay import encode_png, label_colours, overlay_picture
 from zoo.data.preprocess import IMAGE_SIZE, box_from_mask, postprocess_logits, scale_boxes
 from zoo.index import AUTO
-from zoo.interactive import UNTRAINED_CLICKS, untrained_clicks
+from zoo.interactive import UNTRAINED_CLICKS, decode_on_crop, full_frame, resample_logits, untrained_clicks, zoom_window
 from zoo.modalities import MODALITIES, canonical_modality, modality_from_name, modality_id
-from zoo.predict import ModalityChoice, SliceEmbeddings, decode_masks, propagation_plan, segment_3d
+from zoo.predict import ModalityChoice, SliceEmbeddings, Trace, decode_masks, propagation_plan, segment_3d
 
 DEFAULT_MODEL = AUTO
 STATIC_DIR = Path(__file__).with_name("app_static")
@@ -178,11 +178,16 @@ class SegObject:
     prompt_slice: int
     masks: dict[int, np.ndarray]
     clicks: dict[int, list[tuple[float, float, int]]] = field(default_factory=dict)  # slice -> [(x, y, 1 | 0)]
-    logits: dict[int, torch.Tensor] = field(default_factory=dict)  # slice -> last click answer (1, 1, 256, 256)
-    history: list[tuple[dict, dict, dict]] = field(default_factory=list)  # earlier (masks, clicks, logits)
+    # slice -> its last answer (1, 1, 256, 256), the box's then each click's: the next click's mask prompt, as
+    # zoo.interactive.Refinement feeds it back
+    logits: dict[int, torch.Tensor] = field(default_factory=dict)
+    frames: dict[int, object] = field(default_factory=dict)  # slice -> the zoo.interactive.Frame of its logits (a zoom)
+    crops: dict[int, tuple] = field(default_factory=dict)  # slice -> its zoom crop (window, embedding, resized)
+    history: list[tuple[dict, dict, dict, dict]] = field(default_factory=list)  # earlier (masks, clicks, logits, frames)
 
     def snapshot(self) -> None:
-        self.history.append((dict(self.masks), {z: list(c) for z, c in self.clicks.items()}, dict(self.logits)))
+        self.history.append((dict(self.masks), {z: list(c) for z, c in self.clicks.items()}, dict(self.logits),
+                             dict(self.frames)))
 
     def summary(self) -> dict:
         slices = sorted(z for z, mask in self.masks.items() if mask.any())
@@ -343,23 +348,26 @@ class ImageSession:
             if self.is_3d:  # zoo.predict's propagation, on this session's cached slice embeddings
                 prompt_slice, up, down = propagation_plan(boxes, self.depth)[0]
                 self.work = (embeddings, before, len({*up, *down} - set(embeddings.cache)))
+                trace = Trace()
                 try:
-                    result = segment_3d(self.engine.model, case, modalities, embeddings)
+                    result = segment_3d(self.engine.model, case, modalities, embeddings, trace)
                 finally:
                     self.work = None
                 masks = {z: result.segs[z] == 1 for z in np.flatnonzero(result.segs.reshape(self.depth, -1).any(1))}
+                logits = {z: lowres[None] for (_, z), (_, lowres, _) in trace.decoded.items()}
                 modality, source, head = result.modality, result.modality_source, result.head_modality
             else:  # zoo.predict.segment_2d's steps, on the cached embedding
                 embedding = embeddings[0]
                 modality, source, head = modalities.resolve(case, embedding)
-                size = self.spatial_shape
+                size, answers = self.spatial_shape, []
                 masks = {0: decode_masks(self.engine.model, embedding, scale_boxes(boxes, size), modality,
-                                         embeddings.resized, size)[0]}
+                                         embeddings.resized, size, answers)[0]}
+                logits = {0: answers[0][None]}
                 prompt_slice = 0
             runs = embeddings.computed - before
         shown = [int(v) if float(v).is_integer() else float(v) for v in box]
         obj = SegObject(self.next_id, shown, given, modality, source, head, pixels.intensity, int(prompt_slice),
-                        {int(z): m for z, m in masks.items()})
+                        {int(z): m for z, m in masks.items()}, logits={int(z): v for z, v in logits.items()})
         self.next_id += 1
         self.objects.append(obj)
         return obj, runs
@@ -375,7 +383,9 @@ class ImageSession:
     def add_click(self, oid: int, x: float, y: float, z: int, positive: bool) -> tuple[SegObject, int]:
         """Correct an object on slice z with a click; the slice's earlier clicks and last answer go with it, as in
         SAM's interactive loop. The box prompt is the object's own rectangle on its prompt slice (a 2D image's
-        always), elsewhere the box around its mask on that slice widened by 3 px, as propagation carries it."""
+        always), elsewhere the box around its mask on that slice widened by 3 px, as propagation carries it. A small
+        object is decoded on a zoom crop as zoo.interactive.Refinement decodes it (its first click there embeds the
+        crop: one encoder run)."""
         engine = self.engine
         if not engine.clicks:
             raise AppError(409, engine.clicks_note)
@@ -391,27 +401,39 @@ class ImageSession:
         box256 = scale_boxes(rectangle[None], (height, width))[0] if carried is None else carried
         clicks = obj.clicks.get(z, []) + [(float(x), float(y), 1 if positive else 0)]
         scale = IMAGE_SIZE / max(height, width)  # the boxes' factor (zoo.preprocess.scale_boxes), not truncated
-        points = torch.tensor([[[cx * scale, cy * scale] for cx, cy, _ in clicks]], dtype=torch.float32)
-        labels = torch.tensor([[label for _, _, label in clicks]], dtype=torch.float32)
+        clicks256 = [(cx * scale, cy * scale, label) for cx, cy, label in clicks]
+        window = zoom_window(box256, np.array([c[:2] for c in clicks256]), (height, width))
         ids = None if obj.modality is None else modality_id(obj.modality)
+        previous, frame = obj.logits.get(z), obj.frames.get(z)
         with engine.lock, torch.inference_mode():
             before = embeddings.computed
-            embedding = embeddings[z]
-            logits = engine.model.decode(embedding, torch.as_tensor(box256[None], dtype=torch.float32), ids,
-                                         points=points, point_labels=labels, mask_input=obj.logits.get(z))
-            mask = postprocess_logits(logits, embeddings.resized, (height, width))[0]
-            runs = embeddings.computed - before
+            if window is None:
+                embedding = embeddings[z]
+                if previous is not None and frame is not None:  # the last answer was a zoom crop's
+                    previous = resample_logits(previous[0], frame, full_frame((height, width)))[None]
+                points = torch.tensor([[c[:2] for c in clicks256]], dtype=torch.float32)
+                labels = torch.tensor([[c[2] for c in clicks256]], dtype=torch.float32)
+                logits = engine.model.decode(embedding, torch.as_tensor(box256[None], dtype=torch.float32), ids,
+                                             points=points, point_labels=labels, mask_input=previous)
+                mask, frame = postprocess_logits(logits, embeddings.resized, (height, width))[0], None
+            else:
+                kept = obj.crops.get(z)
+                logits, frame, mask, crop = decode_on_crop(engine.model, embeddings.volume[z], window, kept, box256,
+                                                           clicks256, previous, frame, ids)
+                obj.crops[z] = crop
+            runs = embeddings.computed - before + int(window is not None and crop is not kept)
         obj.snapshot()
         obj.masks[z] = mask
         obj.clicks[z] = clicks
         obj.logits[z] = logits
+        obj.frames[z] = frame
         return obj, runs
 
     def undo(self, oid: int) -> SegObject:
         obj = self.find(oid)
         if not obj.history:
             raise AppError(409, f"object {oid} has no change to undo (delete it to remove it)")
-        obj.masks, obj.clicks, obj.logits = obj.history.pop()
+        obj.masks, obj.clicks, obj.logits, obj.frames = obj.history.pop()
         return obj
 
     def delete(self, oid: int) -> None:

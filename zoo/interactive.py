@@ -22,6 +22,14 @@ bit) and then refined click by click, as a user refines it or as the protocol do
   spans extends the object's range to it (the slices between are propagated first, then the click applies).
 - Clicks are given at original pixel indices: (y, x), or (z, y, x) for a volume; they reach the decoder at the 256
   frame as boxes do (zoo.data.preprocess.scale_points).
+- Zoom (on unless zoom=False): a clicked object much smaller than its image is decoded on a crop around it, embedded
+  anew at 256, as FocalClick's target crop (Chen et al., CVPR 2022) refines: a caries 20 px wide in a 1024 px
+  panoramic X-ray is 5 px at the whole image's 256 frame, where the decoder's 4x-downscaled mask prompt and 64²
+  tokens cannot hold it, and a negative click beside it erases it. The crop is a square twice the larger side of the
+  object's box and clicks, at least a quarter of the image's long side (at most 4x); where it would exceed two
+  thirds of it (under 1.5x) the whole frame is kept. A crop's embedding is computed once and kept while the crop
+  stays, so an object's first click costs one encoder run on the crop, the next ones the decoder alone. The mask
+  prompt is carried between frames by resampling (resample_logits); the mask outside the crop is empty.
 """
 
 from __future__ import annotations
@@ -31,10 +39,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import integrate, ndimage
 
 from zoo.data.io import Case, label_dtype
-from zoo.data.preprocess import box_from_mask, postprocess_logits, scale_points
+from zoo.data.preprocess import IMAGE_SIZE, box_from_mask, postprocess_logits, preprocess_image, scale_points
 from zoo.modalities import modality_id
 from zoo.models.clicks import MAX_POINTS, NEGATIVE, PAD_LABEL, POSITIVE
 from zoo.predict import DECODE_CHUNK, ModalityChoice, SliceEmbeddings, Trace, segment_2d, segment_3d
@@ -43,6 +52,11 @@ CLICK_SEED = 42  # the CVPR 2025 script's np.random.seed(42) before each draw am
 PROTOCOL_CLICKS = 5  # clicks after the box in the CVPR 2025 protocol
 UNTRAINED_CLICKS = ("its decoder was trained on boxes alone (no click stage, distill.finetune --clicks): clicks reach "
                     "it untrained and may make a mask worse (docs/interactive.md)")
+
+
+ZOOM_CONTEXT = 2.0  # the crop's side: twice the larger side of the object's box and clicks
+ZOOM_MAX = 4.0  # the crop is at least 1/4 of the image's long side: beyond 4x the crop is mostly interpolation
+ZOOM_MIN = 1.5  # under 1.5x the whole frame is kept: too little gained for an encoder run
 
 
 def untrained_clicks(model) -> bool:
@@ -88,6 +102,86 @@ def next_click(prediction: np.ndarray, truth: np.ndarray, seed: int = CLICK_SEED
     return Click(center, bool(truth[center]))
 
 
+@dataclass(frozen=True)
+class Frame:
+    """Where a 256 frame lies in the original image: the frame's coordinate u is the original x0 + u * scale (y
+    likewise). The whole image's frame is full_frame(shape); a zoom crop's starts at its corner."""
+
+    x0: float
+    y0: float
+    scale: float
+
+    def to_frame(self, xy: np.ndarray, other: "Frame") -> np.ndarray:
+        """(..., 2) coordinates (x, y) in this frame -> the same points in `other`'s frame."""
+        offset = np.array([self.x0 - other.x0, self.y0 - other.y0])
+        return (np.asarray(xy, dtype=np.float64) * self.scale + offset) / other.scale
+
+
+def full_frame(shape: tuple[int, ...]) -> Frame:
+    """The 256 frame of a whole (H, W) image, as zoo.data.preprocess scales it."""
+    return Frame(0.0, 0.0, max(shape[-2:]) / IMAGE_SIZE)
+
+
+def zoom_window(box256: np.ndarray, clicks256: np.ndarray, shape: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """The crop (x0, y0, x1, y1), original pixels, end exclusive, that zooms on an object: box [x0, y0, x1, y1] and
+    clicks (P, 2) (x, y) in the whole image's 256 frame; None where the zoom would be under ZOOM_MIN."""
+    height, width = shape
+    long_side = max(height, width)
+    points = np.vstack([np.reshape(box256, (2, 2)), np.reshape(clicks256, (-1, 2))]) * (long_side / IMAGE_SIZE)
+    low, high = points.min(axis=0), points.max(axis=0)
+    side = max(ZOOM_CONTEXT * float((high - low).max()), long_side / ZOOM_MAX)
+    if side * ZOOM_MIN > long_side:
+        return None
+    side = int(np.ceil(side))
+    centre = (low + high) / 2
+    x0 = int(np.clip(round(centre[0] - side / 2), 0, max(0, width - side)))
+    y0 = int(np.clip(round(centre[1] - side / 2), 0, max(0, height - side)))
+    return x0, y0, min(width, x0 + side), min(height, y0 + side)
+
+
+def window_frame(window: tuple[int, int, int, int]) -> Frame:
+    """The 256 frame of a crop (x0, y0, x1, y1): preprocess_image resizes its long side to 256."""
+    x0, y0, x1, y1 = window
+    return Frame(float(x0), float(y0), max(x1 - x0, y1 - y0) / IMAGE_SIZE)
+
+
+def resample_logits(logits: torch.Tensor, source: Frame, target: Frame) -> torch.Tensor:
+    """Low-resolution logits (C, 256, 256) in `source`'s frame -> the same picture in `target`'s frame (bilinear;
+    where target reaches beyond source, source's edge value): a mask prompt carried into or out of a zoom crop."""
+    centres = torch.arange(IMAGE_SIZE, dtype=torch.float64) + 0.5  # pixel centres, as grid_sample's align_corners=False
+    xs = ((target.x0 + centres * target.scale) - source.x0) / source.scale / IMAGE_SIZE * 2 - 1
+    ys = ((target.y0 + centres * target.scale) - source.y0) / source.scale / IMAGE_SIZE * 2 - 1
+    grid = torch.stack([xs[None, :].expand(IMAGE_SIZE, -1), ys[:, None].expand(-1, IMAGE_SIZE)], dim=-1)
+    return F.grid_sample(logits[None].float(), grid[None].float(), mode="bilinear", padding_mode="border",
+                         align_corners=False)[0]
+
+
+def decode_on_crop(model, image: np.ndarray, window: tuple[int, int, int, int], kept: tuple | None,
+                   box256: np.ndarray, clicks: list[tuple[float, float, int]], mask_prompt: torch.Tensor | None,
+                   mask_frame: Frame | None, modality) -> tuple[torch.Tensor, Frame, np.ndarray, tuple]:
+    """One object's click decode on a zoom crop of `image` (H, W[, 3]): its box (4,) and clicks [(x, y, label)] in
+    the whole image's 256 frame, and its mask prompt (1, 256, 256) in `mask_frame`'s (None: the whole image's), are
+    carried into the crop's frame. `kept`: (window, embedding, resized) of the crop embedded before, reused while
+    the window is the same; else the crop is embedded. -> (logits (1, 1, 256, 256) in the crop's frame, that frame,
+    the mask (H, W) at the original size, empty outside the crop, and the (window, embedding, resized) used).
+    zoo.interactive.Refinement and the browser app (zoo.app) zoom through it."""
+    x0, y0, x1, y1 = window
+    if kept is None or kept[0] != window:
+        tensor, resized = preprocess_image(image[y0:y1, x0:x1])
+        kept = (window, model.embed(tensor), resized)
+    _, embedding, resized = kept
+    whole, crop = full_frame(image.shape[:2]), window_frame(window)
+    box = whole.to_frame(np.reshape(box256, (2, 2)), crop).reshape(1, 4)
+    points, labels = padded_clicks([[(*whole.to_frame(np.array(c[:2]), crop), c[2]) for c in clicks]])
+    mask_input = None if mask_prompt is None else resample_logits(mask_prompt.reshape(1, IMAGE_SIZE, IMAGE_SIZE),
+                                                                  mask_frame or whole, crop)[None]
+    logits = model.decode(embedding, torch.as_tensor(box, dtype=torch.float32), modality, points=points,
+                          point_labels=labels, mask_input=mask_input)
+    mask = np.zeros(image.shape[:2], dtype=bool)
+    mask[y0:y1, x0:x1] = postprocess_logits(logits, resized, (y1 - y0, x1 - x0))[0]
+    return logits, crop, mask, kept
+
+
 def interaction_auc(scores, clicks: int = PROTOCOL_CLICKS) -> float:
     """DSC_AUC / NSD_AUC of one case as CVPR25_iter_eval.py computes it: the trapezoid (unit steps) under the scores
     of the last `clicks` steps, i.e. of the click steps (the box step is left out there, as a box is optional in
@@ -105,6 +199,8 @@ class SliceState:
     mask: np.ndarray  # (H, W) bool at the original size
     clicks: list[tuple[float, float, int]] = field(default_factory=list)  # (x, y) at 256 scale, label 1 / 0
     click_mask: torch.Tensor | None = None  # the logits it had when it was last clicked: its mask prompt
+    frame: Frame | None = None  # the frame of `logits`: None the whole image's, else a zoom crop's
+    click_frame: Frame | None = None  # the frame of `click_mask`
 
 
 @dataclass
@@ -123,11 +219,11 @@ class Refinement:
         refinement.click(0, (120, 85), positive=True)  # object 0 (the first box), pixel row 120, column 85
         refinement.segs                                # labels 1..N, as zoo.predict writes them
 
-    `model` answers zoo.runtime.interface and takes clicks (model.takes_clicks); `embeddings` may be shared
-    (SliceEmbeddings of the case's volume, or a CachedEncoder around the model); `decode_seconds` adds up the time
-    spent decoding clicks (the cost of refinement, embeddings computed once)."""
+    `model` answers zoo.runtime.interface and takes clicks (model.takes_clicks); `decode_seconds` adds up the time
+    spent decoding clicks (the cost of refinement: the whole image's embeddings computed once, a zoom crop's once
+    while it stays); zoom=False decodes every click on the whole image's embedding (the decoder alone)."""
 
-    def __init__(self, model, case: Case, modalities: ModalityChoice | None = None):
+    def __init__(self, model, case: Case, modalities: ModalityChoice | None = None, zoom: bool = True):
         if not getattr(model, "takes_clicks", False):
             raise ValueError(f"{getattr(model, 'folder', type(model).__name__)}: this model takes no clicks")
         self.model, self.case = model, case
@@ -157,7 +253,10 @@ class Refinement:
                 middle = int((z1 - z0) / 2 + z0)
             start = slices[middle].prompt if middle in slices else next(iter(slices.values())).prompt
             self.objects.append(ObjectState(b + 1, np.asarray(start), middle, slices))
-        self.decode_seconds = 0.0  # time spent decoding clicks: the cost of refinement
+        self.decode_seconds = 0.0  # time spent decoding clicks: the cost of refinement (zoom crops' encoder runs too)
+        self.zoom = zoom
+        self.crops: dict = {}  # (object label, z) -> (window, embedding, resized) of its zoom crop
+        self.crop_embeddings = 0  # encoder runs on zoom crops
 
     # -- decoding ---------------------------------------------------------------------------------------------------
     def _embedding(self, z):
@@ -168,9 +267,25 @@ class Refinement:
         return self.embeddings.resized if self.is_3d else self._resized
 
     def _decode(self, z, objects: list[ObjectState], prompts: list[np.ndarray]) -> None:
-        """Decode `objects` on slice z (None in 2D) with these box prompts and each one's clicks on that slice."""
+        """Decode `objects` on slice z (None in 2D) with these box prompts and each one's clicks on that slice: a
+        clicked object small enough for a zoom (zoom_window) on its crop, the others together on the whole frame."""
+        whole = []
+        for obj, prompt in zip(objects, prompts):
+            state = obj.slices.get(z)
+            window = None
+            if self.zoom and state is not None and state.clicks:
+                window = zoom_window(prompt, np.array([c[:2] for c in state.clicks]), self.shape[-2:])
+            if window is None:
+                whole.append((obj, prompt))
+            else:
+                self._decode_zoomed(z, obj, np.asarray(prompt), window)
+        if whole:
+            self._decode_whole(z, [obj for obj, _ in whole], [prompt for _, prompt in whole])
+
+    def _decode_whole(self, z, objects: list[ObjectState], prompts: list[np.ndarray]) -> None:
         embedding = self._embedding(z)
         start = time.perf_counter()
+        frame = full_frame(self.shape)
         for first in range(0, len(objects), DECODE_CHUNK):
             chunk, boxes = objects[first : first + DECODE_CHUNK], prompts[first : first + DECODE_CHUNK]
             states = [obj.slices.get(z) for obj in chunk]
@@ -180,7 +295,8 @@ class Refinement:
                 if not all(clicked):
                     raise RuntimeError("objects with and without clicks are decoded apart")
                 points, labels = padded_clicks([s.clicks for s in states])
-                masks = [s.click_mask for s in states]
+                masks = [s.click_mask if s.click_frame in (None, frame) else resample_logits(s.click_mask, s.click_frame, frame)
+                         for s in states]
                 mask_input = None if any(m is None for m in masks) else torch.stack(masks)
                 logits = self.model.decode(embedding, box_t, self.modality, points=points, point_labels=labels,
                                            mask_input=mask_input)
@@ -192,7 +308,21 @@ class Refinement:
                 if state is None:
                     obj.slices[z] = SliceState(np.asarray(prompt), lowres, mask)
                 else:
-                    state.prompt, state.logits, state.mask = np.asarray(prompt), lowres, mask
+                    state.prompt, state.logits, state.mask, state.frame = np.asarray(prompt), lowres, mask, None
+        self.decode_seconds += time.perf_counter() - start
+
+    def _decode_zoomed(self, z, obj: ObjectState, prompt: np.ndarray, window: tuple[int, int, int, int]) -> None:
+        """Decode one clicked object on slice z on its zoom crop (decode_on_crop), the crop's embedding kept."""
+        start = time.perf_counter()
+        state = obj.slices[z]
+        image = self.case.image if z is None else self.case.image[z]
+        kept = self.crops.get((obj.label, z))
+        logits, state.frame, state.mask, crop = decode_on_crop(
+            self.model, image, window, kept, prompt, state.clicks, state.click_mask, state.click_frame, self.modality)
+        if crop is not kept:
+            self.crops[(obj.label, z)] = crop
+            self.crop_embeddings += 1
+        state.prompt, state.logits = prompt, logits[0]
         self.decode_seconds += time.perf_counter() - start
 
     def _prompt(self, obj: ObjectState, z: int, direction: int) -> np.ndarray:
@@ -240,7 +370,7 @@ class Refinement:
 
     def _add_click(self, state: SliceState, position, positive: bool) -> None:
         x, y = scale_points(np.array([[position[-1], position[-2]]], dtype=np.float64), self.shape[-2:])[0]
-        state.click_mask = state.logits
+        state.click_mask, state.click_frame = state.logits, state.frame
         state.clicks.append((float(x), float(y), POSITIVE if positive else NEGATIVE))
 
     def _click_3d(self, obj: ObjectState, click: Click) -> None:

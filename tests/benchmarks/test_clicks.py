@@ -88,10 +88,10 @@ def test_run_with_clicks_scores_every_step_and_the_box_step_is_the_box_only_boar
         assert (case["dsc"], case["nsd"]) == tuple(f"{score:.4f}" for score in scores)
         dscs = [float(case["dsc"])] + [float(case[f"dsc_{k}"]) for k in (1, 2)]
         assert float(case["dsc_auc"]) == pytest.approx(interaction_auc(dscs, 2), abs=1e-4)
-        assert float(case["click_seconds"]) >= 0
+        assert float(case["click_seconds"]) >= 0 and case["crop_embeddings"] == "0"  # objects too large to zoom on
     (row,) = read_csv(tmp_path / "out" / "leaderboard.csv")
     assert list(row) == LEADERBOARD_FIELDS + clicks.leaderboard_fields() and row["clicks"] == "2"
-    assert row["click_ms"] == ""  # --no-latency
+    assert row["click_ms"] == "" and row["click_zoom"] == "yes"  # --no-latency; zoom is on unless --no-zoom
     assert float(row["dsc_clicks_US"]) == pytest.approx(float(cases["2DBox_US_one.npz"]["dsc_2"]), abs=1e-4)
     gain = np.mean([float(cases[n]["dsc_2"]) - float(cases[n]["dsc"]) for n in cases])  # one case per modality
     assert float(row["dsc_clicks_gain"]) == pytest.approx(gain, abs=2e-4)
@@ -140,7 +140,8 @@ def test_curves_are_means_per_modality_then_over_modalities():
 
 
 @pytest.mark.parametrize(("extra", "message"), [(["--clicks", "-1"], "--clicks must be 0 or more"),
-                                                (["--clicks", "2", "--case-times"], "--clicks and --case-times")])
+                                                (["--clicks", "2", "--case-times"], "--clicks and --case-times"),
+                                                (["--no-zoom"], "--no-zoom is about clicks")])
 def test_clicks_are_checked_and_not_combined_with_case_times(extra, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         benchmarks.run.parse_args(extra)

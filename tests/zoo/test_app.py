@@ -334,3 +334,29 @@ def test_a_code_running_checkpoint_is_refused_before_serving(tmp_path, capsys, m
     err = capsys.readouterr().err
     assert "no login" in err and "evil.pt: refused: it would run code when loaded" in err
     assert not marker.exists()
+
+
+def test_a_click_on_a_small_object_zooms_as_zoo_interactive_does(fast_model, tmp_path):
+    from zoo.data.io import Case
+    from zoo.interactive import Refinement
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 40, (512, 512), dtype=np.uint8)
+    pixels[240:262, 300:318] = 180  # a small object: 11 x 9 px at the whole image's 256 frame
+    png = grey_png(tmp_path, pixels)
+    box = [298, 238, 319, 263]
+    reference = Refinement(fast_model, Case(path=None, image=np.stack([pixels] * 3, -1), boxes=np.array([box]),
+                                            gts=None, spacing=np.ones(2), modality="CT"))
+    with client_for(fast_model) as client:
+        sid = open_file(client, png).json()["session"]
+        oid = client.post(f"/api/images/{sid}/objects", json={"box": box, "modality": "CT"}).json()["objects"][0]["id"]
+        first = client.post(f"/api/images/{sid}/objects/{oid}/clicks", json={"x": 309, "y": 250, "positive": True}).json()
+        assert first["encoder_runs"] == 1  # the zoom crop, embedded once
+        reference.click(0, (250, 309), positive=True)
+        assert np.array_equal(labels_of(first, pixels.shape) == oid, reference.segs == 1)  # the same decode
+        second = client.post(f"/api/images/{sid}/objects/{oid}/clicks", json={"x": 301, "y": 259, "positive": False}).json()
+        assert second["encoder_runs"] == 0  # the same crop: the decoder alone
+        reference.click(0, (259, 301), positive=False)
+        assert np.array_equal(labels_of(second, pixels.shape) == oid, reference.segs == 1)
+        undone = client.post(f"/api/images/{sid}/objects/{oid}/undo", json={}).json()
+        assert np.array_equal(labels_of(undone, pixels.shape), labels_of(first, pixels.shape))

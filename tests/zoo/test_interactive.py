@@ -9,7 +9,16 @@ from scipy import ndimage
 from tests.conftest import BrightRuntime
 from tests.helpers import tiny_model
 from zoo.data.io import Case
-from zoo.interactive import Click, Refinement, component_distance, interaction_auc, next_click
+from zoo.interactive import (
+    Click,
+    Frame,
+    Refinement,
+    component_distance,
+    interaction_auc,
+    next_click,
+    resample_logits,
+    zoom_window,
+)
 from zoo.predict import ModalityChoice, segment_case
 
 
@@ -155,7 +164,7 @@ def _decoded_slices(refinement):
 
 def test_3d_a_click_decodes_its_slice_and_reruns_propagation_outward_only():
     model, case = ClickingRuntime(), _volume()
-    refinement = Refinement(model, case)
+    refinement = Refinement(model, case, zoom=False)  # the whole slice's frame: propagation is what is tested
     assert np.array_equal(refinement.segs, segment_case(model, case, ModalityChoice(model)).segs)
     assert refinement.objects[0].middle == 5 and not refinement.segs[7].any() and refinement.segs[8].any()
     seen = _decoded_slices(refinement)
@@ -170,7 +179,7 @@ def test_3d_a_click_decodes_its_slice_and_reruns_propagation_outward_only():
 
 def test_3d_a_click_beyond_the_box_extends_the_object_and_the_protocol_scores_steps():
     model, case = ClickingRuntime(), _volume()
-    refinement = Refinement(model, case)
+    refinement = Refinement(model, case, zoom=False)
     assert not refinement.segs[10].any()
     seen = _decoded_slices(refinement)
     refinement.click(0, (10, 30, 30), positive=True)
@@ -180,13 +189,14 @@ def test_3d_a_click_beyond_the_box_extends_the_object_and_the_protocol_scores_st
     assert first.positive and first.position[0] in (7, 10)
 
 
-def test_a_real_model_refines_and_its_box_step_is_the_box_only_result():
+@pytest.mark.parametrize("size", [20, 8])  # an object too large for a zoom, and one small enough
+def test_a_real_model_refines_and_its_box_step_is_the_box_only_result(size):
     model = tiny_model()
     rng = np.random.default_rng(0)
     gts = np.zeros((40, 50), np.uint8)
-    gts[5:25, 10:30] = 1
-    case = Case(path=None, image=rng.integers(0, 255, (40, 50, 3), dtype=np.uint8), boxes=np.array([[10, 5, 29, 24]]),
-                gts=gts, spacing=np.ones(2), modality="US")
+    gts[5 : 5 + size, 10 : 10 + size] = 1
+    case = Case(path=None, image=rng.integers(0, 255, (40, 50, 3), dtype=np.uint8),
+                boxes=np.array([[10, 5, 9 + size, 4 + size]]), gts=gts, spacing=np.ones(2), modality="US")
     with torch.inference_mode():
         refinement = Refinement(model, case)
         assert np.array_equal(refinement.segs, segment_case(model, case, ModalityChoice(model)).segs)
@@ -195,3 +205,69 @@ def test_a_real_model_refines_and_its_box_step_is_the_box_only_result():
     state = refinement.objects[0].slices[None]
     assert refinement.decode_seconds > 0 and refinement.segs.shape == gts.shape
     assert state.click_mask is not None and refinement.objects[0].clicks == len(state.clicks)
+    assert (refinement.crop_embeddings > 0) == (size == 8)  # the small object was decoded on a zoom crop
+
+
+def test_a_zoom_crop_is_a_square_twice_the_object_and_its_clicks_inside_the_image():
+    shape, k = (1000, 800), 256 / 1000  # k: original pixels -> the whole image's 256 frame
+    box = np.array([400, 500, 410, 520]) * k  # a 10 x 20 px object
+    # twice 20 px is under a quarter of the long side: the crop is 250 px, centred on the object
+    assert zoom_window(box, np.zeros((0, 2)), shape) == (280, 385, 530, 635)
+    # a click 190 px to the right widens it to twice the span of box and click
+    assert zoom_window(box, np.array([[600, 510]]) * k, shape) == (300, 310, 700, 710)
+    assert zoom_window(np.array([0, 0, 700, 700]) * k, np.zeros((0, 2)), shape) is None  # under 1.5x: no zoom
+    assert zoom_window(np.array([760, 960, 790, 990]) * k, np.zeros((0, 2)), shape) == (550, 750, 800, 1000)  # in
+
+
+def test_logits_resampled_into_a_crop_frame_show_the_same_picture():
+    whole, crop = Frame(0.0, 0.0, 4.0), Frame(512.0, 256.0, 1.0)  # a 1024 px image; a 256 px crop at (512, 256)
+    assert np.allclose(whole.to_frame(np.array([128.0, 64.0]), crop), [0.0, 0.0])
+    x_of_pixel = (torch.arange(256, dtype=torch.float32) + 0.5) * 4.0  # each pixel's original x: a linear picture
+    logits = x_of_pixel.expand(256, 256)[None]
+    moved = resample_logits(logits, whole, crop)
+    assert moved.shape == (1, 256, 256)
+    assert torch.allclose(moved[0, 100], 512 + torch.arange(256) + 0.5, atol=1e-3)  # bilinear is exact on a ramp
+    back = resample_logits(moved, crop, whole)
+    assert torch.allclose(back[0, 80, 130:190], logits[0, 80, 130:190], atol=1e-3)  # inside the crop: unchanged
+
+
+def _small_object():
+    image = np.zeros((512, 512), np.uint8)
+    image[200:224, 300:324] = 200  # a 24 px object with a dark 8 px hole: 12 px and 4 px at the whole 256 frame
+    image[208:216, 308:316] = 60
+    gts = np.zeros((512, 512), np.uint8)
+    gts[200:224, 300:324] = 1
+    return Case(path=None, image=np.stack([image] * 3, -1), boxes=np.array([[300, 200, 323, 223]]), gts=gts,
+                spacing=np.ones(2), modality=None)
+
+
+def test_a_small_object_is_refined_on_a_zoom_crop_embedded_once():
+    model, case = ClickingRuntime(), _small_object()
+    refinement = Refinement(model, case)
+    assert model.embed_calls == 1 and not refinement.segs[211, 311]
+    refinement.simulate(case.gts)  # a positive click in the hole
+    # the crop: 128 px (a quarter of 512) around the object, 4x; its embedding is one more encoder run. The stand-in's
+    # disk (radius 20 at its frame) is 10 px there: it fills the hole and stays inside the object
+    assert refinement.crop_embeddings == 1 and model.embed_calls == 2
+    assert refinement.objects[0].slices[None].frame == Frame(247.0, 147.0, 0.5)  # the box at 256 spans 300..322
+    assert refinement.segs[208:216, 308:316].all() and not refinement.segs[case.gts == 0].any()  # (its rim blurs)
+    refinement.click(0, (204, 304), positive=False)  # a second click inside the crop: the decoder alone
+    assert model.embed_calls == 2 and not refinement.segs[204, 304] and refinement.segs[220, 320] == 1
+    plain = Refinement(ClickingRuntime(), case, zoom=False)
+    plain.simulate(case.gts)  # the same click on the whole frame: its disk is 40 px, spilling out of the object
+    assert plain.segs[211, 311] and plain.segs.sum() > case.gts.sum() + 1000
+
+
+def test_a_click_far_from_the_object_leaves_the_zoom_and_carries_the_mask_prompt_back():
+    model, case = ClickingRuntime(), _small_object()
+    refinement = Refinement(model, case)
+    refinement.simulate(case.gts)
+    prompts = []
+    decode = model.decode
+    model.decode = lambda *a, **k: prompts.append(k.get("mask_input")) or decode(*a, **k)
+    refinement.click(0, (480, 20), positive=True)  # the crop would span most of the image: the whole frame
+    state = refinement.objects[0].slices[None]
+    assert state.frame is None and prompts[0].shape == (1, 1, 256, 256)
+    # the crop's answer, carried back: the object's pixels are object in the whole frame's prompt too
+    assert prompts[0][0, 0, 106, 156] > 0 and prompts[0][0, 0, 20, 20] < 0
+    assert refinement.segs[480, 20] == 1
