@@ -69,7 +69,15 @@ from zoo.data.io import Case, CaseError, check_boxes, label_dtype, load_case, sa
 from zoo.data.overlay import encode_png, label_colours, overlay_picture
 from zoo.data.preprocess import IMAGE_SIZE, box_from_mask, postprocess_logits, scale_boxes
 from zoo.index import AUTO
-from zoo.interactive import UNTRAINED_CLICKS, decode_on_crop, full_frame, resample_logits, untrained_clicks, zoom_window
+from zoo.interactive import (
+    CLICK_MODEL,
+    UNTRAINED_CLICKS,
+    decode_on_crop,
+    full_frame,
+    resample_logits,
+    untrained_clicks,
+    zoom_window,
+)
 from zoo.modalities import MODALITIES, canonical_modality, modality_from_name, modality_id
 from zoo.predict import ModalityChoice, SliceEmbeddings, Trace, decode_masks, propagation_plan, segment_3d
 
@@ -103,7 +111,8 @@ def clicks_note(model, name: str) -> str:
     """What the page tells a user about clicks: nothing where a click stage trained the model."""
     if accepts_clicks(model):
         return f"This model ({name}): {UNTRAINED_CLICKS}." if untrained_clicks(model) else ""
-    return f"This model ({name}) does not take clicks yet: its exported folder has no click decoder (issue #31)."
+    return (f"This model ({name}) does not take clicks yet: its exported folder has no click decoder (issue #31); "
+            f"--model {CLICK_MODEL} takes them.")
 
 
 class AppError(Exception):

@@ -24,8 +24,8 @@ bit) and then refined click by click, as a user refines it or as the protocol do
   frame as boxes do (zoo.data.preprocess.scale_points).
 - Zoom (on unless zoom=False): a clicked object much smaller than its image is decoded on a crop around it, embedded
   anew at 256, as FocalClick's target crop (Chen et al., CVPR 2022) refines: a caries 20 px wide in a 1024 px
-  panoramic X-ray is 5 px at the whole image's 256 frame, where the decoder's 4x-downscaled mask prompt and 64²
-  tokens cannot hold it, and a negative click beside it erases it. The crop is a square twice the larger side of the
+  panoramic X-ray is 5 px at the whole image's 256 frame, where the decoder's tokens and its 4x-downscaled mask
+  prompt cannot hold it, and a negative click beside it erases it. The crop is a square twice the larger side of the
   object's box and clicks, at least a quarter of the image's long side (at most 4x); where it would exceed two
   thirds of it (under 1.5x) the whole frame is kept. A crop's embedding is computed once and kept while the crop
   stays, so an object's first click costs one encoder run on the crop, the next ones the decoder alone. The mask
@@ -50,8 +50,10 @@ from zoo.predict import DECODE_CHUNK, ModalityChoice, SliceEmbeddings, Trace, se
 
 CLICK_SEED = 42  # the CVPR 2025 script's np.random.seed(42) before each draw among equal maxima
 PROTOCOL_CLICKS = 5  # clicks after the box in the CVPR 2025 protocol
+CLICK_MODEL = "cp_tinyvit_fast_clicks_openvino"  # the zoo's click-trained model, named where another is refused
 UNTRAINED_CLICKS = ("its decoder was trained on boxes alone (no click stage, distill.finetune --clicks): clicks reach "
-                    "it untrained and may make a mask worse (docs/interactive.md)")
+                    f"it untrained and may make a mask worse; --model {CLICK_MODEL} is trained for them "
+                    "(docs/interactive.md)")
 
 
 ZOOM_CONTEXT = 2.0  # the crop's side: twice the larger side of the object's box and clicks

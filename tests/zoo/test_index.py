@@ -51,3 +51,12 @@ def test_no_zoo_entry_descends_from_a_file_the_zoo_no_longer_ships():
             if metadata.get("parent") and zoo.index.model_parent(entry["name"]) not in entries:
                 stale.append(f"{entry['name']} (from {zoo.index.model_parent(entry['name'])})")
     assert stale == []
+
+
+def test_the_click_model_that_messages_name_ships_and_was_trained_for_clicks():
+    from zoo.interactive import CLICK_MODEL
+    from zoo.models.checkpoint import read_payload
+
+    entries = {e["name"]: e for e in zoo.index.read_index()}
+    parent = entries[entries[CLICK_MODEL]["derived_from"]]  # an export of a committed checkpoint
+    assert read_payload(zoo.index.ZOO_DIR / parent["file"])["config"]["clicks_trained"] is True
