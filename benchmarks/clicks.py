@@ -6,9 +6,10 @@ A case is segmented from its boxes (step 0: the box-only result, zoo.predict's b
 simulated clicks (steps 1..5): at each step every object gets one click at the centre of its largest error component
 (zoo.interactive.next_click, on the whole label map: 2D on the image, 3D in the volume), positive on missed object,
 negative on false object; its slice is decoded again with its clicks and the previous logits (a small object on a
-zoom crop, unless --no-zoom), and in 3D propagation is rerun from that slice outward (zoo.interactive.Refinement). DSC and NSD are scored after every step, as the
-challenge scores them; DSC_AUC and NSD_AUC are the trapezoid under the click steps' scores, as CVPR25_iter_eval.py
-computes them (zoo.interactive.interaction_auc: its AUC leaves the box step out; with 5 clicks it lies in 0..4).
+zoom crop, unless --no-zoom), and in 3D propagation is rerun from that slice outward (zoo.interactive.Refinement).
+DSC and NSD are scored after every step, as the challenge scores them; DSC_AUC and NSD_AUC are the trapezoid under
+the click steps' scores, as CVPR25_iter_eval.py computes them (zoo.interactive.interaction_auc: its AUC leaves the
+box step out; with 5 clicks it lies in 0..4).
 
 cases.csv gains dsc_1..dsc_5, nsd_1..nsd_5 (dsc, nsd stay the box step's), dsc_auc, nsd_auc, click_seconds (the
 time of one step, all objects, the image's embeddings kept: the decoder, and the zoom crops' encoder runs) and
@@ -46,8 +47,8 @@ def case_fields(clicks: int) -> list[str]:
 
 def leaderboard_fields() -> list[str]:
     """The leaderboard's click columns (empty in a box-only run's rows)."""
-    return (["clicks", "click_zoom", "click_ms", "dsc_clicks_mean_modalities", "nsd_clicks_mean_modalities", "dsc_clicks_gain",
-             "dsc_auc_mean_modalities", "nsd_auc_mean_modalities"]
+    return (["clicks", "click_zoom", "click_ms", "dsc_clicks_mean_modalities", "nsd_clicks_mean_modalities",
+             "dsc_clicks_gain", "dsc_auc_mean_modalities", "nsd_auc_mean_modalities"]
             + [f"{metric}_{m}" for m in MODALITIES for metric in ("dsc_clicks", "dsc_auc", "nsd_auc")])
 
 

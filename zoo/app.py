@@ -13,8 +13,9 @@ what zoo.segment writes for the same boxes (labels 1..N in the list's order, the
 
 Each open image is a session with its own folder, its pixels as the model sees them and its slice embeddings
 (zoo.predict.SliceEmbeddings, computed when a box first needs a slice), so a box or a click on a slice already seen
-runs only the decoder (a small object's first click also embeds its zoom crop, zoo.interactive). A volume's box is [x0, y0, z0, x1, y1, z1] as in zoo.segment's --boxes: the rectangle
-prompts the middle slice of the range and is propagated up and down through it, as zoo.predict does.
+runs only the decoder (a small object's first click also embeds its zoom crop, zoo.interactive). A volume's box is
+[x0, y0, z0, x1, y1, z1] as in zoo.segment's --boxes: the rectangle prompts the middle slice of the range and is
+propagated up and down through it, as zoo.predict does.
 
 Safety: binds to 127.0.0.1 unless --host says otherwise (and then warns: there is no login). Uploads are streamed
 into the session's folder under a fixed name (the uploaded name is only displayed) and refused beyond
@@ -73,9 +74,9 @@ from zoo.interactive import (
     CLICK_MODEL,
     UNTRAINED_CLICKS,
     decode_on_crop,
-    full_frame,
-    resample_logits,
+    padded_clicks,
     untrained_clicks,
+    whole_frame_logits,
     zoom_window,
 )
 from zoo.modalities import MODALITIES, canonical_modality, modality_from_name, modality_id
@@ -192,7 +193,8 @@ class SegObject:
     logits: dict[int, torch.Tensor] = field(default_factory=dict)
     frames: dict[int, object] = field(default_factory=dict)  # slice -> the zoo.interactive.Frame of its logits (a zoom)
     crops: dict[int, tuple] = field(default_factory=dict)  # slice -> its zoom crop (window, embedding, resized)
-    history: list[tuple[dict, dict, dict, dict]] = field(default_factory=list)  # earlier (masks, clicks, logits, frames)
+    # earlier (masks, clicks, logits, frames), for undo
+    history: list[tuple[dict, dict, dict, dict]] = field(default_factory=list)
 
     def snapshot(self) -> None:
         self.history.append((dict(self.masks), {z: list(c) for z, c in self.clicks.items()}, dict(self.logits),
@@ -417,20 +419,19 @@ class ImageSession:
         with engine.lock, torch.inference_mode():
             before = embeddings.computed
             if window is None:
-                embedding = embeddings[z]
-                if previous is not None and frame is not None:  # the last answer was a zoom crop's
-                    previous = resample_logits(previous[0], frame, full_frame((height, width)))[None]
-                points = torch.tensor([[c[:2] for c in clicks256]], dtype=torch.float32)
-                labels = torch.tensor([[c[2] for c in clicks256]], dtype=torch.float32)
-                logits = engine.model.decode(embedding, torch.as_tensor(box256[None], dtype=torch.float32), ids,
+                if previous is not None:  # the last answer, carried out of a zoom crop where it was one
+                    previous = whole_frame_logits(previous[0], frame, (height, width))[None]
+                points, labels = padded_clicks([clicks256])
+                logits = engine.model.decode(embeddings[z], torch.as_tensor(box256[None], dtype=torch.float32), ids,
                                              points=points, point_labels=labels, mask_input=previous)
                 mask, frame = postprocess_logits(logits, embeddings.resized, (height, width))[0], None
+                crop_runs = 0
             else:
                 kept = obj.crops.get(z)
-                logits, frame, mask, crop = decode_on_crop(engine.model, embeddings.volume[z], window, kept, box256,
-                                                           clicks256, previous, frame, ids)
-                obj.crops[z] = crop
-            runs = embeddings.computed - before + int(window is not None and crop is not kept)
+                logits, frame, mask, obj.crops[z] = decode_on_crop(engine.model, embeddings.volume[z], window, kept,
+                                                                   box256, clicks256, previous, frame, ids)
+                crop_runs = int(obj.crops[z] is not kept)
+            runs = embeddings.computed - before + crop_runs
         obj.snapshot()
         obj.masks[z] = mask
         obj.clicks[z] = clicks

@@ -158,6 +158,12 @@ def resample_logits(logits: torch.Tensor, source: Frame, target: Frame) -> torch
                          align_corners=False)[0]
 
 
+def whole_frame_logits(logits: torch.Tensor, frame: Frame | None, shape: tuple[int, ...]) -> torch.Tensor:
+    """A mask prompt (C, 256, 256) in the whole image's frame: as it is where `frame` is None (it is that frame's
+    already), else resampled out of the zoom crop whose frame it is."""
+    return logits if frame is None else resample_logits(logits, frame, full_frame(shape))
+
+
 def decode_on_crop(model, image: np.ndarray, window: tuple[int, int, int, int], kept: tuple | None,
                    box256: np.ndarray, clicks: list[tuple[float, float, int]], mask_prompt: torch.Tensor | None,
                    mask_frame: Frame | None, modality) -> tuple[torch.Tensor, Frame, np.ndarray, tuple]:
@@ -287,7 +293,6 @@ class Refinement:
     def _decode_whole(self, z, objects: list[ObjectState], prompts: list[np.ndarray]) -> None:
         embedding = self._embedding(z)
         start = time.perf_counter()
-        frame = full_frame(self.shape)
         for first in range(0, len(objects), DECODE_CHUNK):
             chunk, boxes = objects[first : first + DECODE_CHUNK], prompts[first : first + DECODE_CHUNK]
             states = [obj.slices.get(z) for obj in chunk]
@@ -297,9 +302,9 @@ class Refinement:
                 if not all(clicked):
                     raise RuntimeError("objects with and without clicks are decoded apart")
                 points, labels = padded_clicks([s.clicks for s in states])
-                masks = [s.click_mask if s.click_frame in (None, frame) else resample_logits(s.click_mask, s.click_frame, frame)
-                         for s in states]
-                mask_input = None if any(m is None for m in masks) else torch.stack(masks)
+                masks = [s.click_mask for s in states]
+                mask_input = None if any(m is None for m in masks) else torch.stack(
+                    [whole_frame_logits(s.click_mask, s.click_frame, self.shape) for s in states])
                 logits = self.model.decode(embedding, box_t, self.modality, points=points, point_labels=labels,
                                            mask_input=mask_input)
             else:
