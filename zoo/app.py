@@ -13,7 +13,8 @@ what zoo.segment writes for the same boxes (labels 1..N in the list's order, the
 
 Each open image is a session with its own folder, its pixels as the model sees them and its slice embeddings
 (zoo.predict.SliceEmbeddings, computed when a box first needs a slice), so a box or a click on a slice already seen
-runs only the decoder (a small object's first click also embeds its zoom crop, zoo.interactive). A volume's box is
+runs only the decoder (a small object's first click also embeds its zoom crop, a sparse object's click its focus
+crop, zoo.interactive). A volume's box is
 [x0, y0, z0, x1, y1, z1] as in zoo.segment's --boxes: the rectangle prompts the middle slice of the range and is
 propagated up and down through it, as zoo.predict does.
 
@@ -73,11 +74,12 @@ from zoo.index import AUTO
 from zoo.interactive import (
     CLICK_MODEL,
     UNTRAINED_CLICKS,
+    click_crop,
     decode_on_crop,
     padded_clicks,
+    refine_on_focus,
     untrained_clicks,
     whole_frame_logits,
-    zoom_window,
 )
 from zoo.modalities import MODALITIES, canonical_modality, modality_from_name, modality_id
 from zoo.predict import ModalityChoice, SliceEmbeddings, Trace, decode_masks, propagation_plan, segment_3d
@@ -395,8 +397,9 @@ class ImageSession:
         """Correct an object on slice z with a click; the slice's earlier clicks and last answer go with it, as in
         SAM's interactive loop. The box prompt is the object's own rectangle on its prompt slice (a 2D image's
         always), elsewhere the box around its mask on that slice widened by 3 px, as propagation carries it. A small
-        object is decoded on a zoom crop as zoo.interactive.Refinement decodes it (its first click there embeds the
-        crop: one encoder run)."""
+        object is decoded on a zoom crop, a sparse one refined on a focus crop around the click, as
+        zoo.interactive.Refinement decodes them (zoo.interactive.click_crop; a crop's first click embeds it: one
+        encoder run)."""
         engine = self.engine
         if not engine.clicks:
             raise AppError(409, engine.clicks_note)
@@ -413,25 +416,27 @@ class ImageSession:
         clicks = obj.clicks.get(z, []) + [(float(x), float(y), 1 if positive else 0)]
         scale = IMAGE_SIZE / max(height, width)  # the boxes' factor (zoo.preprocess.scale_boxes), not truncated
         clicks256 = [(cx * scale, cy * scale, label) for cx, cy, label in clicks]
-        window = zoom_window(box256, np.array([c[:2] for c in clicks256]), (height, width))
+        how, window = click_crop(box256, np.array([c[:2] for c in clicks256]), obj.masks.get(z), (height, width))
         ids = None if obj.modality is None else modality_id(obj.modality)
         previous, frame = obj.logits.get(z), obj.frames.get(z)
+        kept = obj.crops.get(z)
         with engine.lock, torch.inference_mode():
             before = embeddings.computed
-            if window is None:
+            if how == "zoom":
+                logits, frame, mask, obj.crops[z] = decode_on_crop(engine.model, embeddings.volume[z], window, kept,
+                                                                   box256, clicks256, previous, frame, ids)
+            else:
                 if previous is not None:  # the last answer, carried out of a zoom crop where it was one
                     previous = whole_frame_logits(previous[0], frame, (height, width))[None]
                 points, labels = padded_clicks([clicks256])
                 logits = engine.model.decode(embeddings[z], torch.as_tensor(box256[None], dtype=torch.float32), ids,
                                              points=points, point_labels=labels, mask_input=previous)
                 mask, frame = postprocess_logits(logits, embeddings.resized, (height, width))[0], None
-                crop_runs = 0
-            else:
-                kept = obj.crops.get(z)
-                logits, frame, mask, obj.crops[z] = decode_on_crop(engine.model, embeddings.volume[z], window, kept,
-                                                                   box256, clicks256, previous, frame, ids)
-                crop_runs = int(obj.crops[z] is not kept)
-            runs = embeddings.computed - before + crop_runs
+                if how == "focus":  # a sparse object: refined on the crop around the click
+                    refined, mask, obj.crops[z] = refine_on_focus(engine.model, embeddings.volume[z], kept, box256,
+                                                                  clicks256, logits[0], mask, ids)
+                    logits = refined[None]
+            runs = embeddings.computed - before + int(obj.crops.get(z) is not kept)
         obj.snapshot()
         obj.masks[z] = mask
         obj.clicks[z] = clicks

@@ -30,6 +30,13 @@ bit) and then refined click by click, as a user refines it or as the protocol do
   thirds of it (under 1.5x) the whole frame is kept. A crop's embedding is computed once and kept while the crop
   stays, so an object's first click costs one encoder run on the crop, the next ones the decoder alone. The mask
   prompt is carried between frames by resampling (resample_logits); the mask outside the crop is empty.
+- Focus (with zoom): a clicked object too large for a zoom but sparse, its mask covering under half of its box (a
+  vessel tree, a retinal layer across a B-scan, lesions scattered over both lungs), is decoded on the whole frame with
+  the click and then again on a focus crop around the click, a quarter of the image's long side (4x), with the whole
+  frame's answer as its mask prompt; the crop's mask replaces the whole frame's inside the crop (FocalClick's focus
+  crop, Chen et al., CVPR 2022). Such an object's box says little about it, and its detail is a pixel or two wide at
+  the whole image's 256 frame. A compact object is left to the whole frame: there a crop cutting through it did worse.
+  Each focus click costs one more encoder run, on its crop (focus_window, refine_on_focus).
 """
 
 from __future__ import annotations
@@ -59,6 +66,8 @@ UNTRAINED_CLICKS = ("its decoder was trained on boxes alone (no click stage, dis
 ZOOM_CONTEXT = 2.0  # the crop's side: twice the larger side of the object's box and clicks
 ZOOM_MAX = 4.0  # the crop is at least 1/4 of the image's long side: beyond 4x the crop is mostly interpolation
 ZOOM_MIN = 1.5  # under 1.5x the whole frame is kept: too little gained for an encoder run
+FOCUS_ZOOM = 4.0  # a focus crop's side is the image's long side / 4, as the most a zoom crop enlarges (ZOOM_MAX)
+SPARSE_FILL = 0.5  # a mask covering under half of its box is sparse: a vessel tree, a layer, scattered lesions
 
 
 def untrained_clicks(model) -> bool:
@@ -164,23 +173,59 @@ def whole_frame_logits(logits: torch.Tensor, frame: Frame | None, shape: tuple[i
     return logits if frame is None else resample_logits(logits, frame, full_frame(shape))
 
 
+def box_fill(mask: np.ndarray, box256: np.ndarray, shape: tuple[int, int]) -> float:
+    """The share of a box [x0, y0, x1, y1] (the whole image's 256 frame) that `mask` (H, W; None: none yet) covers."""
+    if mask is None:
+        return 0.0
+    x0, y0, x1, y1 = np.asarray(box256, dtype=np.float64) * (max(shape) / IMAGE_SIZE)
+    return float(np.count_nonzero(mask)) / max(1.0, (x1 - x0) * (y1 - y0))
+
+
+def click_crop(box256: np.ndarray, clicks256: np.ndarray, mask: np.ndarray | None,
+               shape: tuple[int, int]) -> tuple[str, tuple[int, int, int, int] | None]:
+    """How a clicked object is decoded, from its box (4,) and clicks (P, 2) (x, y) in the whole image's 256 frame and
+    its mask (H, W) before the click: ('zoom', window) on a zoom crop where it is small (zoom_window); else
+    ('focus', None) where it is sparse (box_fill < SPARSE_FILL): the whole frame, then a focus crop around its latest
+    click (refine_on_focus); else ('whole', None)."""
+    window = zoom_window(box256, clicks256, shape)
+    if window is not None:
+        return "zoom", window
+    return ("focus" if box_fill(mask, box256, shape) < SPARSE_FILL else "whole"), None
+
+
+def focus_window(click256, shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The focus crop (x0, y0, x1, y1), original pixels, end exclusive: a square of a quarter of the image's long
+    side (FOCUS_ZOOM) centred on a click (x, y) in the whole image's 256 frame, moved inside the image."""
+    height, width = shape
+    long_side = max(height, width)
+    side = int(np.ceil(long_side / FOCUS_ZOOM))
+    x, y = np.asarray(click256, dtype=np.float64)[:2] * (long_side / IMAGE_SIZE)
+    x0 = int(np.clip(round(x - side / 2), 0, max(0, width - side)))
+    y0 = int(np.clip(round(y - side / 2), 0, max(0, height - side)))
+    return x0, y0, min(width, x0 + side), min(height, y0 + side)
+
+
 def decode_on_crop(model, image: np.ndarray, window: tuple[int, int, int, int], kept: tuple | None,
                    box256: np.ndarray, clicks: list[tuple[float, float, int]], mask_prompt: torch.Tensor | None,
                    mask_frame: Frame | None, modality) -> tuple[torch.Tensor, Frame, np.ndarray, tuple]:
     """One object's click decode on a zoom crop of `image` (H, W[, 3]): its box (4,) and clicks [(x, y, label)] in
     the whole image's 256 frame, and its mask prompt (1, 256, 256) in `mask_frame`'s (None: the whole image's), are
     carried into the crop's frame. `kept`: (window, embedding, resized) of the crop embedded before, reused while
-    the window is the same; else the crop is embedded. -> (logits (1, 1, 256, 256) in the crop's frame, that frame,
-    the mask (H, W) at the original size, empty outside the crop, and the (window, embedding, resized) used).
-    zoo.interactive.Refinement and the browser app (zoo.app) zoom through it."""
+    the window is the same; else the crop is embedded. The box is clipped to the crop and clicks outside it are left
+    out (a focus crop cuts through its object; a zoom crop holds box and clicks whole). -> (logits (1, 1, 256, 256)
+    in the crop's frame, that frame, the mask (H, W) at the original size, empty outside the crop, and the (window,
+    embedding, resized) used). zoo.interactive.Refinement and the browser app (zoo.app) zoom through it."""
     x0, y0, x1, y1 = window
     if kept is None or kept[0] != window:
         tensor, resized = preprocess_image(image[y0:y1, x0:x1])
         kept = (window, model.embed(tensor), resized)
     _, embedding, resized = kept
     whole, crop = full_frame(image.shape[:2]), window_frame(window)
-    box = whole.to_frame(np.reshape(box256, (2, 2)), crop).reshape(1, 4)
-    points, labels = padded_clicks([[(*whole.to_frame(np.array(c[:2]), crop), c[2]) for c in clicks]])
+    extent = np.array([x1 - x0, y1 - y0]) / crop.scale  # the crop's (width, height) in its frame
+    box = np.clip(whole.to_frame(np.reshape(box256, (2, 2)), crop), 0, extent).reshape(1, 4)
+    inside = [(*xy, c[2]) for c in clicks for xy in [whole.to_frame(np.array(c[:2]), crop)]
+              if 0 <= xy[0] < extent[0] and 0 <= xy[1] < extent[1]]
+    points, labels = padded_clicks([inside])
     mask_input = None if mask_prompt is None else resample_logits(mask_prompt.reshape(1, IMAGE_SIZE, IMAGE_SIZE),
                                                                   mask_frame or whole, crop)[None]
     logits = model.decode(embedding, torch.as_tensor(box, dtype=torch.float32), modality, points=points,
@@ -188,6 +233,28 @@ def decode_on_crop(model, image: np.ndarray, window: tuple[int, int, int, int], 
     mask = np.zeros(image.shape[:2], dtype=bool)
     mask[y0:y1, x0:x1] = postprocess_logits(logits, resized, (y1 - y0, x1 - x0))[0]
     return logits, crop, mask, kept
+
+
+def refine_on_focus(model, image: np.ndarray, kept: tuple | None, box256: np.ndarray,
+                    clicks: list[tuple[float, float, int]], logits: torch.Tensor, mask: np.ndarray,
+                    modality) -> tuple[torch.Tensor, np.ndarray, tuple]:
+    """A sparse object's whole-frame click decode, its `logits` (1, 256, 256) and `mask` (H, W), refined on the
+    focus crop around its latest click: decoded there (decode_on_crop) with its box, its clicks inside the crop and
+    the whole frame's answer as the mask prompt. -> (logits (1, 256, 256) and mask (H, W) in the whole image's
+    frame, the crop's inside the crop, the whole frame's elsewhere; the (window, embedding, resized) used)."""
+    shape = image.shape[:2]
+    window = focus_window(clicks[-1][:2], shape)
+    crop_logits, crop, crop_mask, kept = decode_on_crop(model, image, window, kept, box256, clicks, logits, None,
+                                                        modality)
+    x0, y0, x1, y1 = window
+    refined = mask.copy()
+    refined[y0:y1, x0:x1] = crop_mask[y0:y1, x0:x1]
+    whole = full_frame(shape)
+    centres = (torch.arange(IMAGE_SIZE, dtype=torch.float64) + 0.5) * whole.scale  # each 256 pixel's original place
+    inside = ((centres >= y0) & (centres < y1))[:, None] & ((centres >= x0) & (centres < x1))[None, :]
+    base = logits.reshape(1, IMAGE_SIZE, IMAGE_SIZE).float()
+    pasted = torch.where(inside[None], resample_logits(crop_logits[0], crop, whole), base)
+    return pasted, refined, kept
 
 
 def interaction_auc(scores, clicks: int = PROTOCOL_CLICKS) -> float:
@@ -276,19 +343,24 @@ class Refinement:
 
     def _decode(self, z, objects: list[ObjectState], prompts: list[np.ndarray]) -> None:
         """Decode `objects` on slice z (None in 2D) with these box prompts and each one's clicks on that slice: a
-        clicked object small enough for a zoom (zoom_window) on its crop, the others together on the whole frame."""
-        whole = []
+        clicked object small enough for a zoom on its crop, the others together on the whole frame, a sparse one's
+        then refined on its focus crop (click_crop)."""
+        whole, focus = [], []
         for obj, prompt in zip(objects, prompts):
             state = obj.slices.get(z)
-            window = None
+            how, window = "whole", None
             if self.zoom and state is not None and state.clicks:
-                window = zoom_window(prompt, np.array([c[:2] for c in state.clicks]), self.shape[-2:])
-            if window is None:
-                whole.append((obj, prompt))
-            else:
+                how, window = click_crop(prompt, np.array([c[:2] for c in state.clicks]), state.mask, self.shape[-2:])
+            if how == "zoom":
                 self._decode_zoomed(z, obj, np.asarray(prompt), window)
+            else:
+                whole.append((obj, prompt))
+                if how == "focus":
+                    focus.append(obj)
         if whole:
             self._decode_whole(z, [obj for obj, _ in whole], [prompt for _, prompt in whole])
+        for obj in focus:
+            self._refine_focus(z, obj)
 
     def _decode_whole(self, z, objects: list[ObjectState], prompts: list[np.ndarray]) -> None:
         embedding = self._embedding(z)
@@ -330,6 +402,19 @@ class Refinement:
             self.crops[(obj.label, z)] = crop
             self.crop_embeddings += 1
         state.prompt, state.logits = prompt, logits[0]
+        self.decode_seconds += time.perf_counter() - start
+
+    def _refine_focus(self, z, obj: ObjectState) -> None:
+        """Refine a sparse object's whole-frame decode on slice z on the focus crop around its latest click."""
+        start = time.perf_counter()
+        state = obj.slices[z]
+        image = self.case.image if z is None else self.case.image[z]
+        kept = self.crops.get((obj.label, z))
+        state.logits, state.mask, crop = refine_on_focus(self.model, image, kept, state.prompt, state.clicks,
+                                                         state.logits, state.mask, self.modality)
+        if crop is not kept:
+            self.crops[(obj.label, z)] = crop
+            self.crop_embeddings += 1
         self.decode_seconds += time.perf_counter() - start
 
     def _prompt(self, obj: ObjectState, z: int, direction: int) -> np.ndarray:

@@ -97,7 +97,7 @@ def test_png_boxes_give_zoo_segments_masks_and_files(png_case, fast_model, tmp_p
         reply = click.json()
         assert click.status_code == 200 and "trained on boxes alone" in reply["note"]
         assert reply["objects"][0]["clicks"] == [[0, float(int(x0 + x1) // 2), float(int(y0 + y1) // 2), 0]]
-        assert reply["encoder_runs"] == 0
+        assert reply["encoder_runs"] == 1  # the lesions cover under half of their box: a focus crop, embedded
         undone = client.post(f"/api/images/{sid}/objects/{first}/undo", json={}).json()
         assert np.array_equal(labels_of(undone, gts.shape), shown) and undone["objects"][0]["clicks"] == []
         assert "no change to undo" in error_of(client.post(f"/api/images/{sid}/objects/{first}/undo", json={}), 409)
@@ -334,6 +334,29 @@ def test_a_code_running_checkpoint_is_refused_before_serving(tmp_path, capsys, m
     err = capsys.readouterr().err
     assert "no login" in err and "evil.pt: refused: it would run code when loaded" in err
     assert not marker.exists()
+
+
+def test_a_click_on_a_sparse_object_refines_on_its_focus_crop_as_zoo_interactive_does(fast_model, val_dir):
+    from zoo.data.io import load_case
+    from zoo.interactive import Refinement
+
+    npz = val_dir / "2DBox_Fundus_DRIVE_08.npz"  # a vessel tree: its mask covers a small share of its box
+    case = load_case(npz)
+    reference = Refinement(fast_model, case)
+    box = case.boxes[0].tolist()
+    with client_for(fast_model) as client:
+        sid = open_file(client, npz).json()["session"]
+        oid = client.post(f"/api/images/{sid}/objects", json={"box": box, "modality": "Fundus"}).json()["objects"][0]["id"]
+        for _ in range(2):  # the protocol's clicks, given to the app by hand
+            before = reference.crop_embeddings
+            click = reference.simulate(case.gts == 1)[0]
+            assert reference.crop_embeddings == before + 1  # a focus crop around the click, embedded
+            assert reference.objects[0].slices[None].frame is None  # a focus answer is the whole frame's
+            y, x = click.position
+            answer = client.post(f"/api/images/{sid}/objects/{oid}/clicks",
+                                 json={"x": x, "y": y, "positive": click.positive}).json()
+            assert answer["encoder_runs"] == 1
+            assert np.array_equal(labels_of(answer, case.gts.shape) == oid, reference.segs == 1)  # the same decode
 
 
 def test_a_click_on_a_small_object_zooms_as_zoo_interactive_does(fast_model, tmp_path):

@@ -13,7 +13,10 @@ from zoo.interactive import (
     Click,
     Frame,
     Refinement,
+    box_fill,
+    click_crop,
     component_distance,
+    focus_window,
     interaction_auc,
     next_click,
     resample_logits,
@@ -205,7 +208,7 @@ def test_a_real_model_refines_and_its_box_step_is_the_box_only_result(size):
     state = refinement.objects[0].slices[None]
     assert refinement.decode_seconds > 0 and refinement.segs.shape == gts.shape
     assert state.click_mask is not None and refinement.objects[0].clicks == len(state.clicks)
-    assert (refinement.crop_embeddings > 0) == (size == 8)  # the small object was decoded on a zoom crop
+    assert (state.frame is not None) == (size == 8)  # the small object was decoded on a zoom crop, the large one not
 
 
 def test_a_zoom_crop_is_a_square_twice_the_object_and_its_clicks_inside_the_image():
@@ -271,3 +274,62 @@ def test_a_click_far_from_the_object_leaves_the_zoom_and_carries_the_mask_prompt
     # the crop's answer, carried back: the object's pixels are object in the whole frame's prompt too
     assert prompts[0][0, 0, 106, 156] > 0 and prompts[0][0, 0, 20, 20] < 0
     assert refinement.segs[480, 20] == 1
+
+
+def test_a_focus_crop_is_a_quarter_of_the_image_centred_on_the_click_inside_the_image():
+    shape, k = (1000, 800), 256 / 1000
+    assert focus_window(np.array([400, 500]) * k, shape) == (275, 375, 525, 625)
+    assert focus_window(np.array([790, 10]) * k, shape) == (550, 0, 800, 250)  # moved inside the image
+
+
+def test_a_sparse_object_is_one_covering_under_half_of_its_box():
+    shape, k = (1000, 800), 256 / 1000
+    box, mask = np.array([50, 100, 750, 800]) * k, np.zeros(shape, bool)  # too large for a zoom
+    mask[100:800, 50:399] = True  # 349 of 700 columns
+    assert box_fill(mask, box, shape) == pytest.approx(349 / 700) and box_fill(None, box, shape) == 0.0
+    assert click_crop(box, np.zeros((0, 2)), mask, shape) == ("focus", None)
+    mask[100:800, 50:750] = True
+    assert click_crop(box, np.zeros((0, 2)), mask, shape) == ("whole", None)  # compact: the whole frame
+    small = np.array([400, 500, 410, 520]) * k
+    assert click_crop(small, np.zeros((0, 2)), None, shape) == ("zoom", (280, 385, 530, 635))  # small: a zoom crop
+
+
+def _sparse_object(compact: bool = False):
+    image = np.zeros((512, 512), np.uint8)
+    image[60:460, 100:104] = 200  # a thin 'vessel' tree: a trunk and a branch with a faint gap the box step misses
+    image[250:254, 100:460] = 200
+    image[250:254, 200:300] = 60
+    if compact:
+        image[60:460, 100:460] = 200
+    gts = (image > 0).astype(np.uint8)
+    return Case(path=None, image=np.stack([image] * 3, -1), boxes=np.array([[100, 60, 459, 459]]), gts=gts,
+                spacing=np.ones(2), modality=None)
+
+
+def test_a_sparse_object_is_refined_on_a_focus_crop_around_the_click():
+    model, case = ClickingRuntime(), _sparse_object()
+    refinement = Refinement(model, case)
+    refinement.simulate(case.gts)  # a positive click in the gap
+    state = refinement.objects[0].slices[None]
+    x0, y0, x1, y1 = focus_window(state.clicks[-1][:2], (512, 512))
+    assert (x1 - x0, y1 - y0) == (128, 128) and refinement.crop_embeddings == 1 and model.embed_calls == 2
+    assert state.frame is None and state.logits.shape == (1, 256, 256)  # the answer is the whole frame's
+    plain = Refinement(ClickingRuntime(), case, zoom=False)
+    plain.simulate(case.gts)  # the same click on the whole frame alone: its disk is 40 px, on the crop's 10 px
+    outside = np.ones((512, 512), bool)
+    outside[y0:y1, x0:x1] = False
+    assert np.array_equal(refinement.segs[outside], plain.segs[outside])  # the crop's answer replaces it inside only
+    bright = (case.image[..., 0] > 100).sum()
+    added, spilled = refinement.segs.sum() - bright, plain.segs.sum() - bright
+    assert 200 < added < 400 < 4000 < spilled  # a disk of radius 10 px around the click, not one of 40
+    x, y = (int(v) for v in state.clicks[-1][:2])
+    assert state.logits[0, y, x] > 0 and plain.objects[0].slices[None].logits[0, y + 10, x + 10] > 0
+    assert state.logits[0, y + 10, x + 10] < 0  # 20 px from the click: inside the crop, the crop's answer
+
+
+def test_a_compact_large_object_takes_no_crop():
+    model, case = ClickingRuntime(), _sparse_object(compact=True)
+    case.gts[300:310, 300:310] = 0  # a false-object error for a negative click
+    refinement = Refinement(model, case)
+    refinement.simulate(case.gts)
+    assert refinement.crop_embeddings == 0 and model.embed_calls == 1
