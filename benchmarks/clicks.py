@@ -6,15 +6,15 @@ A case is segmented from its boxes (step 0: the box-only result, zoo.predict's b
 simulated clicks (steps 1..5): at each step every object gets one click at the centre of its largest error component
 (zoo.interactive.next_click, on the whole label map: 2D on the image, 3D in the volume), positive on missed object,
 negative on false object; its slice is decoded again with its clicks and the previous logits (a small object on a
-zoom crop, unless --no-zoom), and in 3D propagation is rerun from that slice outward (zoo.interactive.Refinement).
+zoom crop, a sparse one refined on a focus crop around the click, unless --no-zoom), and in 3D propagation is rerun from that slice outward (zoo.interactive.Refinement).
 DSC and NSD are scored after every step, as the challenge scores them; DSC_AUC and NSD_AUC are the trapezoid under
 the click steps' scores, as CVPR25_iter_eval.py computes them (zoo.interactive.interaction_auc: its AUC leaves the
 box step out; with 5 clicks it lies in 0..4).
 
 cases.csv gains dsc_1..dsc_5, nsd_1..nsd_5 (dsc, nsd stay the box step's), dsc_auc, nsd_auc, click_seconds (the
-time of one step, all objects, the image's embeddings kept: the decoder, and the zoom crops' encoder runs) and
-crop_embeddings (the encoder runs on zoom crops over the case's clicks); the leaderboard gains per modality the AUCs
-and the DSC after the last click, their means over modalities, click_zoom (whether small objects were zoomed on),
+time of one step, all objects, the image's embeddings kept: the decoder, and the crops' encoder runs) and
+crop_embeddings (the encoder runs on zoom and focus crops over the case's clicks); the leaderboard gains per modality
+the AUCs and the DSC after the last click, their means over modalities, click_zoom (whether crops were used),
 click_ms (one click on a 256² image, its embedding cached: the decoder alone, at steady state by benchmarks.latency's
 rule) and dsc_clicks_gain (mean DSC after the last click minus the box-only mean); clicks.csv holds the curves (mean
 DSC and NSD per model, modality and step) that clicks.png plots.
@@ -56,7 +56,7 @@ def run_protocol(model, case: Case, modalities: ModalityChoice, clicks: int = PR
                  seed: int = CLICK_SEED, zoom: bool = True) -> dict:
     """One case through the protocol: {'steps': [segs of each step], 'dsc': [...], 'nsd': [...], 'seconds': the
     box-only segmentation's, 'click_seconds': the mean time of a click step, 'crop_embeddings': the encoder runs on
-    zoom crops}. The case needs gts."""
+    zoom and focus crops}. The case needs gts."""
     spacing = case.spacing.tolist()
     with torch.inference_mode():
         refinement = Refinement(model, case, modalities, zoom=zoom)

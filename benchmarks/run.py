@@ -25,7 +25,8 @@ efficiency measure), with the median and maximum per model and modality, and the
 
 --clicks N runs the interactive protocol on every case (benchmarks.clicks: the box, then N simulated clicks per
 object), with the click columns in cases.csv and the leaderboard, and the curves in OUT/clicks.csv and clicks.png;
---no-zoom decodes every click on the whole image (no zoom crop for small objects: a click costs the decoder alone).
+--no-zoom decodes every click on the whole image (no zoom crop for small objects, no focus crop for sparse ones: a
+click costs the decoder alone).
 """
 
 from __future__ import annotations
@@ -373,8 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run the interactive protocol (benchmarks.clicks): the box, then N simulated clicks per "
                              "object (the CVPR 2025 challenge: 5), scored after each step, with DSC_AUC / NSD_AUC")
     parser.add_argument("--no-zoom", action="store_true",
-                        help="with --clicks: decode every click on the whole image's embedding, small objects too "
-                             "(no zoom crop: zoo.interactive)")
+                        help="with --clicks: decode every click on the whole image's embedding alone (no zoom crop "
+                             "for small objects, no focus crop for sparse ones: zoo.interactive)")
     parser.add_argument("--merge", action="store_true",
                         help="add this run's models to OUT's leaderboard (same cases), replacing their earlier rows")
     return parser

@@ -40,13 +40,24 @@ from zoo.data.samples import (
     Sample,
     flip,
     flip_box,
+    object_crop,
     round_robin,
     sample_area,
+    sample_image,
+    sample_labelled_object,
     sample_object,
     sample_tensor,
 )
 from zoo.index import model_file
-from zoo.interactive import PROTOCOL_CLICKS, next_click, padded_clicks
+from zoo.interactive import (
+    PROTOCOL_CLICKS,
+    full_frame,
+    next_click,
+    padded_clicks,
+    resample_logits,
+    window_frame,
+    zoom_window,
+)
 from zoo.modalities import MODALITIES, head_accuracy, modality_confusion, modality_id
 from zoo.models.checkpoint import load_checkpoint, save_checkpoint
 from zoo.models.class_prompt import ClassPromptSAM, ModalityHead
@@ -97,6 +108,10 @@ class FinetuneSettings(TrainSettings):
                                                "mask parts")
     click_val_samples: int = option(66, "click stage: val samples the protocol scores each epoch, taken in turn from "
                                         "each modality (the box-only score uses every val sample)", type=int)
+    # zoo.interactive decodes a small object's clicks on a zoom crop (its first click's mask prompt: the box step's
+    # logits carried into the crop); trained on whole images alone, the click decoder never saw such a crop.
+    click_zoom: bool = option(False, "click stage: an object small enough for zoo.interactive's zoom crop gets its "
+                                     "clicks on that crop (embedded by the frozen encoder), as at inference")
     box_tolerance: float = option(0.005, "click stage: an epoch is kept only if its box-only val DSC is at most this "
                                          "far below the init's")
 
@@ -266,27 +281,35 @@ class FineTuner(Trainer):
         after it adds, per sample, the click zoo.interactive.next_click places on the largest error of the previous
         step's mask (at the 256 frame, inside the image's unpadded area), and feeds that step's logits back as the
         mask prompt (detached: each step learns to correct its input, as SAM was trained). The samples of a
-        micro-batch are decoded together (the light decoder broadcasts one embedding per box)."""
+        micro-batch are decoded together (the light decoder broadcasts one embedding per box). With click_zoom, a
+        sample whose object zoo.interactive would zoom on takes its clicks on that crop after its box step, the box
+        step's logits carried into the crop as the mask prompt (_into_crop)."""
         settings, device = self.settings, self.settings.device
-        embeddings, boxes, masks, valid, modalities = [], [], [], [], []
+        embeddings, boxes, masks, valid, modalities, crops = [], [], [], [], [], []
         for i in indices:
             h, v = (torch.rand(2, generator=g) < 0.5).tolist() if settings.flip else (False, False)
-            found = sample_object(self.samples[i], g, grow=settings.box_jitter)
+            found = sample_labelled_object(self.samples[i], g, grow=settings.box_jitter)
             if found is None:
                 raise DataError(f"{self.samples[i].path}: slice {self.samples[i].z} has no ground-truth object")
-            box, mask = found
+            box, mask, label = found
             embeddings.append(flip(self.train_embeddings(i), h, v))
             boxes.append(flip_box(box, h, v))
             masks.append(flip(mask, h, v))
             valid.append(flip(sample_area(self.samples[i]), h, v).numpy())
             modalities.append(modality_id(self.samples[i].modality))
+            crops.append(self._zoom_crop(self.samples[i], box, label, h, v) if settings.click_zoom else None)
         embedding, box, truth = torch.cat(embeddings).to(device), torch.stack(boxes).to(device), torch.stack(masks).to(device)
         ids = torch.tensor(modalities, device=device) if self.student.has_modality_head else None
-        truths = [t[0].cpu().numpy() > 0.5 for t in truth]
         clicks: list[list[tuple[float, float, int]]] = [[] for _ in indices]
         with torch.set_grad_enabled(settings.click_parts != "separate"):  # a separate click decoder: the box's is frozen
             logits = decode_batch(self.student, embedding, box, ids)
         losses = [segmentation_loss(logits, truth, settings.focal_weight)]
+        if any(crop is not None for crop in crops):
+            embedding, box, truth, logits = embedding.clone(), box.clone(), truth.clone(), logits.clone()
+            for j, crop in enumerate(crops):
+                if crop is not None:
+                    embedding[j], box[j], truth[j], valid[j], logits[j] = self._into_crop(crop, logits[j])
+        truths = [t[0].cpu().numpy() > 0.5 for t in truth]
         for _ in range(settings.clicks):
             previous = logits.detach()
             predicted = (previous[:, 0] > 0).cpu().numpy()
@@ -299,6 +322,31 @@ class FineTuner(Trainer):
                                   point_labels=labels.to(device), mask_input=previous)
             losses.append(segmentation_loss(logits, truth, settings.focal_weight))
         return torch.stack(losses).mean()
+
+    def _zoom_crop(self, sample: Sample, box: torch.Tensor, label: int, h: bool, v: bool) -> dict | None:
+        """The zoom crop zoo.interactive would decode a click of this object on (box: 256 frame, unflipped), its
+        embedding, box, mask and image area there, flipped as the sample; None where it would not zoom."""
+        shape = sample_image(sample).shape[:2]
+        window = zoom_window(box.numpy(), np.zeros((0, 2)), shape)
+        if window is None:
+            return None
+        tensor, mask, area = object_crop(sample, label, window)
+        whole, crop = full_frame(shape), window_frame(window)
+        extent = np.array([window[2] - window[0], window[3] - window[1]]) / crop.scale
+        crop_box = np.clip(whole.to_frame(box.numpy().reshape(2, 2), crop), 0, extent).reshape(4)
+        with torch.no_grad():
+            embedding = self.student.embed(tensor[None].to(self.settings.device))[0]
+        return {"embedding": flip(embedding, h, v), "box": flip_box(torch.as_tensor(crop_box, dtype=torch.float32), h, v),
+                "mask": flip(mask, h, v), "area": flip(area, h, v).numpy(), "flips": (h, v), "whole": whole, "crop": crop}
+
+    def _into_crop(self, crop: dict, logits: torch.Tensor) -> tuple:
+        """A sample's tensors in its zoom crop's frame: embedding, box, mask, image area and its box step's logits
+        (1, 256, 256) carried into the crop (unflipped, resampled, flipped back), as zoo.interactive carries them."""
+        h, v = crop["flips"]
+        carried = flip(resample_logits(flip(logits.detach(), h, v).float(), crop["whole"], crop["crop"]), h, v)
+        device = self.settings.device
+        return (crop["embedding"].to(device), crop["box"].to(device), crop["mask"].to(device), crop["area"],
+                carried.to(logits.dtype).to(device))
 
     def end_of_epoch(self, epoch: int) -> None:
         self.validate(epoch)
@@ -442,6 +490,8 @@ def parse_args(argv):
 
 def run(args) -> Path:
     start_run(args)
+    if args.click_zoom and not args.clicks:
+        raise ValueError("--click-zoom is about the click stage: give --clicks N")
     init = [Path(m) for m in (args.init, args.click_decoder_from) if m and Path(m).exists()]
     refuse_overwriting_inputs(args.out, [*args.data, *args.val, *init], "--out")
     model = build_model(args.init, class_prompt=not args.no_class_prompt, decoder_token_stride=args.decoder_token_stride)

@@ -249,3 +249,44 @@ def test_a_separate_click_decoder_leaves_the_box_decoder_and_box_only_masks_exac
     assert main(_args(data, second, "--clicks", "1", "--click-val-samples", "1", "--epochs", "1", "--max-steps", "1",
                       "--max-samples", "1", "--batch-size", "1", "--click-decoder-from", str(data / "donor.pt"))) == 0
     assert load_checkpoint(second / "best.pt")[1]["click_decoder_from"] == str(data / "donor.pt")
+
+
+def test_click_zoom_gives_a_small_objects_clicks_on_its_zoom_crop(data, monkeypatch):
+    """--click-zoom: an object zoo.interactive would zoom on (16 px in a 512 px image: a 128 px crop, 2x at the
+    crop's 256 frame against 0.5x at the whole image's) takes its clicks on that crop, its box step's logits carried
+    there; the stage trains and selects as without it."""
+    from distill.finetune import FineTuner
+
+    small = data / "small"
+    small.mkdir()
+    gts = np.zeros((512, 512), np.uint8)
+    gts[200:216, 300:316] = 1
+    write_npz(small / "2DBox_X-Ray_0.npz", imgs=np.random.default_rng(1).integers(0, 255, (512, 512, 3), dtype=np.uint8),
+              boxes=np.array([[300, 200, 315, 215]]), gts=gts)
+    carried = []
+    into_crop = FineTuner._into_crop
+
+    def spy(self, crop, logits):
+        result = into_crop(self, crop, logits)
+        carried.append((crop, logits, result))
+        return result
+
+    monkeypatch.setattr(FineTuner, "_into_crop", spy)
+    args = _args(data, data / "zoomed", "--clicks", "2", "--click-val-samples", "1", "--click-zoom", "--epochs", "1",
+                 "--batch-size", "1", "--box-jitter", "0")
+    args[args.index("--data") + 1] = str(small)
+    assert main(args) == 0 and carried
+    crop, logits, (embedding, box, mask, area, prompt) = carried[0]
+    assert crop["crop"].scale == 0.5 and crop["whole"].scale == 2.0  # a 128 px crop; the 512 px image
+    assert embedding.shape == (256, 64, 64) and prompt.shape == logits.shape == (1, 256, 256)
+    assert mask.sum() == 16 * 16 / 0.25 and area.all()  # the object 32 x 32 px at the crop's frame (16x its area)
+    ys, xs = np.nonzero(mask[0].numpy())  # box and mask flipped alike
+    x0, y0, x1, y1 = box.tolist()
+    # the box holds it, to the whole frame's pixel its 256 box was truncated to (4 crop pixels), as at inference
+    assert x0 - 4 <= xs.min() and xs.max() <= x1 + 4 and y0 - 4 <= ys.min() and ys.max() <= y1 + 4
+    assert read_csv(data / "zoomed" / "val.csv")
+
+
+def test_click_zoom_needs_the_click_stage(data, capsys):
+    assert main(_args(data, data / "x", "--click-zoom")) == 2
+    assert "--click-zoom is about the click stage" in capsys.readouterr().err

@@ -166,6 +166,13 @@ def sample_object(sample: Sample, generator: torch.Generator, jitter: int = 0,
     grow: each side of the box moves out by a random 0..grow pixels (fine-tuning, as LiteMedSAM was trained);
     jitter: each side moves by a random -jitter..+jitter pixels (distillation's mask losses); clipped to the image,
     at least 1 px wide and high."""
+    found = sample_labelled_object(sample, generator, jitter, grow)
+    return None if found is None else found[:2]
+
+
+def sample_labelled_object(sample: Sample, generator: torch.Generator, jitter: int = 0,
+                           grow: int = 0) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """sample_object's box and mask (the same draws), and the object's label in the sample's label map."""
     case = read_case(sample.path)
     if case.gts is None:
         return None
@@ -181,7 +188,19 @@ def sample_object(sample: Sample, generator: torch.Generator, jitter: int = 0,
     if grow or jitter:
         box = np.clip(box, 0, IMAGE_SIZE - 1)
         box[2:] = np.maximum(box[2:], box[:2] + 1)
-    return torch.as_tensor(box, dtype=torch.float32), mask_256(gts, label)
+    return torch.as_tensor(box, dtype=torch.float32), mask_256(gts, label), int(label)
+
+
+def object_crop(sample: Sample, label: int,
+                window: tuple[int, int, int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A crop (x0, y0, x1, y1), original pixels, of a sample, as zoo.interactive's zoom decodes it: its image
+    preprocessed as at inference (3, 256, 256), the label's mask there (1, 256, 256) float and where the crop lies in
+    its 256 frame (256, 256) bool."""
+    x0, y0, x1, y1 = window
+    tensor, (height, width) = preprocess_image(sample_image(sample)[y0:y1, x0:x1])
+    area = torch.zeros(IMAGE_SIZE, IMAGE_SIZE, dtype=torch.bool)
+    area[:height, :width] = True
+    return tensor[0], mask_256(sample_labels(sample)[y0:y1, x0:x1], label), area
 
 
 def sample_area(sample: Sample) -> torch.Tensor:
