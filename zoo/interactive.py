@@ -30,7 +30,7 @@ bit) and then refined click by click, as a user refines it or as the protocol do
   thirds of it (under 1.5x) the whole frame is kept. A crop's embedding is computed once and kept while the crop
   stays, so an object's first click costs one encoder run on the crop, the next ones the decoder alone. The mask
   prompt is carried between frames by resampling (resample_logits); the mask outside the crop is empty.
-- Focus (with zoom): a clicked object too large for a zoom but sparse, its mask covering under half of its box (a
+- Focus (on with zoom): a clicked object too large for a zoom but sparse, its mask covering under half of its box (a
   vessel tree, a retinal layer across a B-scan, lesions scattered over both lungs), is decoded on the whole frame with
   the click and then again on a focus crop around the click, a quarter of the image's long side (4x), with the whole
   frame's answer as its mask prompt; the crop's mask replaces the whole frame's inside the crop (FocalClick's focus
@@ -208,13 +208,13 @@ def focus_window(click256, shape: tuple[int, int]) -> tuple[int, int, int, int]:
 def decode_on_crop(model, image: np.ndarray, window: tuple[int, int, int, int], kept: tuple | None,
                    box256: np.ndarray, clicks: list[tuple[float, float, int]], mask_prompt: torch.Tensor | None,
                    mask_frame: Frame | None, modality) -> tuple[torch.Tensor, Frame, np.ndarray, tuple]:
-    """One object's click decode on a zoom crop of `image` (H, W[, 3]): its box (4,) and clicks [(x, y, label)] in
-    the whole image's 256 frame, and its mask prompt (1, 256, 256) in `mask_frame`'s (None: the whole image's), are
-    carried into the crop's frame. `kept`: (window, embedding, resized) of the crop embedded before, reused while
-    the window is the same; else the crop is embedded. The box is clipped to the crop and clicks outside it are left
-    out (a focus crop cuts through its object; a zoom crop holds box and clicks whole). -> (logits (1, 1, 256, 256)
-    in the crop's frame, that frame, the mask (H, W) at the original size, empty outside the crop, and the (window,
-    embedding, resized) used). zoo.interactive.Refinement and the browser app (zoo.app) zoom through it."""
+    """One object's click decode on a crop (zoom or focus) of `image` (H, W[, 3]): its box (4,) and clicks [(x, y,
+    label)] in the whole image's 256 frame, and its mask prompt (1, 256, 256) in `mask_frame`'s (None: the whole
+    image's), are carried into the crop's frame. `kept`: (window, embedding, resized) of the crop embedded before,
+    reused while the window is the same; else the crop is embedded. The box is clipped to the crop and clicks outside
+    it are left out (a focus crop cuts through its object; a zoom crop holds box and clicks whole). -> (logits (1, 1,
+    256, 256) in the crop's frame, that frame, the mask (H, W) at the original size, empty outside the crop, and the
+    (window, embedding, resized) used). zoo.interactive.Refinement and the browser app (zoo.app) crop through it."""
     x0, y0, x1, y1 = window
     if kept is None or kept[0] != window:
         tensor, resized = preprocess_image(image[y0:y1, x0:x1])
@@ -296,7 +296,8 @@ class Refinement:
 
     `model` answers zoo.runtime.interface and takes clicks (model.takes_clicks); `decode_seconds` adds up the time
     spent decoding clicks (the cost of refinement: the whole image's embeddings computed once, a zoom crop's once
-    while it stays); zoom=False decodes every click on the whole image's embedding (the decoder alone)."""
+    while it stays, a focus crop's at each click); zoom=False decodes every click on the whole image's embedding
+    alone (no zoom or focus crop: the decoder alone)."""
 
     def __init__(self, model, case: Case, modalities: ModalityChoice | None = None, zoom: bool = True):
         if not getattr(model, "takes_clicks", False):
