@@ -16,10 +16,12 @@ bit) and then refined click by click, as a user refines it or as the protocol do
   and the previous step's logits as the mask prompt. A click costs the decoder alone: the embedding is kept.
 - 3D: the click's slice is decoded again the same way (its box is the one propagation gave it), then propagation
   is rerun from that slice outward (away from the box's middle slice; both ways from the middle slice), each slice
-  prompted by the box of its neighbour's new mask as zoo.predict propagates. A slice with clicks of its own keeps
-  them (and the mask prompt it had when last clicked). Propagation stops where a slice's mask comes out unchanged:
-  every slice beyond would get the same prompt as before, hence the same mask. A click beyond the slices the box
-  spans extends the object's range to it (the slices between are propagated first, then the click applies).
+  prompted by the box of its neighbour's new mask as zoo.predict propagates and by that neighbour's new logits as
+  its mask prompt, so that the click's correction travels on with the object instead of stopping at its slice. A
+  slice with clicks of its own keeps them (and the mask prompt it had when last clicked). Propagation stops where a
+  slice's mask comes out unchanged. The box-only propagation is zoo.predict's, unchanged (no mask prompt). A click
+  beyond the slices the box spans extends the object's range to it (the slices between are propagated first, then
+  the click applies).
 - Clicks are given at original pixel indices: (y, x), or (z, y, x) for a volume; they reach the decoder at the 256
   frame as boxes do (zoo.data.preprocess.scale_points).
 - Zoom (on unless zoom=False): a clicked object much smaller than its image is decoded on a crop around it, embedded
@@ -342,12 +344,14 @@ class Refinement:
     def resized(self) -> tuple[int, int]:
         return self.embeddings.resized if self.is_3d else self._resized
 
-    def _decode(self, z, objects: list[ObjectState], prompts: list[np.ndarray]) -> None:
+    def _decode(self, z, objects: list[ObjectState], prompts: list[np.ndarray],
+                carried: list[torch.Tensor | None] | None = None) -> None:
         """Decode `objects` on slice z (None in 2D) with these box prompts and each one's clicks on that slice: a
         clicked object small enough for a zoom on its crop, the others together on the whole frame, a sparse one's
-        then refined on its focus crop (click_crop)."""
+        then refined on its focus crop (click_crop). `carried`: for each object, the logits (1, 256, 256) of the
+        slice propagation walked from, the mask prompt of a slice without clicks of its own (None: the box alone)."""
         whole, focus = [], []
-        for obj, prompt in zip(objects, prompts):
+        for i, (obj, prompt) in enumerate(zip(objects, prompts)):
             state = obj.slices.get(z)
             how, window = "whole", None
             if self.zoom and state is not None and state.clicks:
@@ -355,15 +359,17 @@ class Refinement:
             if how == "zoom":
                 self._decode_zoomed(z, obj, np.asarray(prompt), window)
             else:
-                whole.append((obj, prompt))
+                whole.append(i)
                 if how == "focus":
                     focus.append(obj)
         if whole:
-            self._decode_whole(z, [obj for obj, _ in whole], [prompt for _, prompt in whole])
+            self._decode_whole(z, [objects[i] for i in whole], [prompts[i] for i in whole],
+                               None if carried is None else [carried[i] for i in whole])
         for obj in focus:
             self._refine_focus(z, obj)
 
-    def _decode_whole(self, z, objects: list[ObjectState], prompts: list[np.ndarray]) -> None:
+    def _decode_whole(self, z, objects: list[ObjectState], prompts: list[np.ndarray],
+                      carried: list[torch.Tensor | None] | None = None) -> None:
         embedding = self._embedding(z)
         start = time.perf_counter()
         for first in range(0, len(objects), DECODE_CHUNK):
@@ -380,6 +386,9 @@ class Refinement:
                     [whole_frame_logits(s.click_mask, s.click_frame, self.shape) for s in states])
                 logits = self.model.decode(embedding, box_t, self.modality, points=points, point_labels=labels,
                                            mask_input=mask_input)
+            elif carried is not None and all(c is not None for c in carried[first : first + DECODE_CHUNK]):
+                logits = self.model.decode(embedding, box_t, self.modality,
+                                           mask_input=torch.stack(carried[first : first + DECODE_CHUNK]))
             else:
                 logits = self.model.decode(embedding, box_t, self.modality)
             masks = postprocess_logits(logits, self.resized, self.shape[-2:])
@@ -426,12 +435,17 @@ class Refinement:
         carried = box_from_mask(obj.slices[z - direction].mask.astype(self.dtype) * obj.label)
         return obj.start_box if carried is None else carried
 
-    def _propagate(self, obj: ObjectState, start: int, direction: int, end: int, stop_unchanged: bool = True) -> None:
+    def _propagate(self, obj: ObjectState, start: int, direction: int, end: int, stop_unchanged: bool = True,
+                   carry: bool = False) -> None:
         """Decode slices start, start + direction, ... end of one object; stop at a slice decoded before whose mask
-        comes out unchanged."""
+        comes out unchanged. carry: each slice's mask prompt is the new logits of the slice walked from."""
         for z in range(start, end + direction, direction):
             before = obj.slices[z].mask if z in obj.slices else None
-            self._decode(z, [obj], [self._prompt(obj, z, direction)])
+            walked_from = obj.slices.get(z - direction)
+            carried = None
+            if carry and walked_from is not None:
+                carried = [whole_frame_logits(walked_from.logits, walked_from.frame, self.shape)]
+            self._decode(z, [obj], [self._prompt(obj, z, direction)], carried)
             if stop_unchanged and before is not None and np.array_equal(before, obj.slices[z].mask):
                 return
 
@@ -480,9 +494,9 @@ class Refinement:
         self._decode(z, [obj], [self._prompt(obj, z, direction)])
         decoded = sorted(obj.slices)
         if z >= obj.middle and z + 1 <= decoded[-1]:
-            self._propagate(obj, z + 1, 1, decoded[-1])
+            self._propagate(obj, z + 1, 1, decoded[-1], carry=True)
         if z <= obj.middle and z - 1 >= decoded[0]:
-            self._propagate(obj, z - 1, -1, decoded[0])
+            self._propagate(obj, z - 1, -1, decoded[0], carry=True)
 
     def compose(self) -> np.ndarray:
         """The label map of every object's masks; where masks overlap the later box wins, as in zoo.predict."""

@@ -153,13 +153,16 @@ def _volume():
     return Case(path=None, image=volume, boxes=np.array([[19, 19, 2, 40, 40, 9]]), gts=gts, spacing=np.ones(3), modality=None)
 
 
-def _decoded_slices(refinement):
+def _decoded_slices(refinement, carried: dict | None = None):
+    """The slices `refinement` decodes from now on, in order; `carried` gets each one's carried mask prompt."""
     seen = []
     decode = refinement._decode
 
-    def recording(z, objects, prompts):
+    def recording(z, objects, prompts, mask_prompts=None):
         seen.append(z)
-        return decode(z, objects, prompts)
+        if carried is not None:
+            carried[z] = None if mask_prompts is None else mask_prompts[0].clone()
+        return decode(z, objects, prompts, mask_prompts)
 
     refinement._decode = recording
     return seen
@@ -170,11 +173,19 @@ def test_3d_a_click_decodes_its_slice_and_reruns_propagation_outward_only():
     refinement = Refinement(model, case, zoom=False)  # the whole slice's frame: propagation is what is tested
     assert np.array_equal(refinement.segs, segment_case(model, case, ModalityChoice(model)).segs)
     assert refinement.objects[0].middle == 5 and not refinement.segs[7].any() and refinement.segs[8].any()
-    seen = _decoded_slices(refinement)
+    carried, prompted = {}, []
+    decode = model.decode
+    model.decode = lambda *args, **kw: prompted.append(kw.get("mask_input")) or decode(*args, **kw)
+    seen = _decoded_slices(refinement, carried)
     refinement.click(0, (7, 30, 30), positive=True)
     # slice 7 again with its click, then outward (up): 8 and 9 get the box of 7's new mask; 2..6 are untouched
     assert seen == [7, 8, 9] and refinement.segs[7, 30, 30] == 1
     assert refinement.objects[0].slices[7].click_mask is not None
+    # the click's correction travels: 8's mask prompt is 7's new logits, 9's is 8's; 7 has its own clicks' prompt
+    slices = refinement.objects[0].slices
+    assert carried[7] is None
+    assert torch.equal(carried[8], slices[7].logits) and torch.equal(carried[9], slices[8].logits)
+    assert len(prompted) == 3 and torch.equal(prompted[1][0], carried[8]) and torch.equal(prompted[2][0], carried[9])
     seen.clear()
     refinement.click(0, (5, 5, 5), positive=False)  # the middle slice, where nothing changes: both ways, then stop
     assert seen == [5, 6, 4]
