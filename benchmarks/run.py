@@ -315,10 +315,13 @@ def _fmt(row: dict) -> dict:
 
 
 def _number(text: str):
-    try:
-        return float(text)
-    except ValueError:
-        return text
+    """A leaderboard cell read back: an int stays an int ("147", not "147.0000" once merged), a float a float."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def merge_previous(out: Path, cases: list[dict], rows: list[dict]) -> tuple[list[dict], list[dict]]:

@@ -154,6 +154,7 @@ def test_merge_adds_and_replaces_rows_of_the_same_cases(tiny_data, tmp_path, cap
     assert [r["model"] for r in rows] == ["first", "second"]
     assert list(rows[0]) == LEADERBOARD_FIELDS and rows[0]["cpu"] == "" and rows[1]["cpu"] == cpu_model()
     assert rows[0]["parent"] == "" and rows[1]["parent"] == "first"
+    assert rows[0]["cases"] == rows[1]["cases"] == "2"  # a count read back and written again stays a count
     change = float(rows[1]["dsc_mean_modalities"]) - float(rows[0]["dsc_mean_modalities"])
     assert float(rows[1]["dsc_vs_parent"]) == pytest.approx(change, abs=2e-4)
     assert rows[1]["encoder_speedup_vs_parent"] == ""  # timed in another run than its parent
