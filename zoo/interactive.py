@@ -345,11 +345,12 @@ class Refinement:
         return self.embeddings.resized if self.is_3d else self._resized
 
     def _decode(self, z, objects: list[ObjectState], prompts: list[np.ndarray],
-                carried: list[torch.Tensor | None] | None = None) -> None:
+                carried: list[torch.Tensor] | None = None) -> None:
         """Decode `objects` on slice z (None in 2D) with these box prompts and each one's clicks on that slice: a
         clicked object small enough for a zoom on its crop, the others together on the whole frame, a sparse one's
         then refined on its focus crop (click_crop). `carried`: for each object, the logits (1, 256, 256) of the
-        slice propagation walked from, the mask prompt of a slice without clicks of its own (None: the box alone)."""
+        slice propagation walked from, the mask prompt of a slice without clicks of its own (None: the box alone
+        for all)."""
         whole, focus = [], []
         for i, (obj, prompt) in enumerate(zip(objects, prompts)):
             state = obj.slices.get(z)
@@ -369,7 +370,7 @@ class Refinement:
             self._refine_focus(z, obj)
 
     def _decode_whole(self, z, objects: list[ObjectState], prompts: list[np.ndarray],
-                      carried: list[torch.Tensor | None] | None = None) -> None:
+                      carried: list[torch.Tensor] | None = None) -> None:
         embedding = self._embedding(z)
         start = time.perf_counter()
         for first in range(0, len(objects), DECODE_CHUNK):
@@ -386,7 +387,7 @@ class Refinement:
                     [whole_frame_logits(s.click_mask, s.click_frame, self.shape) for s in states])
                 logits = self.model.decode(embedding, box_t, self.modality, points=points, point_labels=labels,
                                            mask_input=mask_input)
-            elif carried is not None and all(c is not None for c in carried[first : first + DECODE_CHUNK]):
+            elif carried is not None:
                 logits = self.model.decode(embedding, box_t, self.modality,
                                            mask_input=torch.stack(carried[first : first + DECODE_CHUNK]))
             else:
