@@ -70,6 +70,10 @@ ZOOM_MAX = 4.0  # the crop is at least 1/4 of the image's long side: beyond 4x t
 ZOOM_MIN = 1.5  # under 1.5x the whole frame is kept: too little gained for an encoder run
 FOCUS_ZOOM = 4.0  # a focus crop's side is the image's long side / 4, as the most a zoom crop enlarges (ZOOM_MAX)
 SPARSE_FILL = 0.5  # a mask covering under half of its box is sparse: a vessel tree, a layer, scattered lesions
+# A 3D click's correction is carried outward to the end of the object and this many slices inward (towards the middle
+# slice, which keeps the user's box). Chosen on 12 train volumes, DSC after 5 clicks: none 0.826, 1: 0.833, 2: 0.836,
+# 3: 0.833, 5: 0.812, all the way to the middle: worse than none (runs/inward, docs/interactive.md).
+INWARD_CARRY = 2
 
 
 def untrained_clicks(model) -> bool:
@@ -498,6 +502,11 @@ class Refinement:
             self._propagate(obj, z + 1, 1, decoded[-1], carry=True)
         if z <= obj.middle and z - 1 >= decoded[0]:
             self._propagate(obj, z - 1, -1, decoded[0], carry=True)
+        # inward too, a few slices: they were propagated towards the clicked slice and share its error
+        if z > obj.middle + 1:
+            self._propagate(obj, z - 1, -1, max(obj.middle + 1, z - INWARD_CARRY), stop_unchanged=False, carry=True)
+        elif z < obj.middle - 1:
+            self._propagate(obj, z + 1, 1, min(obj.middle - 1, z + INWARD_CARRY), stop_unchanged=False, carry=True)
 
     def compose(self) -> np.ndarray:
         """The label map of every object's masks; where masks overlap the later box wins, as in zoo.predict."""

@@ -10,6 +10,7 @@ from tests.conftest import BrightRuntime
 from tests.helpers import tiny_model
 from zoo.data.io import Case
 from zoo.interactive import (
+    INWARD_CARRY,
     Click,
     Frame,
     Refinement,
@@ -168,7 +169,7 @@ def _decoded_slices(refinement, carried: dict | None = None):
     return seen
 
 
-def test_3d_a_click_decodes_its_slice_and_reruns_propagation_outward_only():
+def test_3d_a_click_decodes_its_slice_reruns_propagation_outward_and_carries_a_few_slices_inward():
     model, case = ClickingRuntime(), _volume()
     refinement = Refinement(model, case, zoom=False)  # the whole slice's frame: propagation is what is tested
     assert np.array_equal(refinement.segs, segment_case(model, case, ModalityChoice(model)).segs)
@@ -177,18 +178,29 @@ def test_3d_a_click_decodes_its_slice_and_reruns_propagation_outward_only():
     decode = model.decode
     model.decode = lambda *args, **kw: prompted.append(kw.get("mask_input")) or decode(*args, **kw)
     seen = _decoded_slices(refinement, carried)
+    before = refinement.segs.copy()
     refinement.click(0, (7, 30, 30), positive=True)
-    # slice 7 again with its click, then outward (up): 8 and 9 get the box of 7's new mask; 2..6 are untouched
-    assert seen == [7, 8, 9] and refinement.segs[7, 30, 30] == 1
+    # slice 7 again with its click, then outward (up): 8 and 9 get the box of 7's new mask; then inward: 6 (up to
+    # INWARD_CARRY slices, never the middle slice 5); 2..5 are untouched
+    assert INWARD_CARRY == 2  # the slices below follow from it
+    assert seen == [7, 8, 9, 6] and refinement.segs[7, 30, 30] == 1
+    assert np.array_equal(refinement.segs[:6], before[:6])
     assert refinement.objects[0].slices[7].click_mask is not None
-    # the click's correction travels: 8's mask prompt is 7's new logits, 9's is 8's; 7 has its own clicks' prompt
+    # the click's correction travels: 8's mask prompt is 7's new logits, 9's is 8's, 6's is 7's; 7 has its own
+    # clicks' prompt
     slices = refinement.objects[0].slices
     assert carried[7] is None
     assert torch.equal(carried[8], slices[7].logits) and torch.equal(carried[9], slices[8].logits)
-    assert len(prompted) == 3 and torch.equal(prompted[1][0], carried[8]) and torch.equal(prompted[2][0], carried[9])
+    assert torch.equal(carried[6], slices[7].logits)
+    assert len(prompted) == 4 and all(torch.equal(prompted[k][0], carried[z]) for k, z in ((1, 8), (2, 9), (3, 6)))
     seen.clear()
-    refinement.click(0, (5, 5, 5), positive=False)  # the middle slice, where nothing changes: both ways, then stop
-    assert seen == [5, 6, 4]
+    # the middle slice, where nothing changes: both ways, stopping at an unchanged slice (6, last carried from 7,
+    # changes; 7, decoded with its own click, does not)
+    refinement.click(0, (5, 5, 5), positive=False)
+    assert seen == [5, 6, 7, 4]
+    seen.clear()
+    refinement.click(0, (2, 30, 30), positive=True)  # below the middle: outward (none left), then inward 3, 4
+    assert seen == [2, 3, 4]
 
 
 def test_3d_a_click_beyond_the_box_extends_the_object_and_the_protocol_scores_steps():
@@ -197,7 +209,8 @@ def test_3d_a_click_beyond_the_box_extends_the_object_and_the_protocol_scores_st
     assert not refinement.segs[10].any()
     seen = _decoded_slices(refinement)
     refinement.click(0, (10, 30, 30), positive=True)
-    assert seen == [10, 10] and refinement.segs[10].any()  # propagated there, then the click
+    # propagated there, then the click, carried inward to 9 and 8
+    assert seen == [10, 10, 9, 8] and refinement.segs[10].any()
     fresh = Refinement(model, case)
     first = fresh.simulate(case.gts)[0]  # the largest 3D error: the whole dark slice 7 or slice 10
     assert first.positive and first.position[0] in (7, 10)
