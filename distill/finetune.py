@@ -35,12 +35,15 @@ from distill.losses import segmentation_loss
 from distill.train import DataSettings, Trainer, TrainSettings, start_run
 from zoo.cli import RUNS_DIR, add_settings_options, option, positive_int, redefault, run_cli, settings_from_args
 from zoo.data.io import data_split, refuse_overwriting_inputs, write_csv_atomic
+from zoo.data.preprocess import box_from_mask
 from zoo.data.samples import (
     DataError,
     Sample,
     flip,
     flip_box,
+    mask_256,
     object_crop,
+    read_case,
     round_robin,
     sample_area,
     sample_image,
@@ -112,6 +115,12 @@ class FinetuneSettings(TrainSettings):
     # logits carried into the crop); trained on whole images alone, the click decoder never saw such a crop.
     click_zoom: bool = option(False, "click stage: an object small enough for zoo.interactive's zoom crop gets its "
                                      "clicks on that crop (embedded by the frozen encoder), as at inference")
+    # zoo.interactive carries a 3D click's correction to the neighbouring slices: each is decoded with the walked-from
+    # slice's box and new logits as its mask prompt, and no clicks, an input the click decoder was never shown.
+    click_carry: bool = option(False, "click stage: a volume's sample, after its clicks, also decodes a neighbouring "
+                                      "slice with the box of its new mask and its new logits as the mask prompt (no "
+                                      "clicks), as zoo.interactive carries a click's correction; that slice's mask "
+                                      "in the loss as one more step")
     box_tolerance: float = option(0.005, "click stage: an epoch is kept only if its box-only val DSC is at most this "
                                          "far below the init's")
 
@@ -285,7 +294,7 @@ class FineTuner(Trainer):
         sample whose object zoo.interactive would zoom on takes its clicks on that crop after its box step, the box
         step's logits carried into the crop as the mask prompt (_into_crop)."""
         settings, device = self.settings, self.settings.device
-        embeddings, boxes, masks, valid, modalities, crops = [], [], [], [], [], []
+        embeddings, boxes, masks, valid, modalities, crops, flips, object_labels = [], [], [], [], [], [], [], []
         for i in indices:
             h, v = (torch.rand(2, generator=g) < 0.5).tolist() if settings.flip else (False, False)
             found = sample_labelled_object(self.samples[i], g, grow=settings.box_jitter)
@@ -298,6 +307,9 @@ class FineTuner(Trainer):
             valid.append(flip(sample_area(self.samples[i]), h, v).numpy())
             modalities.append(modality_id(self.samples[i].modality))
             crops.append(self._zoom_crop(self.samples[i], box, label, h, v) if settings.click_zoom else None)
+            flips.append((h, v))
+            object_labels.append(label)
+        areas = list(valid)  # the whole frame's, before a zoom crop's replaces them
         embedding, box, truth = torch.cat(embeddings).to(device), torch.stack(boxes).to(device), torch.stack(masks).to(device)
         ids = torch.tensor(modalities, device=device) if self.student.has_modality_head else None
         clicks: list[list[tuple[float, float, int]]] = [[] for _ in indices]
@@ -321,7 +333,47 @@ class FineTuner(Trainer):
             logits = decode_batch(self.student, embedding, box, ids, points=points.to(device),
                                   point_labels=labels.to(device), mask_input=previous)
             losses.append(segmentation_loss(logits, truth, settings.focal_weight))
+        if settings.click_carry:
+            carry = self._carry_loss(indices, flips, object_labels, areas, crops, logits.detach(), ids, g)
+            if carry is not None:
+                losses.append(carry)
         return torch.stack(losses).mean()
+
+    def _carry_loss(self, indices: list[int], flips: list[tuple[bool, bool]], labels: list[int], areas: list[np.ndarray],
+                    crops: list[dict | None], logits: torch.Tensor, ids: torch.Tensor | None,
+                    g: torch.Generator) -> torch.Tensor | None:
+        """The carry step of the volume samples of a micro-batch: each one's neighbouring slice (up or down, drawn;
+        the other way where the object is not on that one) decoded with the box of the sample's latest mask (widened
+        as zoo.interactive widens it: box_from_mask) and its latest logits (N, 1, 256, 256; a zoom crop's carried back
+        to the whole frame) as the mask prompt, no clicks; Dice + focal against that slice's mask of the object.
+        None where no sample has such a neighbour (2D samples, empty masks, an object on one slice)."""
+        device, rows = self.settings.device, []
+        for j, i in enumerate(indices):
+            sample, (h, v) = self.samples[i], flips[j]
+            if sample.z is None:
+                continue
+            whole = logits[j]
+            if crops[j] is not None:
+                back = resample_logits(flip(whole, h, v).float(), crops[j]["crop"], crops[j]["whole"])
+                whole = flip(back, h, v).to(logits.dtype)
+            box = box_from_mask(((whole[0] > 0).cpu().numpy() & areas[j]).astype(np.uint8))  # 256 frame: not resized
+            if box is None:
+                continue
+            gts = read_case(sample.path).gts
+            step = 1 if torch.rand(1, generator=g).item() < 0.5 else -1
+            near = [z for z in (sample.z + step, sample.z - step) if 0 <= z < len(gts) and (gts[z] == labels[j]).any()]
+            if not near:
+                continue
+            with torch.no_grad():
+                embedding = self.student.embed(sample_tensor(replace(sample, z=near[0]))[None].to(device))
+            rows.append((flip(embedding, h, v), torch.as_tensor(box, dtype=torch.float32),
+                         flip(mask_256(gts[near[0]], labels[j]), h, v), whole, j))
+        if not rows:
+            return None
+        embedding, box, truth, mask_input, kept = (list(c) for c in zip(*rows))
+        logits = decode_batch(self.student, torch.cat(embedding), torch.stack(box).to(device),
+                              None if ids is None else ids[kept], mask_input=torch.stack(mask_input))
+        return segmentation_loss(logits, torch.stack(truth).to(device), self.settings.focal_weight)
 
     def _zoom_crop(self, sample: Sample, box: torch.Tensor, label: int, h: bool, v: bool) -> dict | None:
         """The zoom crop zoo.interactive would decode a click of this object on (box: 256 frame, unflipped), its
@@ -490,8 +542,9 @@ def parse_args(argv):
 
 def run(args) -> Path:
     start_run(args)
-    if args.click_zoom and not args.clicks:
-        raise ValueError("--click-zoom is about the click stage: give --clicks N")
+    for flag in ("click_zoom", "click_carry"):
+        if getattr(args, flag) and not args.clicks:
+            raise ValueError(f"--{flag.replace('_', '-')} is about the click stage: give --clicks N")
     init = [Path(m) for m in (args.init, args.click_decoder_from) if m and Path(m).exists()]
     refuse_overwriting_inputs(args.out, [*args.data, *args.val, *init], "--out")
     model = build_model(args.init, class_prompt=not args.no_class_prompt, decoder_token_stride=args.decoder_token_stride)

@@ -7,6 +7,7 @@ import torch
 from distill.finetune import CLICK_PROMPT_PARTS, build_model, main
 from tests.helpers import TINY_STUDENT, empty_zoo, write_npz
 from zoo.data.io import load_case, read_csv
+from zoo.data.preprocess import box_from_mask
 from zoo.models.checkpoint import load_checkpoint, save_checkpoint
 from zoo.models.class_prompt import ClassPromptSAM
 from zoo.predict import ModalityChoice, segment_case
@@ -287,6 +288,41 @@ def test_click_zoom_gives_a_small_objects_clicks_on_its_zoom_crop(data, monkeypa
     assert read_csv(data / "zoomed" / "val.csv")
 
 
-def test_click_zoom_needs_the_click_stage(data, capsys):
-    assert main(_args(data, data / "x", "--click-zoom")) == 2
-    assert "--click-zoom is about the click stage" in capsys.readouterr().err
+def test_click_carry_decodes_a_neighbouring_slice_with_the_latest_logits_as_its_only_prompt(data, monkeypatch):
+    """--click-carry: a volume's sample, after its clicks, decodes its slice's neighbour (4 or 6 of slice 5) with the
+    box of its latest mask and its latest logits as the mask prompt, and no clicks, as zoo.interactive carries a
+    click's correction; that decode is in the loss against the neighbour's mask, flipped as the sample."""
+    import distill.finetune as finetune
+
+    volume = data / "volume"
+    volume.mkdir()
+    shutil.copy(data / "train" / "3DBox_CT_0.npz", volume)
+    calls, truths = [], []
+    decode, loss = finetune.decode_batch, finetune.segmentation_loss
+
+    def decode_spy(model, embedding, boxes, modality, **clicks):
+        logits = decode(model, embedding, boxes, modality, **clicks)
+        calls.append((embedding, boxes, clicks, logits))
+        return logits
+
+    monkeypatch.setattr(finetune, "decode_batch", decode_spy)
+    monkeypatch.setattr(finetune, "segmentation_loss", lambda logits, truth, w: truths.append(truth) or loss(logits, truth, w))
+    args = _args(data, data / "carried", "--clicks", "1", "--click-val-samples", "1", "--click-carry", "--epochs", "1",
+                 "--batch-size", "1", "--box-jitter", "0")
+    args[args.index("--data") + 1] = str(volume)
+    assert main(args) == 0
+    # one training step: the box, one click, the carry
+    assert [sorted(c[2]) for c in calls] == [[], ["mask_input", "point_labels", "points"], ["mask_input"]]
+    (box_embedding, _, _, _), (_, _, _, clicked), (embedding, box, carried, _) = calls
+    assert torch.equal(carried["mask_input"], clicked)  # the click step's logits, as they came out
+    mask = (clicked[0, 0] > 0).numpy().astype(np.uint8)
+    assert mask.any() and box[0].tolist() == box_from_mask(mask).tolist()  # widened as zoo.interactive widens it
+    assert embedding.shape == box_embedding.shape and not torch.equal(embedding, box_embedding)  # the neighbour's
+    assert len(truths) == 3 and torch.equal(truths[2][0], truths[1][0])  # slices 4..6 hold the same rectangle
+    assert read_csv(data / "carried" / "val.csv")
+
+
+@pytest.mark.parametrize("flag", ["--click-zoom", "--click-carry"])
+def test_click_options_need_the_click_stage(data, capsys, flag):
+    assert main(_args(data, data / "x", flag)) == 2
+    assert f"{flag} is about the click stage" in capsys.readouterr().err
