@@ -213,6 +213,13 @@ def decode_batch(model: ClassPromptSAM, embedding: torch.Tensor, boxes: torch.Te
     return torch.cat(rows)
 
 
+def resampled_flipped(logits: torch.Tensor, flips: tuple[bool, bool], source, target) -> torch.Tensor:
+    """A flipped sample's logits (C, 256, 256) resampled from frame `source` to `target` (zoo.interactive's frames,
+    which know no flips: unflipped first, flipped back after), float32."""
+    h, v = flips
+    return flip(resample_logits(flip(logits, h, v).float(), source, target), h, v)
+
+
 class FineTuner(Trainer):
     stage = "finetune"
 
@@ -354,8 +361,7 @@ class FineTuner(Trainer):
                 continue
             whole = logits[j]
             if crops[j] is not None:
-                back = resample_logits(flip(whole, h, v).float(), crops[j]["crop"], crops[j]["whole"])
-                whole = flip(back, h, v).to(logits.dtype)
+                whole = resampled_flipped(whole, (h, v), crops[j]["crop"], crops[j]["whole"]).to(logits.dtype)
             box = box_from_mask(((whole[0] > 0).cpu().numpy() & areas[j]).astype(np.uint8))  # 256 frame: not resized
             if box is None:
                 continue
@@ -394,8 +400,7 @@ class FineTuner(Trainer):
     def _into_crop(self, crop: dict, logits: torch.Tensor) -> tuple:
         """A sample's tensors in its zoom crop's frame: embedding, box, mask, image area and its box step's logits
         (1, 256, 256) carried into the crop (unflipped, resampled, flipped back), as zoo.interactive carries them."""
-        h, v = crop["flips"]
-        carried = flip(resample_logits(flip(logits.detach(), h, v).float(), crop["whole"], crop["crop"]), h, v)
+        carried = resampled_flipped(logits.detach(), crop["flips"], crop["whole"], crop["crop"])
         device = self.settings.device
         return (crop["embedding"].to(device), crop["box"].to(device), crop["mask"].to(device), crop["area"],
                 carried.to(logits.dtype).to(device))
