@@ -19,7 +19,8 @@ of an image pays after load_s), then its latencies at steady state on fixed inpu
 speedup_vs_litemedsam and speedup_vs_litemedsam_openvino compare with the baselines timed in the same run.
 
 Image embeddings are kept in --cache-dir (float32, keyed by the encoder's weights and the image), so variants that
-share an encoder, and later runs, embed each image once; scores are the same as without the cache. With
+share an encoder, and later runs, embed each image once; scores are the same as without the cache. The cache is
+kept to --cache-max-gb by deleting the encoders used least recently (zoo.runtime.embedding_cache). With
 --case-times there is no cache: each case is timed whole, from reading its npz to its written segs (the challenge's
 efficiency measure), with the median and maximum per model and modality, and the slowest case, in OUT/case_times.csv.
 
@@ -67,7 +68,7 @@ from zoo.data.scoring import case_scores
 from zoo.modalities import MODALITIES, head_accuracy, modality_confusion, modality_from_name, modality_id
 from zoo.predict import ModalityChoice, segment_case
 from zoo.runtime.cpu import cpu_flags, cpu_model
-from zoo.runtime.embedding_cache import ENCODER_CACHE_DIR, CachedEncoder
+from zoo.runtime.embedding_cache import CACHE_MAX_GB, ENCODER_CACHE_DIR, CachedEncoder
 
 REFERENCE_PARAMS_M = 10.99  # the class-prompt TinyViT paper's model
 CASE_FIELDS = ["case", "modality", "model", "dsc", "nsd", "seconds"]
@@ -161,7 +162,8 @@ def variant_label(name: str) -> str:
 
 def benchmark_variant(entry: str, files: list[Path], threads: int, latency_budget: float | None,
                       segs_dir: Path | None, cache_dir: Path | None, labels: dict[str, str] | None = None,
-                      case_times: bool = False, clicks: int = 0, zoom: bool = True) -> dict:
+                      case_times: bool = False, clicks: int = 0, zoom: bool = True,
+                      cache_max_gb: float = CACHE_MAX_GB) -> dict:
     """Runs in a child process: the first call on the fresh model, every case through zoo's inference path, then
     steady-state latency, FLOPs and size.
 
@@ -179,7 +181,7 @@ def benchmark_variant(entry: str, files: list[Path], threads: int, latency_budge
     model = load(name)
     load_s = time.perf_counter() - started
     first_call = first_call_ms(model) if latency_budget is not None else ""
-    scored = CachedEncoder(model, cache_dir) if cache_dir is not None and not case_times else model
+    scored = CachedEncoder(model, cache_dir, cache_max_gb) if cache_dir is not None and not case_times else model
     modalities = ModalityChoice(scored)
     cases, errors = [], []
     confusion = modality_confusion()
@@ -371,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write each variant's segs npz files to DIR/<model>/")
     parser.add_argument("--cache-dir", type=Path, default=ENCODER_CACHE_DIR,
                         help="where image embeddings are kept for variants that share an encoder")
+    parser.add_argument("--cache-max-gb", type=float, default=CACHE_MAX_GB,
+                        help="keep the embedding cache at most this big: the encoders used least recently are deleted "
+                             "(default: $CP_TINYVIT_CACHE_MAX_GB or %(default)g)")
     parser.add_argument("--no-embedding-cache", action="store_true", help="embed every image anew for every variant")
     parser.add_argument("--no-latency", action="store_true", help="scores only: leave the latency columns empty")
     parser.add_argument("--clicks", type=int, default=0, metavar="N",
@@ -391,6 +396,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--latency-budget must be positive")
     if args.clicks < 0:
         parser.error("--clicks must be 0 or more")
+    if args.cache_max_gb <= 0:
+        parser.error("--cache-max-gb must be positive (--no-embedding-cache keeps no cache)")
     if args.clicks and args.case_times:
         parser.error("--clicks and --case-times time different things (a click step, a whole case): run them apart")
     if args.no_zoom and not args.clicks:
@@ -414,7 +421,8 @@ def benchmark_models(models: list[str], files: list[Path], args: argparse.Namesp
         try:
             with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
                 result = pool.submit(benchmark_variant, name, files, args.threads, latency_budget(args), segs_dir,
-                                     cache_dir, labels, args.case_times, args.clicks, not args.no_zoom).result()
+                                     cache_dir, labels, args.case_times, args.clicks, not args.no_zoom,
+                                     args.cache_max_gb).result()
         except Exception as err:  # a broken variant is reported; the others still run
             failed.append(name)
             tqdm.write(f"error: variant {name} failed: {type(err).__name__}: {err}", file=sys.stderr)

@@ -97,6 +97,9 @@ def test_no_output_is_an_input_and_threads_are_checked(tiny_data, tmp_path, caps
     with pytest.raises(SystemExit) as exit_info:
         main(common + ["--threads", "-1"])
     assert exit_info.value.code == 2 and "--threads: must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(common + ["--out", str(tmp_path / "out"), "--cache-max-gb", "0"])
+    assert exit_info.value.code == 2 and "--cache-max-gb must be positive" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # two boards (30 s); tests/zoo/runtime/test_embedding_cache.py checks damaged entries in CI

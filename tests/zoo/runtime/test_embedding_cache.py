@@ -1,3 +1,6 @@
+import os
+import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +10,8 @@ from tests.helpers import flip_bytes, tiny_model
 from zoo.data.io import Case
 from zoo.models.weights import module_fingerprint
 from zoo.predict import ModalityChoice, segment_case
-from zoo.runtime.embedding_cache import CachedEncoder, EmbeddingCache, encoder_cache_id, image_key
+from zoo.runtime import embedding_cache
+from zoo.runtime.embedding_cache import CachedEncoder, EmbeddingCache, encoder_cache_id, evict_least_recent, image_key
 
 
 def _volume_case():
@@ -99,3 +103,50 @@ def test_every_backend_a_variant_may_name_has_a_cache_key():
         model.backend = backend
         keys.add(encoder_cache_id(model))
     assert len(keys) == 1 + len(MANIFEST_BACKENDS)
+
+
+def _encoder_folder(root: Path, name: str, megabytes: int, used_ago: float) -> Path:
+    folder = root / name
+    (folder / "ab").mkdir(parents=True)
+    (folder / "ab" / "entry.float32.emb").write_bytes(b"\0" * (megabytes * 2**20))
+    stamp = folder / embedding_cache.LAST_USED
+    stamp.touch()
+    os.utime(stamp, (time.time() - used_ago, time.time() - used_ago))
+    return folder
+
+
+def test_eviction_deletes_least_recent_encoders_until_the_cache_fits(tmp_path):
+    hour = 3600
+    oldest = _encoder_folder(tmp_path, "encoder-" + "1" * 16, 3, used_ago=5 * hour)
+    older = _encoder_folder(tmp_path, "encoder-" + "2" * 16, 3, used_ago=4 * hour)
+    recent = _encoder_folder(tmp_path, "encoder-" + "3" * 16, 3, used_ago=2 * hour)
+    in_use = _encoder_folder(tmp_path, "encoder-" + "4" * 16, 3, used_ago=60)  # another run's, writing now
+    opened = _encoder_folder(tmp_path, "encoder-" + "5" * 16, 3, used_ago=6 * hour)  # the oldest, but being opened
+    other = _encoder_folder(tmp_path, "exported", 3, used_ago=9 * hour)  # not an encoder's folder
+    deleted = evict_least_recent(tmp_path, 10 * 2**20, keep=opened.name)
+    assert deleted == [oldest, older]
+    assert all(f.exists() for f in (recent, in_use, opened, other)) and not oldest.exists() and not older.exists()
+    assert evict_least_recent(tmp_path, 10 * 2**20, keep=opened.name) == []  # 9 MB of encoders: fits
+
+
+def test_opening_a_cached_encoder_evicts_others_and_stamps_its_own(tmp_path, capsys):
+    stale = _encoder_folder(tmp_path, "encoder-" + "1" * 16, 2, used_ago=3600)
+    cached = CachedEncoder(tiny_model(), tmp_path, max_gb=1 / 1024)  # 1 MB
+    assert not stale.exists() and f"deleted {stale} (least recently used)" in capsys.readouterr().err
+    assert time.time() - (cached.cache.dir / embedding_cache.LAST_USED).stat().st_mtime < 60
+    case = _volume_case()
+    segment_case(cached, case, ModalityChoice(cached))
+    assert cached.cache.misses > 0 and len(list(cached.cache.dir.rglob("*.emb"))) == cached.cache.misses
+
+
+def test_a_nearly_full_disk_stops_caching_with_one_warning_and_the_same_masks(tmp_path, capsys, monkeypatch):
+    case = _volume_case()
+    model = tiny_model()
+    clean = segment_case(model, case, ModalityChoice(model)).segs
+    full = shutil.disk_usage(tmp_path)._replace(free=embedding_cache.MIN_FREE_BYTES - 1)
+    monkeypatch.setattr(embedding_cache.shutil, "disk_usage", lambda path: full)
+    cached = CachedEncoder(model, tmp_path)
+    assert np.array_equal(segment_case(cached, case, ModalityChoice(cached)).segs, clean)
+    assert cached.cache.misses > 1 and cached.cache.disk_full and not list(tmp_path.rglob("*.emb"))
+    (warning,) = capsys.readouterr().err.splitlines()
+    assert f"{cached.cache.dir}: less than 2 GB free on its disk; embeddings are no longer cached" in warning
