@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# Tests never touch the user's caches (~/.cache/cp-tinyvit): opening an embedding cache may evict other encoders'
+# entries there. Set before zoo is imported, as zoo.runtime.embedding_cache reads it at import; child processes
+# inherit it. Removed when the session ends.
+_CACHE = tempfile.mkdtemp(prefix="cp-tinyvit-test-cache-")
+os.environ["CP_TINYVIT_CACHE"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
-from zoo.data.io import data_split
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from zoo.data.io import data_split  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -150,3 +150,10 @@ def test_a_nearly_full_disk_stops_caching_with_one_warning_and_the_same_masks(tm
     assert cached.cache.misses > 1 and cached.cache.disk_full and not list(tmp_path.rglob("*.emb"))
     (warning,) = capsys.readouterr().err.splitlines()
     assert f"{cached.cache.dir}: less than 2 GB free on its disk; embeddings are no longer cached" in warning
+
+
+def test_tests_keep_their_caches_out_of_the_users_home():
+    """tests/conftest.py points $CP_TINYVIT_CACHE at a folder of the session's own: eviction there evicts nothing real."""
+    assert embedding_cache.DEFAULT_CACHE_DIR == Path(os.environ["CP_TINYVIT_CACHE"])
+    assert embedding_cache.DEFAULT_CACHE_DIR.name.startswith("cp-tinyvit-test-cache-")
+    assert not embedding_cache.ENCODER_CACHE_DIR.is_relative_to(Path.home() / ".cache")
