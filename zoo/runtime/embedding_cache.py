@@ -34,7 +34,19 @@ from zoo.runtime.backends import runtime_version
 PREPROCESSING_VERSION = b"longest-side-256-inter-area/minmax/pad-bottom-right/v1"
 DEFAULT_CACHE_DIR = Path(os.environ.get("CP_TINYVIT_CACHE", Path.home() / ".cache" / "cp-tinyvit"))
 ENCODER_CACHE_DIR = DEFAULT_CACHE_DIR / "encoders"  # CachedEncoder's float32 entries (benchmarks, validation)
-CACHE_MAX_GB = float(os.environ.get("CP_TINYVIT_CACHE_MAX_GB", 24))  # ~2 encoders' entries of every val case
+
+
+def _max_gb(value: str) -> float:
+    try:
+        gb = float(value)
+    except ValueError:
+        gb = float("nan")
+    if not gb > 0:
+        raise ValueError(f"$CP_TINYVIT_CACHE_MAX_GB={value!r}: not a positive number of GB")
+    return gb
+
+
+CACHE_MAX_GB = _max_gb(os.environ.get("CP_TINYVIT_CACHE_MAX_GB", "24"))  # ~2 encoders' entries of every val case
 MIN_FREE_BYTES = 2 * 2**30  # entries stop being written below this much free disk: a full disk fails everything else
 IN_USE_SECONDS = 600  # a folder written to this recently is another run's, in use: never evicted
 LAST_USED = ".last-used"  # touched when a folder is opened or written to: eviction goes least recent first
@@ -70,8 +82,11 @@ def folder_bytes(folder: Path) -> int:
 
 def last_used(folder: Path) -> float:
     """When an encoder folder was last opened or written to (its stamp; the folder's own time before stamps)."""
-    stamp = folder / LAST_USED
-    return (stamp if stamp.exists() else folder).stat().st_mtime
+    try:
+        stamp = folder / LAST_USED
+        return (stamp if stamp.exists() else folder).stat().st_mtime
+    except FileNotFoundError:  # deleted meanwhile by another run's eviction
+        return 0.0
 
 
 def evict_least_recent(root: Path, max_bytes: float, keep: str) -> list[Path]:

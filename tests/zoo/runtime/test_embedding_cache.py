@@ -4,6 +4,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from tests.helpers import flip_bytes, tiny_model
@@ -157,3 +158,14 @@ def test_tests_keep_their_caches_out_of_the_users_home():
     assert embedding_cache.DEFAULT_CACHE_DIR == Path(os.environ["CP_TINYVIT_CACHE"])
     assert embedding_cache.DEFAULT_CACHE_DIR.name.startswith("cp-tinyvit-test-cache-")
     assert not embedding_cache.ENCODER_CACHE_DIR.is_relative_to(Path.home() / ".cache")
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-3", "nan", ""])
+def test_a_bad_cache_bound_in_the_environment_is_named(value):
+    with pytest.raises(ValueError, match=rf"\$CP_TINYVIT_CACHE_MAX_GB={value!r}: not a positive number of GB"):
+        embedding_cache._max_gb(value)
+    assert embedding_cache._max_gb("12.5") == 12.5
+
+
+def test_a_folder_deleted_meanwhile_counts_as_never_used(tmp_path):
+    assert embedding_cache.last_used(tmp_path / ("encoder-" + "0" * 16)) == 0.0
