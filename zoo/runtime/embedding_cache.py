@@ -98,12 +98,13 @@ def evict_least_recent(root: Path, max_bytes: float, keep: str) -> list[Path]:
         return []
     folders = [f for f in root.iterdir() if f.is_dir() and ENCODER_FOLDER.match(f.name)]
     sizes = {f: folder_bytes(f) for f in folders}
+    used = {f: last_used(f) for f in folders}  # read once: the order and the in-use test agree
     total = sum(sizes.values())
     now, deleted = time.time(), []
-    for folder in sorted(folders, key=last_used):
+    for folder in sorted(folders, key=used.get):
         if total <= max_bytes:
             break
-        if folder.name == keep or now - last_used(folder) < IN_USE_SECONDS:
+        if folder.name == keep or now - used[folder] < IN_USE_SECONDS:
             continue
         shutil.rmtree(folder, ignore_errors=True)
         total -= sizes[folder]
