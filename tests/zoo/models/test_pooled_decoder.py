@@ -16,7 +16,7 @@ from zoo.models.pooled_decoder import (
     PooledTwoWayTransformer,
     attend_to_few_tokens,
     pool_tokens,
-    upscale_2x,
+    upscaled_masks,
 )
 from zoo.models.weights import CheckpointError
 from zoo.runtime.export import export_variant
@@ -52,12 +52,15 @@ def test_attention_to_few_tokens_is_sams_attention():
         assert torch.allclose(attend_to_few_tokens(attention, q, k, v), attention(q=q, k=k, v=v), atol=1e-5)
 
 
-def test_upscale_2x_is_the_transposed_convolution():
-    torch.manual_seed(0)
-    conv = torch.nn.ConvTranspose2d(16, 8, kernel_size=2, stride=2)
-    x = torch.randn(2, 16, 5, 7)
+def test_upscaled_masks_are_sams_upscaling_and_mask_product():
+    """SAM's order: upscale 4x through its output_upscaling, then the hypernetwork product per pixel."""
+    sam, _ = _decoders(1)
+    x, hyper_in = torch.randn(2, 256, 6, 5), torch.randn(2, 4, 32)
     with torch.no_grad():
-        assert torch.allclose(upscale_2x(conv, x), conv(x), atol=1e-5)
+        upscaled = sam.output_upscaling(x)
+        theirs = (hyper_in @ upscaled.flatten(2)).reshape(2, 4, 24, 20)
+        tokens = x.flatten(2).transpose(1, 2)  # (N, H*W, C) row-major, as the transformer returns them
+        assert torch.allclose(upscaled_masks(sam.output_upscaling, hyper_in, tokens, 6, 5), theirs, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("multimask", [False, True])

@@ -99,6 +99,34 @@ def test_openvino_compiles_the_precision_the_manifest_names(exported):
         _OpenVINOGraph(encoder, 1, "fp8")
 
 
+def test_openvino_runs_one_box_on_a_copy_compiled_for_it(model, exported):
+    """A call with one box (every click) runs a static-shape copy of the graph, compiled on its first call, with the
+    same precision: the same logits as the dynamic graph gives that box among others; graphs without a dynamic axis
+    (the encoder) have no copy."""
+    variant = ExportedModel(exported("openvino"))
+    decoder, clicks, encoder = (variant.graphs[part] for part in ("decoder", "clicks", "encoder"))
+    embedding = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(1))
+    boxes = torch.tensor([[10.0, 10.0, 100.0, 100.0], [50.0, 60.0, 200.0, 220.0]])
+    with torch.inference_mode():
+        variant.embed(torch.rand(1, 3, 256, 256))
+        both = variant.decode(embedding, boxes, 3)
+        assert decoder.one_box is None and encoder.one_box is None
+        one = variant.decode(embedding, boxes[1:], 3)
+        assert torch.allclose(one, both[1:], atol=1e-4) and torch.allclose(one, model.decode(embedding, boxes[1:], 3), atol=1e-3)
+        compiled, _ = decoder.one_box
+        assert all(port.get_partial_shape().is_static for port in compiled.inputs)
+        assert compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "f32"
+        click = {"points": torch.tensor([[[60.0, 70.0]]]), "point_labels": torch.tensor([[1.0]]),
+                 "mask_input": torch.randn(1, 1, 256, 256, generator=torch.Generator().manual_seed(2))}
+        assert clicks.one_box is None
+        ours = variant.decode(embedding, boxes[:1], 3, **click)
+        assert clicks.one_box is not None and encoder.one_box is None
+        assert torch.allclose(ours, model.decode(embedding, boxes[:1], 3, **click), atol=1e-3)
+        assert variant.decode(embedding, boxes, 3).shape == (2, 1, 256, 256)  # two boxes: the dynamic graph still
+        again = variant.decode(embedding, boxes[:1], 3, **click)  # outputs are the caller's: the next call keeps them
+        assert torch.equal(again, ours) and not torch.equal(variant.decode(embedding, boxes[1:], 3, **click), ours)
+
+
 def test_a_changed_graph_file_is_refused(model, tmp_path):
     out = export_variant(model, {}, tmp_path / "v", "onnxruntime")
     graph = out / "decoder.onnx"
