@@ -138,12 +138,22 @@ class PooledMaskDecoder(MaskDecoder):
     PooledMaskDecoder(transformer=PooledTwoWayTransformer(token_stride=2, ...), ...) takes MaskDecoder's arguments.
 
     predict_masks: image_embeddings (1 or N, C, S, S), image_pe (1, C, S, S), sparse (N, T, C), dense (N, C, S, S)
-    -> masks (N, 4, 4S, 4S), iou predictions (N, 4), as MaskDecoder's. Two more changes of order, not of result:
-    the positional encoding is broadcast over the boxes rather than copied per box (a graph runtime then folds it
-    as a constant), and the output upscaling and mask product run on the tokens (upscaled_masks)."""
+    -> masks (N, 4, 4S, 4S), iou predictions (N, 4), as MaskDecoder's; forward as MaskDecoder's too, computing only
+    the masks it returns (SAM's computes all four, then keeps one or three). Two more changes of order, not of
+    result: the positional encoding is broadcast over the boxes rather than copied per box (a graph runtime then
+    folds it as a constant), and the output upscaling and mask product run on the tokens (upscaled_masks)."""
+
+    def forward(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse_prompt_embeddings: torch.Tensor,
+                dense_prompt_embeddings: torch.Tensor, multimask_output: bool):
+        kept = slice(1, None) if multimask_output else slice(0, 1)  # MaskDecoder.forward's selection
+        masks, iou_pred = self.predict_masks(image_embeddings, image_pe, sparse_prompt_embeddings,
+                                             dense_prompt_embeddings, kept)
+        return masks, iou_pred[:, kept]
 
     def predict_masks(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor,
-                      sparse_prompt_embeddings: torch.Tensor, dense_prompt_embeddings: torch.Tensor):
+                      sparse_prompt_embeddings: torch.Tensor, dense_prompt_embeddings: torch.Tensor,
+                      kept: slice = slice(None)):
+        """MaskDecoder.predict_masks; masks (N, len(kept), 4S, 4S) for the mask tokens `kept` only."""
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         output_tokens = output_tokens.unsqueeze(0).expand(sparse_prompt_embeddings.size(0), -1, -1)
         tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
@@ -154,6 +164,7 @@ class PooledMaskDecoder(MaskDecoder):
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : (1 + self.num_mask_tokens), :]
 
-        hyper_in = torch.stack([mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1)
+        hyper_in = torch.stack([self.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :])
+                                for i in range(self.num_mask_tokens)[kept]], dim=1)
         masks = upscaled_masks(self.output_upscaling, hyper_in, keys, h, w)
         return masks, self.iou_prediction_head(iou_token_out)
