@@ -146,5 +146,7 @@ def test_the_ground_truth_loss_is_dice_and_focal_of_the_students_mask_for_the_dr
         logits = torch.cat([student.decode(embeddings[j : j + 1], box[None]) for j, (box, _) in enumerate(objects)])
         targets = torch.stack([cache.get(keys[i]).float() for i in (0, 3)])
         expected = embedding_loss(embeddings, targets) + 2.0 * segmentation_loss(logits, torch.stack([m for _, m in objects]))
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # 1e-3: the trainer's and this recomputation's float sums differ by 1.5e-4 relative on AVX-512 CPUs (oneDNN picks
+    # other kernels there); a wrong term or weight is off by far more.
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-3)
     assert segmentation_loss(logits, torch.stack([m for _, m in objects])).item() > 0.1  # the term is not negligible

@@ -1,5 +1,5 @@
-"""The light mask decoder: SAM's mask decoder, with a trained SAM decoder's weights, at 1.44 instead of 3.62 GFLOPs
-per box (token stride 4).
+"""The light mask decoder: SAM's mask decoder, with a trained SAM decoder's weights, at 1.43 instead of 3.62 GFLOPs
+per box (token stride 4; 1.44 until it computed only the mask it returns).
 
 SAM's decoder spends most of its cost projecting the 64×64 = 4096 image tokens: ten 4096 × 256 × 128 projections.
 - Six of them are the keys and values of the prompt tokens' attention to the image (twice in the blocks, once at
@@ -117,7 +117,7 @@ def upscaled_masks(upscaling: torch.nn.Sequential, hyper_in: torch.Tensor, keys:
     GELU and the product act per pixel. So the transposed convolutions run as linear layers on the tokens, their 4
     output pixels per input pixel carried as rows, and only the M masks are put in place at the end: no pixel
     shuffle of 64 and 32 channels, no layout change between channels-first and tokens. The same sums as SAM's up to
-    float rounding; on OpenVINO a click decode took 30 -> 24 ms (VNNI Xeon, docs/interactive.md)."""
+    float rounding; on OpenVINO an FP32 click took 33 -> 26 ms (VNNI Xeon, docs/interactive.md)."""
     first, norm, activation, second, last_activation = upscaling
     n = keys.shape[0]
     c1, c2 = first.weight.shape[1], second.weight.shape[1]

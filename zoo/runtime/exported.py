@@ -101,7 +101,8 @@ class _OnnxRuntimeGraph:
 class _OpenVINOGraph:
     """An OpenVINO graph. A graph with a dynamic number of boxes also runs a copy of itself compiled for one box, for
     calls whose dynamic dimensions are all 1 (every click, a slice's object): OpenVINO runs a static shape faster
-    (a click decode 30 -> 24 ms on a VNNI Xeon, docs/interactive.md). It is compiled on the first such call."""
+    (an INT8 click 30 -> 24 ms on a 2-core VNNI Xeon, docs/interactive.md). It is compiled on the first such call
+    (0.4 to 0.9 s there, once per graph)."""
 
     def __init__(self, path: Path, threads: int, precision: str):
         if precision not in OPENVINO_PRECISION:
