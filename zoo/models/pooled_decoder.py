@@ -159,7 +159,7 @@ class PooledMaskDecoder(MaskDecoder):
         tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
 
         src = image_embeddings + dense_prompt_embeddings  # (N, C, S, S): one image's embedding broadcast over N boxes
-        b, c, h, w = src.shape
+        h, w = src.shape[-2:]
         hs, keys = self.transformer(src, image_pe[:1], tokens)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : (1 + self.num_mask_tokens), :]

@@ -107,6 +107,7 @@ class _OpenVINOGraph:
     def __init__(self, path: Path, threads: int, precision: str):
         if precision not in OPENVINO_PRECISION:
             raise CheckpointError(f"{path}: unknown precision {precision!r}; expected one of {', '.join(OPENVINO_PRECISION)}")
+        self.path = path
         self.config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[precision]}
         try:
             self.model = openvino_core().read_model(str(path))
@@ -121,6 +122,7 @@ class _OpenVINOGraph:
         # each input's names (OpenVINO may rename an input: the given name is one of its names) and dynamic axes
         self.inputs = [(port.get_names(), [axis for axis, dim in enumerate(port.get_partial_shape()) if dim.is_dynamic])
                        for port in self.model.inputs]
+        self.has_dynamic_axes = any(axes for _, axes in self.inputs)  # the encoder and the head have none
         self.one_box = None  # (compiled, request), made on the first one-box call
 
     @property
@@ -130,14 +132,18 @@ class _OpenVINOGraph:
 
     def _one_box_request(self, inputs: dict[str, np.ndarray]):
         """The copy compiled for these inputs' shapes when the graph has dynamic axes and they are all 1, else None."""
+        if not self.has_dynamic_axes:
+            return None
         shapes = [next((inputs[name].shape for name in names if name in inputs), None) for names, _ in self.inputs]
-        if not any(axes for _, axes in self.inputs) or any(
-                shape is None or any(shape[axis] != 1 for axis in axes) for shape, (_, axes) in zip(shapes, self.inputs)):
+        if any(shape is None or any(shape[axis] != 1 for axis in axes) for shape, (_, axes) in zip(shapes, self.inputs)):
             return None
         if self.one_box is None:
             model = self.model.clone()
             model.reshape({port: list(shape) for port, shape in zip(model.inputs, shapes)})
-            compiled = openvino_core().compile_model(model, "CPU", self.config)
+            try:
+                compiled = openvino_core().compile_model(model, "CPU", self.config)
+            except Exception as err:  # openvino raises RuntimeError subclasses of its own
+                raise CheckpointError(f"{self.path}: OpenVINO cannot compile this graph for one box ({err})") from err
             self.one_box = (compiled, compiled.create_infer_request())
         return self.one_box
 
