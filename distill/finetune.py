@@ -35,12 +35,13 @@ from distill.losses import segmentation_loss
 from distill.train import DataSettings, Trainer, TrainSettings, start_run
 from zoo.cli import RUNS_DIR, add_settings_options, option, positive_int, redefault, run_cli, settings_from_args
 from zoo.data.io import data_split, refuse_overwriting_inputs, write_csv_atomic
-from zoo.data.preprocess import box_from_mask
+from zoo.data.preprocess import IMAGE_SIZE, box_from_mask
 from zoo.data.samples import (
     DataError,
     Sample,
     flip,
     flip_box,
+    flip_point,
     mask_256,
     object_crop,
     read_case,
@@ -54,9 +55,14 @@ from zoo.data.samples import (
 from zoo.index import model_file
 from zoo.interactive import (
     PROTOCOL_CLICKS,
+    SPARSE_FILL,
+    box_fill,
+    focus_window,
     full_frame,
     next_click,
     padded_clicks,
+    paste_focus,
+    prompts_in_crop,
     resample_logits,
     window_frame,
     zoom_window,
@@ -121,6 +127,13 @@ class FinetuneSettings(TrainSettings):
                                       "slice with the box of its new mask and its new logits as the mask prompt (no "
                                       "clicks), as zoo.interactive carries a click's correction; that slice's mask "
                                       "in the loss as one more step")
+    # zoo.interactive refines a sparse object's click (a vessel tree, a retinal layer, scattered lesions) on a focus
+    # crop around it, the whole frame's new logits as the mask prompt and the box clipped to the crop; trained on
+    # whole images and zoom crops alone, the click decoder never saw such a crop.
+    click_focus: bool = option(False, "click stage: a sample zoo.interactive would refine on a focus crop (not "
+                                      "zoomed, its mask under half of its box) also decodes each click on the crop "
+                                      "around it (embedded by the frozen encoder), as at inference; that decode in "
+                                      "the loss, and its answer pasted into the logits the next click starts from")
     box_tolerance: float = option(0.005, "click stage: an epoch is kept only if its box-only val DSC is at most this "
                                          "far below the init's")
 
@@ -299,9 +312,10 @@ class FineTuner(Trainer):
         mask prompt (detached: each step learns to correct its input, as SAM was trained). The samples of a
         micro-batch are decoded together (the light decoder broadcasts one embedding per box). With click_zoom, a
         sample whose object zoo.interactive would zoom on takes its clicks on that crop after its box step, the box
-        step's logits carried into the crop as the mask prompt (_into_crop)."""
+        step's logits carried into the crop as the mask prompt (_into_crop). With click_focus, a sparse object's click
+        is decoded again on the focus crop around it, in the loss as one more step (_focus_step)."""
         settings, device = self.settings, self.settings.device
-        embeddings, boxes, masks, valid, modalities, crops, flips, object_labels = [], [], [], [], [], [], [], []
+        embeddings, boxes, masks, valid, modalities, crops, flips, object_labels, boxes256 = [], [], [], [], [], [], [], [], []
         for i in indices:
             h, v = (torch.rand(2, generator=g) < 0.5).tolist() if settings.flip else (False, False)
             found = sample_labelled_object(self.samples[i], g, grow=settings.box_jitter)
@@ -316,6 +330,7 @@ class FineTuner(Trainer):
             crops.append(self._zoom_crop(self.samples[i], box, label, h, v) if settings.click_zoom else None)
             flips.append((h, v))
             object_labels.append(label)
+            boxes256.append(box)
         areas = list(valid)  # the whole frame's, before a zoom crop's replaces them
         embedding, box, truth = torch.cat(embeddings).to(device), torch.stack(boxes).to(device), torch.stack(masks).to(device)
         ids = torch.tensor(modalities, device=device) if self.student.has_modality_head else None
@@ -332,14 +347,21 @@ class FineTuner(Trainer):
         for _ in range(settings.clicks):
             previous = logits.detach()
             predicted = (previous[:, 0] > 0).cpu().numpy()
+            focused = []  # the samples whose click this step zoo.interactive would refine on a focus crop
             for j, (prediction, area) in enumerate(zip(predicted, valid)):
                 click = next_click(prediction & area, truths[j] & area)
                 if click is not None:
                     clicks[j].append((float(click.position[1]), float(click.position[0]), int(click.positive)))
+                    if (settings.click_focus and crops[j] is None
+                            and box_fill(prediction & area, boxes256[j].numpy(), (IMAGE_SIZE, IMAGE_SIZE)) < SPARSE_FILL):
+                        focused.append(j)
             points, labels = padded_clicks(clicks)
             logits = decode_batch(self.student, embedding, box, ids, points=points.to(device),
                                   point_labels=labels.to(device), mask_input=previous)
             losses.append(segmentation_loss(logits, truth, settings.focal_weight))
+            if focused:
+                focus_loss, logits = self._focus_step(indices, focused, flips, object_labels, boxes256, clicks, logits, ids)
+                losses.append(focus_loss)
         if settings.click_carry:
             carry = self._carry_loss(indices, flips, object_labels, areas, crops, logits.detach(), ids, g)
             if carry is not None:
@@ -386,16 +408,53 @@ class FineTuner(Trainer):
         embedding, box, mask and image area there, flipped as the sample; None where it would not zoom."""
         shape = sample_image(sample).shape[:2]
         window = zoom_window(box.numpy(), np.zeros((0, 2)), shape)
-        if window is None:
-            return None
+        return None if window is None else self._crop(sample, label, window, box, [], h, v)
+
+    def _crop(self, sample: Sample, label: int, window: tuple[int, int, int, int], box: torch.Tensor,
+              clicks: list[tuple[float, float, int]], h: bool, v: bool) -> dict:
+        """A crop (x0, y0, x1, y1), original pixels, of a sample as zoo.interactive decodes it (a zoom or a focus
+        crop): its embedding by the frozen encoder, the box (4,) clipped to it and the clicks [(x, y, label)] inside
+        it (from the whole image's 256 frame, unflipped: prompts_in_crop), the object's mask and the image's area
+        there, flipped as the sample (h, v); with the frames of the whole image and of the crop."""
         tensor, mask, area = object_crop(sample, label, window)
-        whole, crop = full_frame(shape), window_frame(window)
-        extent = np.array([window[2] - window[0], window[3] - window[1]]) / crop.scale
-        crop_box = np.clip(whole.to_frame(box.numpy().reshape(2, 2), crop), 0, extent).reshape(4)
+        whole = full_frame(sample_image(sample).shape[:2])
+        crop_box, inside = prompts_in_crop(box.numpy(), clicks, whole, window)
         with torch.no_grad():
             embedding = self.student.embed(tensor[None].to(self.settings.device))[0]
-        return {"embedding": flip(embedding, h, v), "box": flip_box(torch.as_tensor(crop_box, dtype=torch.float32), h, v),
-                "mask": flip(mask, h, v), "area": flip(area, h, v).numpy(), "flips": (h, v), "whole": whole, "crop": crop}
+        return {"embedding": flip(embedding, h, v), "box": flip_box(torch.as_tensor(crop_box[0], dtype=torch.float32), h, v),
+                "clicks": [(*flip_point(x, y, h, v), c) for x, y, c in inside], "mask": flip(mask, h, v),
+                "area": flip(area, h, v).numpy(), "flips": (h, v), "whole": whole, "crop": window_frame(window),
+                "window": window}
+
+    def _focus_step(self, indices: list[int], focused: list[int], flips: list[tuple[bool, bool]], labels: list[int],
+                    boxes: list[torch.Tensor], clicks: list[list[tuple[float, float, int]]], logits: torch.Tensor,
+                    ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The focus crops of a click step (click_focus), as zoo.interactive.refine_on_focus decodes them: each
+        `focused` sample (positions in the micro-batch) is decoded again on the crop around its latest click
+        (focus_window), with its box (boxes: 256 frame, unflipped) clipped to the crop, its clicks inside it and the
+        step's whole-frame logits (N, 1, 256, 256) carried in as the mask prompt (detached, as every step's).
+        -> (Dice + focal against the objects' masks in their crops; the step's logits with each crop's answer pasted
+        into its window, detached: what the next click starts from, as at inference)."""
+        device, rows = self.settings.device, []
+        for j in focused:
+            sample, (h, v) = self.samples[indices[j]], flips[j]
+            unflipped = [(*flip_point(x, y, h, v), c) for x, y, c in clicks[j]]
+            window = focus_window(unflipped[-1][:2], sample_image(sample).shape[:2])
+            crop = self._crop(sample, labels[j], window, boxes[j], unflipped, h, v)
+            crop["prompt"] = resampled_flipped(logits[j].detach(), (h, v), crop["whole"], crop["crop"]).to(logits.dtype)
+            rows.append(crop)
+        points, point_labels = padded_clicks([crop["clicks"] for crop in rows])
+        crop_logits = decode_batch(self.student, torch.stack([c["embedding"] for c in rows]).to(device),
+                                   torch.stack([c["box"] for c in rows]).to(device), None if ids is None else ids[focused],
+                                   points=points.to(device), point_labels=point_labels.to(device),
+                                   mask_input=torch.stack([c["prompt"] for c in rows]).to(device))
+        loss = segmentation_loss(crop_logits, torch.stack([c["mask"] for c in rows]).to(device), self.settings.focal_weight)
+        pasted = logits.detach().clone()
+        for j, crop, answer in zip(focused, rows, crop_logits.detach()):
+            h, v = crop["flips"]
+            shape = sample_image(self.samples[indices[j]]).shape[:2]
+            pasted[j] = flip(paste_focus(flip(pasted[j], h, v), flip(answer, h, v), crop["window"], shape), h, v)
+        return loss, pasted
 
     def _into_crop(self, crop: dict, logits: torch.Tensor) -> tuple:
         """A sample's tensors in its zoom crop's frame: embedding, box, mask, image area and its box step's logits
@@ -547,7 +606,7 @@ def parse_args(argv):
 
 def run(args) -> Path:
     start_run(args)
-    for flag in ("click_zoom", "click_carry"):
+    for flag in ("click_zoom", "click_carry", "click_focus"):
         if getattr(args, flag) and not args.clicks:
             raise ValueError(f"--{flag.replace('_', '-')} is about the click stage: give --clicks N")
     init = [Path(m) for m in (args.init, args.click_decoder_from) if m and Path(m).exists()]

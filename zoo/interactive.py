@@ -227,10 +227,7 @@ def decode_on_crop(model, image: np.ndarray, window: tuple[int, int, int, int], 
         kept = (window, model.embed(tensor), resized)
     _, embedding, resized = kept
     whole, crop = full_frame(image.shape[:2]), window_frame(window)
-    extent = np.array([x1 - x0, y1 - y0]) / crop.scale  # the crop's (width, height) in its frame
-    box = np.clip(whole.to_frame(np.reshape(box256, (2, 2)), crop), 0, extent).reshape(1, 4)
-    inside = [(*xy, c[2]) for c in clicks for xy in [whole.to_frame(np.array(c[:2]), crop)]
-              if 0 <= xy[0] < extent[0] and 0 <= xy[1] < extent[1]]
+    box, inside = prompts_in_crop(box256, clicks, whole, window)
     points, labels = padded_clicks([inside])
     mask_input = None if mask_prompt is None else resample_logits(mask_prompt.reshape(1, IMAGE_SIZE, IMAGE_SIZE),
                                                                   mask_frame or whole, crop)[None]
@@ -250,17 +247,37 @@ def refine_on_focus(model, image: np.ndarray, kept: tuple | None, box256: np.nda
     frame, the crop's inside the crop, the whole frame's elsewhere; the (window, embedding, resized) used)."""
     shape = image.shape[:2]
     window = focus_window(clicks[-1][:2], shape)
-    crop_logits, crop, crop_mask, kept = decode_on_crop(model, image, window, kept, box256, clicks, logits, None,
-                                                        modality)
+    crop_logits, _, crop_mask, kept = decode_on_crop(model, image, window, kept, box256, clicks, logits, None,
+                                                     modality)
     x0, y0, x1, y1 = window
     refined = mask.copy()
     refined[y0:y1, x0:x1] = crop_mask[y0:y1, x0:x1]
+    return paste_focus(logits, crop_logits[0], window, shape), refined, kept
+
+
+def prompts_in_crop(box256: np.ndarray, clicks: list[tuple[float, float, int]], whole: Frame,
+                    window: tuple[int, int, int, int]) -> tuple[np.ndarray, list[tuple[float, float, int]]]:
+    """A box (4,) and clicks [(x, y, label)] in the `whole` image's 256 frame -> the box (1, 4) clipped to the crop
+    `window` (x0, y0, x1, y1) and the clicks inside it, in the crop's 256 frame (a focus crop cuts through its
+    object; a zoom crop holds box and clicks whole)."""
+    crop = window_frame(window)
+    extent = np.array([window[2] - window[0], window[3] - window[1]]) / crop.scale  # its (width, height) there
+    box = np.clip(whole.to_frame(np.reshape(box256, (2, 2)), crop), 0, extent).reshape(1, 4)
+    inside = [(*xy, c[2]) for c in clicks for xy in [whole.to_frame(np.array(c[:2]), crop)]
+              if 0 <= xy[0] < extent[0] and 0 <= xy[1] < extent[1]]
+    return box, inside
+
+
+def paste_focus(logits: torch.Tensor, crop_logits: torch.Tensor, window: tuple[int, int, int, int],
+                shape: tuple[int, int]) -> torch.Tensor:
+    """Whole-frame logits (1, 256, 256) of an (H, W) image with a focus crop's (1, 256, 256, its own frame) put in
+    place inside the crop `window` (x0, y0, x1, y1): what a focus click keeps for the next step (float32)."""
+    x0, y0, x1, y1 = window
     whole = full_frame(shape)
     centres = (torch.arange(IMAGE_SIZE, dtype=torch.float64) + 0.5) * whole.scale  # each 256 pixel's original place
     inside = ((centres >= y0) & (centres < y1))[:, None] & ((centres >= x0) & (centres < x1))[None, :]
     base = logits.reshape(1, IMAGE_SIZE, IMAGE_SIZE).float()
-    pasted = torch.where(inside[None], resample_logits(crop_logits[0], crop, whole), base)
-    return pasted, refined, kept
+    return torch.where(inside[None], resample_logits(crop_logits.float(), window_frame(window), whole), base)
 
 
 def interaction_auc(scores, clicks: int = PROTOCOL_CLICKS) -> float:

@@ -288,15 +288,20 @@ def test_click_zoom_gives_a_small_objects_clicks_on_its_zoom_crop(data, monkeypa
     assert read_csv(data / "zoomed" / "val.csv")
 
 
-def test_click_carry_decodes_a_neighbouring_slice_with_the_latest_logits_as_its_only_prompt(data, monkeypatch):
-    """--click-carry: a volume's sample, after its clicks, decodes its slice's neighbour (4 or 6 of slice 5) with the
-    box of its latest mask and its latest logits as the mask prompt, and no clicks, as zoo.interactive carries a
-    click's correction; that decode is in the loss against the neighbour's mask, flipped as the sample."""
+def _ring_case(folder):
+    """A sparse object: a square ring 4 px wide, 300 px across, in a 512 px image (too large for a zoom crop)."""
+    folder.mkdir()
+    gts = np.zeros((512, 512), np.uint8)
+    gts[100:400, 100:400] = 1
+    gts[104:396, 104:396] = 0
+    write_npz(folder / "2DBox_Fundus_0.npz", imgs=np.random.default_rng(2).integers(0, 255, (512, 512, 3), dtype=np.uint8),
+              boxes=np.array([[100, 100, 399, 399]]), gts=gts)
+    return gts
+
+
+def _spy_decodes(monkeypatch):
     import distill.finetune as finetune
 
-    volume = data / "volume"
-    volume.mkdir()
-    shutil.copy(data / "train" / "3DBox_CT_0.npz", volume)
     calls, truths = [], []
     decode, loss = finetune.decode_batch, finetune.segmentation_loss
 
@@ -307,6 +312,17 @@ def test_click_carry_decodes_a_neighbouring_slice_with_the_latest_logits_as_its_
 
     monkeypatch.setattr(finetune, "decode_batch", decode_spy)
     monkeypatch.setattr(finetune, "segmentation_loss", lambda logits, truth, w: truths.append(truth) or loss(logits, truth, w))
+    return calls, truths
+
+
+def test_click_carry_decodes_a_neighbouring_slice_with_the_latest_logits_as_its_only_prompt(data, monkeypatch):
+    """--click-carry: a volume's sample, after its clicks, decodes its slice's neighbour (4 or 6 of slice 5) with the
+    box of its latest mask and its latest logits as the mask prompt, and no clicks, as zoo.interactive carries a
+    click's correction; that decode is in the loss against the neighbour's mask, flipped as the sample."""
+    volume = data / "volume"
+    volume.mkdir()
+    shutil.copy(data / "train" / "3DBox_CT_0.npz", volume)
+    calls, truths = _spy_decodes(monkeypatch)
     args = _args(data, data / "carried", "--clicks", "1", "--click-val-samples", "1", "--click-carry", "--epochs", "1",
                  "--batch-size", "1", "--box-jitter", "0")
     args[args.index("--data") + 1] = str(volume)
@@ -322,7 +338,93 @@ def test_click_carry_decodes_a_neighbouring_slice_with_the_latest_logits_as_its_
     assert read_csv(data / "carried" / "val.csv")
 
 
-@pytest.mark.parametrize("flag", ["--click-zoom", "--click-carry"])
+def test_click_focus_decodes_a_sparse_objects_click_again_on_the_crop_around_it(data, monkeypatch):
+    """--click-focus: a sparse object's click (its mask under SPARSE_FILL of its box) is decoded again on the focus
+    crop around it, as zoo.interactive.refine_on_focus decodes it: the box clipped to the crop, the click inside it
+    and the click step's logits carried in as the mask prompt; the crop's mask in the loss, and the next click starts
+    from the whole frame's logits with the crop's answer pasted in."""
+    import distill.finetune as finetune
+    from zoo.data.samples import Sample, object_crop
+    from zoo.interactive import focus_window, full_frame, paste_focus, resample_logits, window_frame
+
+    gts = _ring_case(data / "ring")
+    calls, truths = _spy_decodes(monkeypatch)
+    monkeypatch.setattr(finetune, "SPARSE_FILL", float("inf"))  # every mask counts as sparse: the focus always runs
+    args = _args(data, data / "focused", "--clicks", "2", "--click-val-samples", "1", "--click-focus", "--epochs", "1",
+                 "--batch-size", "1", "--box-jitter", "0", "--no-flip", "--max-steps", "1")
+    args[args.index("--data") + 1] = str(data / "ring")
+    assert main(args) == 0
+    # one training step: the box; the first click, its focus crop; the second click, its focus crop
+    assert [sorted(c[2]) for c in calls[:5]] == [[]] + [["mask_input", "point_labels", "points"]] * 4
+    (_, _, _, box_logits), (whole_embedding, box, first, clicked), (embedding, crop_box, focus, answer) = calls[:3]
+    assert torch.equal(first["mask_input"], box_logits)
+    x, y = first["points"][0, 0].tolist()
+    window = focus_window((x, y), gts.shape)
+    assert window[2] - window[0] == window[3] - window[1] == 128  # a quarter of the long side, around the click
+    crop = window_frame(window)
+    assert not torch.equal(embedding, whole_embedding) and embedding.shape == whole_embedding.shape
+    # the click in the crop's frame (4x), the box clipped to the crop
+    assert focus["points"][0, 0].tolist() == pytest.approx([(x * 2 - window[0]) * 2, (y * 2 - window[1]) * 2])
+    assert focus["point_labels"][0, 0] == first["point_labels"][0, 0]
+    expected_box = np.clip((box[0].numpy().reshape(2, 2) * 2 - np.array(window[:2])) * 2, 0, 256)
+    assert crop_box[0].tolist() == pytest.approx(expected_box.reshape(4).tolist())
+    assert torch.allclose(focus["mask_input"][0], resample_logits(clicked[0], full_frame(gts.shape), crop))
+    _, mask, _ = object_crop(Sample(data / "ring" / "2DBox_Fundus_0.npz", None, "Fundus"), 1, window)
+    assert torch.equal(truths[2][0], mask)  # the losses: box, click, focus crop, ...
+    # the second click starts from the whole frame's logits with the crop's answer pasted into its window
+    second = calls[3][2]
+    assert torch.allclose(second["mask_input"][0], paste_focus(clicked[0], answer[0], window, gts.shape))
+    assert not torch.equal(second["mask_input"], clicked)
+    assert read_csv(data / "focused" / "val.csv")
+
+
+@pytest.mark.parametrize("flips", [(True, False), (False, True), (True, True)])
+def test_click_focus_flips_the_crop_as_the_sample(data, monkeypatch, flips):
+    """A flipped sample's focus crop is the crop around its click unflipped, flipped back: its click and clipped box
+    there are flipped as the crop's mask, and the click lies on that mask where it is positive, off it where it is
+    negative (the ring is 8 px wide at the crop's frame)."""
+    import distill.finetune as finetune
+    from zoo.data.samples import flip_box, flip_point
+    from zoo.interactive import focus_window
+
+    gts = _ring_case(data / "ring")
+    calls, truths = _spy_decodes(monkeypatch)
+    monkeypatch.setattr(finetune, "SPARSE_FILL", float("inf"))
+    monkeypatch.setattr(finetune.torch, "rand", lambda n, generator=None: torch.tensor([0.0 if f else 1.0 for f in flips]))
+    args = _args(data, data / "flipped", "--clicks", "1", "--click-val-samples", "1", "--click-focus", "--epochs", "1",
+                 "--batch-size", "1", "--box-jitter", "0", "--max-steps", "1")
+    args[args.index("--data") + 1] = str(data / "ring")
+    assert main(args) == 0
+    focus, truth = calls[2][2], truths[2][0, 0]
+    (x, y), positive = focus["points"][0, 0].tolist(), focus["point_labels"][0, 0].item()
+    assert positive in (0.0, 1.0) and truth[round(y), round(x)].item() == positive
+    # at the whole frame the click and box are flipped; unflipped, they give the window, and in it, flipped back
+    xu, yu = flip_point(*calls[1][2]["points"][0, 0].tolist(), *flips)
+    window = focus_window((xu, yu), gts.shape)
+    in_crop = lambda px, py: flip_point((px * 2 - window[0]) * 2, (py * 2 - window[1]) * 2, *flips)  # noqa: E731
+    assert (x, y) == pytest.approx(in_crop(xu, yu))
+    # the box: unflipped, into the crop, clipped to it (0..256), flipped there as flip_box flips it
+    bx0, by0, bx1, by1 = flip_box(calls[1][1][0], *flips).tolist()
+    clipped = np.clip([(bx0 * 2 - window[0]) * 2, (by0 * 2 - window[1]) * 2, (bx1 * 2 - window[0]) * 2,
+                       (by1 * 2 - window[1]) * 2], 0, 256)
+    assert calls[2][1][0].tolist() == pytest.approx(flip_box(torch.tensor(clipped), *flips).tolist())
+
+
+def test_click_focus_leaves_objects_whose_mask_fills_their_box(data, monkeypatch):
+    import distill.finetune as finetune
+
+    _ring_case(data / "ring")
+    calls, _ = _spy_decodes(monkeypatch)
+    monkeypatch.setattr(finetune, "SPARSE_FILL", 0.0)  # no mask is sparse: no focus crop
+    args = _args(data, data / "unfocused", "--clicks", "2", "--click-val-samples", "1", "--click-focus", "--epochs", "1",
+                 "--batch-size", "1", "--box-jitter", "0", "--max-steps", "1")
+    args[args.index("--data") + 1] = str(data / "ring")
+    assert main(args) == 0
+    assert len(calls) >= 3 and [sorted(c[2]) for c in calls[:3]] == [[]] + [["mask_input", "point_labels", "points"]] * 2
+    assert torch.equal(calls[2][2]["mask_input"], calls[1][3])  # the next click starts from the click's own logits
+
+
+@pytest.mark.parametrize("flag", ["--click-zoom", "--click-carry", "--click-focus"])
 def test_click_options_need_the_click_stage(data, capsys, flag):
     assert main(_args(data, data / "x", flag)) == 2
     assert f"{flag} is about the click stage" in capsys.readouterr().err

@@ -227,6 +227,12 @@ def flip_box(box: torch.Tensor, horizontal: bool, vertical: bool, size: int = IM
     return torch.tensor([x0, y0, x1, y1])
 
 
+def flip_point(x: float, y: float, horizontal: bool, vertical: bool, size: int = IMAGE_SIZE) -> tuple[float, float]:
+    """A point (x, y) at 256 scale flipped as its image by `flip` (as flip_box flips a box's corners; flipping twice
+    gives it back)."""
+    return (size - 1 - x if horizontal else x), (size - 1 - y if vertical else y)
+
+
 def sample_box(sample: Sample, generator: torch.Generator, jitter: int = 0) -> torch.Tensor | None:
     """The box of `sample_object` (same draws); None where the sample has no ground truth."""
     found = sample_object(sample, generator, jitter)

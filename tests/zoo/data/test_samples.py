@@ -4,7 +4,17 @@ import torch
 
 from tests.helpers import write_npz
 from zoo.data.io import CaseError
-from zoo.data.samples import balanced_weights, find_samples, parse_fractions, sample_box, sample_object, sample_tensor
+from zoo.data.samples import (
+    balanced_weights,
+    find_samples,
+    flip,
+    flip_box,
+    flip_point,
+    parse_fractions,
+    sample_box,
+    sample_object,
+    sample_tensor,
+)
 
 
 @pytest.fixture
@@ -83,3 +93,15 @@ def test_bad_data_directories(tmp_path):
     (tmp_path / "2DBox_US_broken.npz").write_bytes(b"PK\x03\x04 broken")
     with pytest.raises(CaseError, match="2DBox_US_broken.npz: not a readable npz"):
         find_samples([tmp_path])
+
+
+def test_flip_point_flips_as_flip_flips_an_image_and_flip_box_a_box():
+    image = torch.zeros(1, 256, 256)
+    image[0, 30, 200] = 1  # row 30, column 200: the point (x 200, y 30)
+    for horizontal, vertical in ((True, False), (False, True), (True, True)):
+        (row, col), = torch.nonzero(flip(image, horizontal, vertical)[0]).tolist()
+        assert flip_point(200, 30, horizontal, vertical) == (col, row)
+        assert flip_point(*flip_point(200, 30, horizontal, vertical), horizontal, vertical) == (200, 30)
+        box = flip_box(torch.tensor([200.0, 30.0, 220.0, 40.0]), horizontal, vertical).tolist()
+        assert flip_point(200, 30, horizontal, vertical) in ((box[0], box[1]), (box[2], box[1]), (box[0], box[3]),
+                                                             (box[2], box[3]))
