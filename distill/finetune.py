@@ -439,9 +439,10 @@ class FineTuner(Trainer):
         for j in focused:
             sample, (h, v) = self.samples[indices[j]], flips[j]
             unflipped = [(*flip_point(x, y, h, v), c) for x, y, c in clicks[j]]
-            window = focus_window(unflipped[-1][:2], sample_image(sample).shape[:2])
-            crop = self._crop(sample, labels[j], window, boxes[j], unflipped, h, v)
+            shape = sample_image(sample).shape[:2]
+            crop = self._crop(sample, labels[j], focus_window(unflipped[-1][:2], shape), boxes[j], unflipped, h, v)
             crop["prompt"] = resampled_flipped(logits[j].detach(), (h, v), crop["whole"], crop["crop"]).to(logits.dtype)
+            crop["shape"] = shape
             rows.append(crop)
         points, point_labels = padded_clicks([crop["clicks"] for crop in rows])
         crop_logits = decode_batch(self.student, torch.stack([c["embedding"] for c in rows]).to(device),
@@ -452,8 +453,7 @@ class FineTuner(Trainer):
         pasted = logits.detach().clone()
         for j, crop, answer in zip(focused, rows, crop_logits.detach()):
             h, v = crop["flips"]
-            shape = sample_image(self.samples[indices[j]]).shape[:2]
-            pasted[j] = flip(paste_focus(flip(pasted[j], h, v), flip(answer, h, v), crop["window"], shape), h, v)
+            pasted[j] = flip(paste_focus(flip(pasted[j], h, v), flip(answer, h, v), crop["window"], crop["shape"]), h, v)
         return loss, pasted
 
     def _into_crop(self, crop: dict, logits: torch.Tensor) -> tuple:
